@@ -1,0 +1,251 @@
+r"""``purify``: remove sparse contamination from a one-hidden-layer CNN's params.
+
+For each layer, the contaminated vectors ``w_c`` (filters with biases; readout columns) are
+modelled as ``w_0 + A theta + e`` with ``e`` sparse, and recovered as
+``w_hat = w_0 + A theta_hat``, ``theta_hat = argmin ||w_c - w_0 - A theta||_1``
+(:func:`jaxpurify.l1_regression`, batched over the filters / classes that share ``A``).
+The filters are recovered first; the readout's feature subspace is then built from the
+*recovered* filters.
+
+The report says, per layer, which entries were judged corrupted (the nonzero residual),
+whether every problem converged, and whether recovery is *certified*: an L1 solution that
+interpolates more rows than there are unknowns is, for continuous corruption, the unique
+clean solution (corrupted rows cannot be fitted exactly together with the clean ones), while a
+solution past the recovery threshold generically interpolates exactly ``n`` rows. Each layer
+also gets the Donoho-Tanner critical fraction for its ratio as a reference.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpurify import subspaces as S
+from jaxpurify.models import DesignedOneHiddenLayerCNN, OneHiddenLayerCNN
+from jaxpurify.phase_transition import critical_fraction
+from jaxpurify.recovery import l1_regression
+
+
+class LayerReport(NamedTuple):
+    """What recovery found for one layer.
+
+    Attributes:
+        layer: ``"conv"`` or ``"readout"``.
+        source: subspace source used.
+        corrupted: ``{leaf name: bool array}`` entries judged corrupted (nonzero residual).
+        num_corrupted: total entries judged corrupted.
+        fraction: ``num_corrupted`` over the layer's entries.
+        num_nonfinite: NaN/Inf entries found (treated as corrupted).
+        ratio: overparameterization ratio ``m / n`` of the layer's design.
+        critical_fraction: Donoho-Tanner threshold for Gaussian designs at ``ratio``.
+        objective: ``(B,)`` L1 objective per problem.
+        converged: every problem converged (duality gap met ``tol``).
+        certified: every problem interpolates more rows than unknowns (see module doc).
+        warnings: human-readable doubts.
+    """
+
+    layer: str
+    source: str
+    corrupted: dict
+    num_corrupted: int
+    fraction: float
+    num_nonfinite: int
+    ratio: float
+    critical_fraction: float
+    objective: np.ndarray
+    converged: bool
+    certified: bool
+    warnings: tuple
+
+
+class PurifyReport(NamedTuple):
+    """Per-layer reports and an overall verdict."""
+
+    layers: dict
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        """Every layer converged and is certified."""
+        return all(r.converged and r.certified for r in self.layers.values())
+
+    @property
+    def warnings(self) -> list[str]:
+        return [w for r in self.layers.values() for w in r.warnings]
+
+    def summary(self) -> str:
+        """A small table, one line per layer."""
+        lines = [f"{'layer':8s} {'source':10s} {'ratio':>7s} {'corrupt':>8s} {'DT crit':>8s} "
+                 f"{'conv.':>6s} {'cert.':>6s}"]
+        for r in self.layers.values():
+            lines.append(f"{r.layer:8s} {r.source:10s} {r.ratio:7.2f} {r.fraction:8.3f} "
+                         f"{r.critical_fraction:8.3f} {str(r.converged):>6s} "
+                         f"{str(r.certified):>6s}")
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _check_tree(name, tree, ref):
+    s1, s2 = jax.tree_util.tree_structure(tree), jax.tree_util.tree_structure(ref)
+    if s1 != s2:
+        raise ValueError(f"{name} does not have the structure of params: {s1} vs {s2}")
+    for path, a, b in zip(jax.tree_util.tree_leaves_with_path(tree),
+                          jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(ref),
+                          strict=True):
+        if np.shape(a) != np.shape(b):
+            raise ValueError(f"{name}{jax.tree_util.keystr(path[0])} has shape {np.shape(a)} "
+                             f"but params has {np.shape(b)}")
+
+
+def _check_finite(name, tree):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if not bool(jnp.all(jnp.isfinite(leaf))):
+            raise ValueError(f"{name}{jax.tree_util.keystr(path)} contains NaN or Inf; it must "
+                             "be clean (only the contaminated params may hold NaN/Inf)")
+
+
+def _check_inputs(model, params, inputs):
+    if inputs is None:
+        raise ValueError("this subspace needs the training inputs: pass inputs=(N, H, W, C)")
+    inputs = jnp.asarray(inputs)
+    c = params["conv"]["kernel"].shape[2]
+    if inputs.ndim != 4 or inputs.shape[-1] != c:
+        raise ValueError(f"inputs must be NHWC images with {c} channel(s) (the filters' input "
+                         f"channels); got shape {inputs.shape}")
+    ph, pw = S._pair_of(model.patch_size)
+    if inputs.shape[1] % ph or inputs.shape[2] % pw:
+        raise ValueError(f"inputs of size {inputs.shape[1:3]} are not tiled by the patch size "
+                         f"{(ph, pw)}")
+    if not bool(jnp.all(jnp.isfinite(inputs))):
+        raise ValueError("inputs contain NaN or Inf")
+    return inputs
+
+
+def _solve(problem: S.LayerProblem, vectors, *, method, tol):
+    """Solve one layer's problems; returns (recovered vectors, solution, nonfinite mask)."""
+    nonfinite = ~jnp.isfinite(vectors)
+    # NaN/Inf entries (e.g. exponent bit flips) become ordinary gross errors.
+    vectors = jnp.where(nonfinite, problem.offset, vectors)
+    y = vectors - problem.offset
+    sol = l1_regression(problem.design, y, method=method, tol=tol, throw=False)
+    fitted = (jnp.einsum("mn,bn->bm", problem.design, sol.x) if problem.design.ndim == 2
+              else jnp.einsum("bmn,bn->bm", problem.design, sol.x))
+    return problem.offset + fitted, sol, nonfinite
+
+
+def _layer_report(problem, sol, nonfinite, corrupted_leaves, size) -> LayerReport:
+    m, n = problem.design.shape[-2:]
+    num = int(sum(int(np.sum(v)) for v in corrupted_leaves.values()))
+    fraction = num / size
+    crit = float(critical_fraction(m / n)) if m > n else 0.0
+    converged = bool(np.all(sol.converged))
+    certified = bool(np.all(np.asarray(sol.num_interpolated) > n))
+    warns = []
+    if not converged:
+        warns.append(f"{problem.layer}: {int(np.sum(~np.asarray(sol.converged)))} problem(s) "
+                     "did not converge (raise max_iters or check the inputs)")
+    if not certified:
+        bad = int(np.sum(np.asarray(sol.num_interpolated) <= n))
+        warns.append(f"{problem.layer}: recovery is doubtful for {bad} of "
+                     f"{np.size(sol.num_interpolated)} problem(s): the L1 solution interpolates "
+                     f"no more rows than unknowns ({n}), as it does past the recovery threshold "
+                     f"(detected corrupted fraction {fraction:.3f}, Donoho-Tanner reference "
+                     f"{crit:.3f} at ratio {m / n:.2f})")
+    return LayerReport(problem.layer, problem.source, corrupted_leaves, num, fraction,
+                       int(np.sum(nonfinite)), m / n, crit, np.asarray(sol.objective), converged,
+                       certified, tuple(warns))
+
+
+def purify(model, params, *, init_params=None, inputs=None, subspace: str = "row_space",
+           designs: dict | None = None, layers=("conv", "readout"), weight_decay: bool = False,
+           method="admm", tol: float | None = None):
+    """Recover a contaminated one-hidden-layer CNN's params by L1 regression.
+
+    Args:
+        model: a :class:`~jaxpurify.models.OneHiddenLayerCNN` (or a
+            :class:`~jaxpurify.models.DesignedOneHiddenLayerCNN`, whose ``designs()`` are then
+            used and whose params are the materialized plain params).
+        params: the contaminated params (plain dict, or ``{"params": ...}``). NaN/Inf
+            entries are allowed (treated as corrupted).
+        init_params: the init ``w_0`` (same structure); needed by ``row_space`` and ``lazy``.
+        inputs: ``(N, H, W, C)`` training inputs; needed by ``row_space`` and ``lazy``.
+        subspace: ``"row_space"``, ``"lazy"`` or ``"designed"`` (see
+            :mod:`jaxpurify.subspaces` for which training keeps each one exact).
+        designs: ``{"conv": A_W, "readout": A_beta}`` for ``subspace="designed"``.
+        layers: which layers to recover.
+        weight_decay: the filters were trained with weight decay (adds ``w_0`` to ``A_W``).
+        method, tol: passed to :func:`jaxpurify.l1_regression`.
+
+    Returns:
+        ``(recovered params, PurifyReport)``; params come back in the form they were given.
+
+    Raises:
+        ValueError: unknown subspace or layer, mismatched pytrees, NaN/Inf in ``init_params``
+            or ``inputs``, inputs of the wrong shape, or a subspace with no redundancy.
+    """
+    t0 = time.perf_counter()
+    if subspace not in S.SOURCES:
+        raise ValueError(f"unknown subspace {subspace!r}; choose one of {S.SOURCES}")
+    wrapped = isinstance(params, dict) and set(params) == {"params"}
+    p = S._params(params)
+    if isinstance(model, DesignedOneHiddenLayerCNN):
+        designs = designs or model.designs(p["conv"]["kernel"].dtype)
+        model = model.plain_model()
+    if not isinstance(model, OneHiddenLayerCNN):
+        raise TypeError(f"purify handles OneHiddenLayerCNN models; got {type(model).__name__} "
+                        "(deeper networks: jaxpurify.multilayer.purify_layers)")
+    if not {"conv", "readout"} <= set(p):
+        raise ValueError(f"params must hold 'conv' and 'readout'; got {sorted(p)}")
+    unknown = set(layers) - {"conv", "readout"}
+    if unknown:
+        raise ValueError(f"unknown layers {sorted(unknown)}; choose from ('conv', 'readout')")
+
+    if subspace in ("row_space", "lazy"):
+        if init_params is None:
+            raise ValueError(f"subspace={subspace!r} needs init_params (the init w_0)")
+        p0 = S._params(init_params)
+        _check_tree("init_params", p0, p)
+        _check_finite("init_params", p0)
+        inputs = _check_inputs(model, p, inputs)
+    elif designs is None:
+        raise ValueError("subspace='designed' needs designs={'conv': A_W, 'readout': A_beta} "
+                         "(DesignedOneHiddenLayerCNN.designs())")
+
+    out, reports = dict(p), {}
+    if "conv" in layers:
+        if subspace == "row_space":
+            problem = S.filter_row_space(model, p0, inputs, weight_decay=weight_decay)
+            vectors = S.filter_vectors(p)
+        elif subspace == "lazy":
+            problem = S.filter_lazy(model, p0, inputs)
+            vectors = S.filter_vectors(p).reshape(1, -1)
+        else:
+            problem = S.designed(designs, p)["conv"]
+            vectors = S.filter_vectors(p)
+        recovered, sol, nonfinite = _solve(problem, vectors, method=method, tol=tol)
+        shape = S.filter_vectors(p).shape
+        out = S.with_filter_vectors(out, recovered.reshape(shape))
+        flagged = (sol.corrupted | nonfinite).reshape(shape)
+        masks = S.with_filter_vectors({"conv": p["conv"]}, flagged)["conv"]
+        masks = {k: np.asarray(v).astype(bool) for k, v in masks.items()}
+        reports["conv"] = _layer_report(problem, sol, nonfinite, masks, vectors.size)
+
+    if "readout" in layers:
+        if subspace == "row_space":
+            problem = S.readout_row_space(model, out, p0, inputs)
+        elif subspace == "lazy":
+            problem = S.readout_row_space(model, p0, p0, inputs)._replace(source="lazy")
+        else:
+            problem = S.designed(designs, p)["readout"]
+        vectors = S.readout_vectors(p)
+        recovered, sol, nonfinite = _solve(problem, vectors, method=method, tol=tol)
+        out = S.with_readout_vectors(out, recovered)
+        masks = {"kernel": np.asarray((sol.corrupted | nonfinite).T)}
+        reports["readout"] = _layer_report(problem, sol, nonfinite, masks, vectors.size)
+
+    report = PurifyReport(reports, time.perf_counter() - t0)
+    return ({"params": out} if wrapped else out), report
