@@ -74,7 +74,7 @@ FULL = Grid(
     mpax_eps_small=[1e-4, 1e-8],
     mpax_eps_large=[1e-4],
     highs_dual=True,
-    scaling_m=[200, 400, 800, 1600, 3200],
+    scaling_m=[400, 800, 1600, 3200],
     scaling_n=[25, 50, 100, 200, 400],
     scaling_n_m=2000,
     scaling_batches=[1, 8, 64, 256],
@@ -92,7 +92,7 @@ QUICK = Grid(
     mpax_eps_small=[1e-4],
     mpax_eps_large=[1e-4],
     highs_dual=True,
-    scaling_m=[200, 400],
+    scaling_m=[400, 800],
     scaling_n=[50, 100],
     scaling_n_m=400,
     scaling_batches=[1, 16],
@@ -425,6 +425,8 @@ def write_markdown(path, meta, rows, scaling):
             notes.insert(0, f"sampled {r.timed}/{r.batch}")
         if r.error:
             notes.append("ERROR: " + r.error.replace("|", "/").replace("\n", " ")[:120])
+        if np.isfinite(r.iterations_max):
+            notes.append(f"iters med/max {r.iterations_median:.0f}/{r.iterations_max:.0f}")
         if r.solver.startswith("jaxpurify") and np.isfinite(r.converged_rate):
             if r.converged_rate < 1:
                 notes.append(f"converged {100 * r.converged_rate:.0f}%")

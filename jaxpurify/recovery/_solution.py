@@ -73,9 +73,10 @@ class L1Solution(NamedTuple):
         iterations: ``(*B,)`` first-order iterations used.
         polished: ``(*B,)`` bool, ``x`` came from the exact active-set solve (the polish)
             rather than from a first-order iterate.
-        interpolated: ``(*B, m)`` bool, rows with :math:`|r_i| \approx 0` (relative to
-            :math:`\|y\|_\infty`). At a vertex solution at least ``n`` rows are interpolated;
-            in exact recovery these are the entries judged clean.
+        interpolated: ``(*B, m)`` bool, rows with :math:`|r_i| \le u^{3/4} s`, ``u`` the
+            unit roundoff and ``s = max(||A x||_inf, median |y|)`` the scale of the clean
+            data. At a vertex solution at least ``n`` rows are interpolated; in exact
+            recovery these are the entries judged clean.
         num_interpolated: ``(*B,)`` number of interpolated rows.
         result: ``(*B,)`` int32 status code, see :class:`RESULTS`.
     """
