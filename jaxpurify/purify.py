@@ -125,16 +125,39 @@ def _check_inputs(model, params, inputs):
     return inputs
 
 
+#: Entries of ``vectors - offset`` larger than this many times their problem's median nonzero
+#: magnitude are erased (treated like NaN/Inf). Exponent bit flips make values ~1e38 next to
+#: errors ~1e-1; with that dynamic range the solver's relative thresholds (interpolation and
+#: duality gap) certify wrong solutions. Erasing them keeps them corrupted (and flagged).
+GROSS_FACTOR = 1e4
+
+
+@jax.jit
+def _gross(y):
+    a = jnp.abs(y)
+    med = jnp.nanmedian(jnp.where(a > 0, a, jnp.nan), axis=-1, keepdims=True)
+    return a > GROSS_FACTOR * med  # False on rows without nonzero entries (med is NaN)
+
+
+def _apply(design, x):
+    return (jnp.einsum("mn,bn->bm", design, x) if design.ndim == 2
+            else jnp.einsum("bmn,bn->bm", design, x))
+
+
 def _solve(problem: S.LayerProblem, vectors, *, method, tol):
-    """Solve one layer's problems; returns (recovered vectors, solution, nonfinite mask)."""
+    """Solve one layer's problems.
+
+    Returns:
+        ``(recovered vectors, L1Solution, nonfinite mask, erased mask)``.
+    """
     nonfinite = ~jnp.isfinite(vectors)
-    # NaN/Inf entries (e.g. exponent bit flips) become ordinary gross errors.
-    vectors = jnp.where(nonfinite, problem.offset, vectors)
-    y = vectors - problem.offset
+    # NaN/Inf entries (e.g. exponent bit flips) become ordinary gross errors, and so do
+    # absurdly large ones (see GROSS_FACTOR).
+    y = jnp.where(nonfinite, 0.0, vectors - problem.offset)
+    erased = nonfinite | _gross(y)
+    y = jnp.where(erased, 0.0, y)
     sol = l1_regression(problem.design, y, method=method, tol=tol, throw=False)
-    fitted = (jnp.einsum("mn,bn->bm", problem.design, sol.x) if problem.design.ndim == 2
-              else jnp.einsum("bmn,bn->bm", problem.design, sol.x))
-    return problem.offset + fitted, sol, nonfinite
+    return problem.offset + _apply(problem.design, sol.x), sol, nonfinite, erased
 
 
 def _layer_report(problem, sol, nonfinite, corrupted_leaves, size) -> LayerReport:
@@ -170,14 +193,16 @@ def purify(model, params, *, init_params=None, inputs=None, subspace: str = "row
             :class:`~jaxpurify.models.DesignedOneHiddenLayerCNN`, whose ``designs()`` are then
             used and whose params are the materialized plain params).
         params: the contaminated params (plain dict, or ``{"params": ...}``). NaN/Inf
-            entries are allowed (treated as corrupted).
+            entries are allowed (treated as corrupted), and so are absurdly large ones
+            (more than ``GROSS_FACTOR`` times the typical deviation from ``w_0``).
         init_params: the init ``w_0`` (same structure); needed by ``row_space`` and ``lazy``.
         inputs: ``(N, H, W, C)`` training inputs; needed by ``row_space`` and ``lazy``.
         subspace: ``"row_space"``, ``"lazy"`` or ``"designed"`` (see
             :mod:`jaxpurify.subspaces` for which training keeps each one exact).
         designs: ``{"conv": A_W, "readout": A_beta}`` for ``subspace="designed"``.
         layers: which layers to recover.
-        weight_decay: the filters were trained with weight decay (adds ``w_0`` to ``A_W``).
+        weight_decay: the params were trained with weight decay (adds ``w_0`` to ``A_W`` and
+            ``beta_0`` to ``A_beta``).
         method, tol: passed to :func:`jaxpurify.l1_regression`.
 
     Returns:
@@ -226,25 +251,25 @@ def purify(model, params, *, init_params=None, inputs=None, subspace: str = "row
         else:
             problem = S.designed(designs, p)["conv"]
             vectors = S.filter_vectors(p)
-        recovered, sol, nonfinite = _solve(problem, vectors, method=method, tol=tol)
+        recovered, sol, nonfinite, erased = _solve(problem, vectors, method=method, tol=tol)
         shape = S.filter_vectors(p).shape
         out = S.with_filter_vectors(out, recovered.reshape(shape))
-        flagged = (sol.corrupted | nonfinite).reshape(shape)
+        flagged = (sol.corrupted | erased).reshape(shape)
         masks = S.with_filter_vectors({"conv": p["conv"]}, flagged)["conv"]
         masks = {k: np.asarray(v).astype(bool) for k, v in masks.items()}
         reports["conv"] = _layer_report(problem, sol, nonfinite, masks, vectors.size)
 
     if "readout" in layers:
         if subspace == "row_space":
-            problem = S.readout_row_space(model, out, p0, inputs)
+            problem = S.readout_row_space(model, out, p0, inputs, weight_decay=weight_decay)
         elif subspace == "lazy":
             problem = S.readout_row_space(model, p0, p0, inputs)._replace(source="lazy")
         else:
             problem = S.designed(designs, p)["readout"]
         vectors = S.readout_vectors(p)
-        recovered, sol, nonfinite = _solve(problem, vectors, method=method, tol=tol)
+        recovered, sol, nonfinite, erased = _solve(problem, vectors, method=method, tol=tol)
         out = S.with_readout_vectors(out, recovered)
-        masks = {"kernel": np.asarray((sol.corrupted | nonfinite).T)}
+        masks = {"kernel": np.asarray((sol.corrupted | erased).T)}
         reports["readout"] = _layer_report(problem, sol, nonfinite, masks, vectors.size)
 
     report = PurifyReport(reports, time.perf_counter() - t0)

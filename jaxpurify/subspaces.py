@@ -20,7 +20,8 @@ Sources (which training procedures keep the parameters in the subspace, exactly)
   Needs fewer patches than ``d + 1`` (the span must be a proper subspace).
   The readout (:func:`readout_row_space`): ``A_beta`` spans the hidden features
   ``h(x_s)`` at the final filters; exact when the readout was trained with the filters fixed
-  (frozen filters or two-stage training), not for joint training, where the features moved.
+  (frozen filters or two-stage training; with weight decay, ``weight_decay=True`` again adds
+  ``beta_0``), not for joint training, where the features moved.
 * **lazy / per-sample** (:func:`filter_lazy`): with activation patterns and readout fixed at
   init, the update of all filters together is one coefficient per (sample, class):
   ``Delta[W_j; b_j] = sum_{s,c} theta_{s,c} beta_{j,c} sum_i 1[W_j^T P_i x_s + b_j > 0]
@@ -155,12 +156,22 @@ def hidden_features(model: OneHiddenLayerCNN, params, inputs) -> jax.Array:
     return model.apply({"params": _params(params)}, inputs, method=model.hidden)
 
 
-def readout_row_space(model: OneHiddenLayerCNN, params, init_params, inputs) -> LayerProblem:
-    """``A_beta``: span of the hidden features at the filters of ``params``."""
+def readout_row_space(model: OneHiddenLayerCNN, params, init_params, inputs, *,
+                      weight_decay: bool = False) -> LayerProblem:
+    """``A_beta``: span of the hidden features at the filters of ``params``.
+
+    With ``weight_decay=True`` each class's design gains the column ``beta_0[:, c]`` (as for
+    the filters: ``beta_c = c_t beta_c(0) + span``).
+    """
     feats = hidden_features(model, params, inputs)
     basis = orthonormal_row_basis(feats, what="hidden features")
     beta0 = readout_vectors(init_params)
-    return LayerProblem("readout", "row_space", basis.astype(beta0.dtype), beta0)
+    if not weight_decay:
+        return LayerProblem("readout", "row_space", basis.astype(beta0.dtype), beta0)
+    designs = jnp.concatenate(
+        [jnp.broadcast_to(basis, (beta0.shape[0],) + basis.shape), beta0[:, :, None]], axis=2)
+    return LayerProblem("readout", "row_space", designs.astype(beta0.dtype),
+                        jnp.zeros_like(beta0))
 
 
 def filter_lazy(model: OneHiddenLayerCNN, init_params, inputs) -> LayerProblem:

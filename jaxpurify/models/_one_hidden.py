@@ -80,6 +80,10 @@ class OneHiddenLayerCNN(nn.Module):
 
     def hidden(self, x: jax.Array) -> jax.Array:
         """Pooled hidden features ``h_j(x) = sum_i relu(W_j^T P_i x + b_j)``, ``(N, J)``."""
+        ph, pw = _pair(self.patch_size)
+        if x.ndim != 4 or x.shape[1] % ph or x.shape[2] % pw:
+            raise ValueError(f"expected NHWC images (N, H, W, C) tiled by the patch size "
+                             f"{(ph, pw)}; got shape {x.shape}")
         a = nn.relu(self.conv(x))
         return a.mean(axis=(1, 2)) if self.pool == "mean" else a.sum(axis=(1, 2))
 
@@ -92,10 +96,11 @@ def design_matrix(seed: int, rows: int, cols: int, dtype=jnp.float32) -> jax.Arr
 
     Gaussian entries scaled by ``1/sqrt(cols)`` so that ``A theta`` has the variance of
     ``theta``'s entries; a pure function of ``(seed, rows, cols)``, so any process can
-    rebuild it.
+    rebuild it. The entries are always drawn in float32 and then cast, so every ``dtype``
+    (and the x64 setting) gives the same matrix up to rounding.
     """
     key = jax.random.fold_in(jax.random.PRNGKey(seed), rows * 1_000_003 + cols)
-    return jax.random.normal(key, (rows, cols), dtype) / math.sqrt(cols)
+    return jax.random.normal(key, (rows, cols), jnp.float32).astype(dtype) / math.sqrt(cols)
 
 
 class DesignedOneHiddenLayerCNN(nn.Module):

@@ -70,8 +70,12 @@ def feasible_dual(q: jax.Array, u: jax.Array) -> jax.Array:
 
 
 def relative_gap(primal: jax.Array, dual_value: jax.Array, y_scale: jax.Array) -> jax.Array:
-    """Relative duality gap, safe when the optimum is zero (``y`` in ``range(A)``)."""
-    tiny = jnp.finfo(primal.dtype).eps * y_scale
+    """Relative duality gap, safe when the optimum is zero (``y`` in ``range(A)``).
+
+    The denominator is floored at ``eps**0.25 * ||y||_1``: when ``y`` lies in ``range(A)``
+    the objective is pure rounding and a gap relative to it would never converge.
+    """
+    tiny = jnp.finfo(primal.dtype).eps ** 0.25 * y_scale
     return jnp.maximum(primal - dual_value, 0.0) / jnp.maximum(primal, tiny)
 
 

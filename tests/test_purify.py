@@ -1,0 +1,288 @@
+"""``purify``: exact recovery of contaminated one-hidden-layer CNNs, the report, bad inputs.
+
+All problems share the shapes of ``tests/one_hidden_helpers`` so that the L1 solves compile
+once: the row-space and designed filters are 32 problems on one ``65 x 16`` design, their
+readouts one ``32 x 4`` problem.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpurify import subspaces as S
+from jaxpurify.contamination import bit_flips, sparse_gross_errors
+from jaxpurify.purify import PurifyReport, purify
+from tests.one_hidden_helpers import (
+    designed_model,
+    designed_trained,
+    fast_compiles,  # noqa: F401 (autouse fixture)
+    joint,
+    lazy_setup,
+    lazy_trained,
+    rel_err,
+    setup,
+    two_stage,
+)
+
+EXACT = 1e-10
+LEAVES = (("conv", "kernel"), ("conv", "bias"), ("readout", "kernel"))
+
+
+def _assert_exact(recovered, clean, model, x, leaves=LEAVES):
+    for layer, leaf in leaves:
+        assert recovered[layer][leaf].dtype == clean[layer][leaf].dtype
+        assert rel_err(recovered[layer][leaf], clean[layer][leaf]) <= EXACT, (layer, leaf)
+    if len(leaves) == len(LEAVES):
+        out = model.apply({"params": recovered}, x)
+        ref = model.apply({"params": clean}, x)
+        np.testing.assert_allclose(out, ref, rtol=0, atol=EXACT * float(jnp.abs(ref).max()))
+
+
+def _assert_masks(report, mask, leaves=LEAVES):
+    for layer, leaf in leaves:
+        flagged = report.layers[layer].corrupted[leaf]
+        assert flagged.dtype == bool
+        np.testing.assert_array_equal(flagged, np.asarray(mask[layer][leaf]), err_msg=layer)
+
+
+def _contaminate(params, seed=0, **kw):
+    return sparse_gross_errors(params, jax.random.PRNGKey(100 + seed), **{"fraction": 0.1, **kw})
+
+
+# --------------------------------------------------------------------------- exact recovery
+
+
+@pytest.mark.parametrize("name", ["gd", "momentum", "weight_decay"])
+def test_row_space_recovers_two_stage_training_exactly(name):
+    s = setup()
+    clean, _ = two_stage(name)
+    dirty, mask = _contaminate(clean)
+    wd = name == "weight_decay"
+    recovered, report = purify(s.student, dirty, init_params=s.p0, inputs=s.x, weight_decay=wd)
+    _assert_exact(recovered, clean, s.student, s.x)
+    _assert_masks(report, mask)
+    assert isinstance(report, PurifyReport) and report.ok and report.warnings == []
+    conv, readout = report.layers["conv"], report.layers["readout"]
+    assert conv.source == readout.source == "row_space"
+    assert conv.ratio == pytest.approx(65 / 17 if wd else 65 / 16)
+    assert readout.ratio == pytest.approx(32 / 5 if wd else 32 / 4)
+    assert conv.num_corrupted == int(mask["conv"]["kernel"].sum() + mask["conv"]["bias"].sum())
+    assert conv.fraction == pytest.approx(conv.num_corrupted / (32 * 65))
+    assert conv.num_nonfinite == 0 and conv.converged and conv.certified
+    assert 0 < conv.critical_fraction < 1
+    assert conv.objective.shape == (32,) and readout.objective.shape == (1,)
+    assert "row_space" in report.summary()
+
+
+@pytest.mark.parametrize("name", ["gd", "weight_decay"])
+def test_clean_and_lightly_contaminated_params(name):
+    """Untouched filters already lie in the subspace (a rounding-level L1 optimum): they must
+    come back unflagged, converged and certified, next to filters that do need solving."""
+    s = setup()
+    clean, _ = two_stage(name)
+    wd = name == "weight_decay"
+    recovered, report = purify(s.student, clean, init_params=s.p0, inputs=s.x, weight_decay=wd)
+    _assert_exact(recovered, clean, s.student, s.x)
+    assert report.ok and all(r.num_corrupted == 0 for r in report.layers.values())
+    dirty, mask = _contaminate(clean, fraction=0.01)
+    hit = np.asarray(S.filter_vectors(mask)).any(axis=1)
+    assert 0 < hit.sum() < 32  # some filters need solving, the others are untouched
+    recovered, report = purify(s.student, dirty, init_params=s.p0, inputs=s.x, weight_decay=wd)
+    _assert_exact(recovered, clean, s.student, s.x)
+    _assert_masks(report, mask)
+    assert report.ok
+
+
+def test_lazy_recovers_the_filters_exactly():
+    s = lazy_setup()
+    clean = lazy_trained("small")
+    dirty, mask = _contaminate(clean, fraction=0.2)
+    recovered, report = purify(s.student, dirty, init_params=s.p0, inputs=s.x,
+                               subspace="lazy", layers=("conv",))
+    _assert_exact(recovered, clean, s.student, s.x, LEAVES[:2])
+    _assert_masks(report, mask, LEAVES[:2])
+    assert set(report.layers) == {"conv"} and report.ok
+    assert report.layers["conv"].source == "lazy"
+    assert report.layers["conv"].ratio == pytest.approx(16 * 65 / 4)
+    # Layers not asked for come back as given.
+    np.testing.assert_array_equal(recovered["readout"]["kernel"], dirty["readout"]["kernel"])
+
+
+def test_designed_recovers_exactly():
+    s = setup()
+    dm = designed_model()
+    codes, _ = designed_trained()
+    clean = dm.materialize(codes)
+    dirty, mask = _contaminate(clean, fraction=0.2)
+    recovered, report = purify(dm, dirty, subspace="designed")
+    _assert_exact(recovered, clean, dm.plain_model(), s.x)
+    _assert_masks(report, mask)
+    assert report.ok and report.layers["conv"].source == "designed"
+    np.testing.assert_allclose(dm.plain_model().apply({"params": recovered}, s.x),
+                               dm.apply({"params": codes}, s.x), atol=1e-12)
+    # The plain model with the designs given explicitly is the same problem.
+    again, _ = purify(dm.plain_model(), dirty, subspace="designed",
+                      designs=dm.designs(jnp.float64))
+    _assert_exact(again, recovered, dm.plain_model(), s.x)
+
+
+@pytest.mark.parametrize("law", ["sign_flip", "heavy_tailed", "constant"])
+def test_other_error_laws(law):
+    s = setup()
+    clean, _ = two_stage("momentum")
+    dirty, mask = _contaminate(clean, seed=1, law=law)
+    recovered, report = purify(s.student, dirty, init_params=s.p0, inputs=s.x)
+    _assert_exact(recovered, clean, s.student, s.x)
+    _assert_masks(report, mask)
+    assert report.ok
+
+
+def test_float32_exponent_bit_flips_with_nan_and_inf():
+    """Exponent flips (in the float32 representation) of weights of size ~1 give NaN/Inf
+    and ~1e38 entries next to ordinary ones: all are corrupted, the rest is recovered."""
+    s = setup()
+    dm = designed_model()
+    codes, _ = designed_trained()
+    clean = dm.materialize({"conv_code": 8 * codes["conv_code"],  # |w| ~ 1
+                            "readout_code": codes["readout_code"]})
+    dirty, mask = bit_flips(clean, jax.random.PRNGKey(3), fraction=0.1, bits="exponent")
+    leaves = jax.tree_util.tree_leaves(dirty)
+    assert sum(int((~jnp.isfinite(a)).sum()) for a in leaves) > 0
+    assert max(float(jnp.abs(jnp.where(jnp.isfinite(a), a, 0)).max()) for a in leaves) > 1e30
+    recovered, report = purify(dm, dirty, subspace="designed")
+    _assert_exact(recovered, clean, dm.plain_model(), s.x)
+    _assert_masks(report, mask)
+    assert report.layers["conv"].num_nonfinite == int(
+        sum((~jnp.isfinite(dirty["conv"][k])).sum() for k in ("kernel", "bias")))
+    assert report.layers["conv"].num_nonfinite > 0
+    assert report.ok
+    assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree_util.tree_leaves(recovered))
+
+
+def test_nonfinite_entries_in_row_space():
+    s = setup()
+    clean, _ = two_stage("gd")
+    dirty, mask = _contaminate(clean)
+    kernel = np.array(dirty["conv"]["kernel"])
+    kernel[0, 0, 0, :3] = [np.nan, np.inf, -np.inf]
+    dirty = {**dirty, "conv": {**dirty["conv"], "kernel": jnp.asarray(kernel)}}
+    mask["conv"]["kernel"] = mask["conv"]["kernel"].at[0, 0, 0, :3].set(True)
+    recovered, report = purify(s.student, dirty, init_params=s.p0, inputs=s.x)
+    _assert_exact(recovered, clean, s.student, s.x)
+    _assert_masks(report, mask)
+    assert report.layers["conv"].num_nonfinite == 3 and report.ok
+
+
+def test_params_form_is_kept():
+    s = setup()
+    clean, _ = two_stage("gd")
+    dirty, _ = _contaminate(clean)
+    plain, _ = purify(s.student, dirty, init_params=s.p0, inputs=s.x)
+    wrapped, report = purify(s.student, {"params": dirty}, init_params={"params": s.p0},
+                             inputs=s.x)
+    assert set(wrapped) == {"params"} and report.ok
+    assert jax.tree_util.tree_structure(wrapped["params"]) == jax.tree_util.tree_structure(clean)
+    for a, b in zip(jax.tree_util.tree_leaves(wrapped["params"]),
+                    jax.tree_util.tree_leaves(plain), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert "params" not in plain
+
+
+def test_beyond_the_threshold_is_reported():
+    """45% corrupted at ratio 65/16 ~ 4 (Donoho-Tanner reference ~0.40): not certified."""
+    dm = designed_model()
+    codes, _ = designed_trained()
+    clean = dm.materialize(codes)
+    dirty, _ = _contaminate(clean, fraction=0.45)
+    recovered, report = purify(dm, dirty, subspace="designed")
+    conv = report.layers["conv"]
+    assert conv.critical_fraction < 0.45
+    assert not conv.certified and not report.ok
+    assert any("doubtful" in w for w in report.warnings)
+    assert "doubtful" in report.summary()
+    assert rel_err(recovered["conv"]["kernel"], clean["conv"]["kernel"]) > 1e-2  # indeed wrong
+
+
+def test_training_outside_the_subspace_is_reported():
+    """Joint training: the filters are still exact, the readout is not (and is flagged);
+    Adam: nothing is in the row-space, every filter problem is flagged."""
+    s = setup()
+    clean, _ = joint("momentum")
+    dirty, _ = _contaminate(clean)
+    recovered, report = purify(s.student, dirty, init_params=s.p0, inputs=s.x)
+    _assert_exact(recovered, clean, s.student, s.x, LEAVES[:2])
+    assert report.layers["conv"].certified and not report.layers["readout"].certified
+    assert not report.ok and any(w.startswith("readout: recovery is doubtful")
+                                 for w in report.warnings)
+    clean, _ = joint("adam")
+    dirty, _ = _contaminate(clean)
+    recovered, report = purify(s.student, dirty, init_params=s.p0, inputs=s.x)
+    assert rel_err(recovered["conv"]["kernel"], clean["conv"]["kernel"]) > 1e-2
+    assert not report.layers["conv"].certified and not report.ok
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+@pytest.fixture(scope="module")
+def clean():
+    return two_stage("gd")[0]
+
+
+def test_mismatched_init_params_raise(clean):
+    s = setup()
+    with pytest.raises(ValueError, match="shape"):
+        small = lazy_setup()  # 16 filters instead of 32
+        purify(s.student, clean, init_params=small.p0, inputs=s.x)
+    no_bias = {"conv": {"kernel": s.p0["conv"]["kernel"]}, "readout": s.p0["readout"]}
+    with pytest.raises(ValueError, match="structure"):
+        purify(s.student, clean, init_params=no_bias, inputs=s.x)
+    nan = {**s.p0, "readout": {"kernel": s.p0["readout"]["kernel"].at[0, 0].set(jnp.nan)}}
+    with pytest.raises(ValueError, match="NaN"):
+        purify(s.student, clean, init_params=nan, inputs=s.x)
+    with pytest.raises(ValueError, match="init_params"):
+        purify(s.student, clean, inputs=s.x)
+    with pytest.raises(ValueError, match="init_params"):
+        purify(s.student, clean, inputs=s.x, subspace="lazy")
+
+
+@pytest.mark.parametrize("make", [
+    lambda x: x[0],  # no batch axis
+    lambda x: jnp.concatenate([x, x, x], axis=-1),  # 3 channels, the filters take 1
+    lambda x: x[:, :12],  # not tiled by the 8x8 patches
+    lambda x: x.at[0, 0, 0, 0].set(jnp.nan),
+    lambda x: None,
+], ids=["ndim", "channels", "tiling", "nan", "missing"])
+def test_bad_inputs_raise(clean, make):
+    s = setup()
+    with pytest.raises(ValueError, match="inputs"):
+        purify(s.student, clean, init_params=s.p0, inputs=make(s.x))
+
+
+def test_bad_options_raise(clean):
+    s = setup()
+    with pytest.raises(ValueError, match="unknown subspace"):
+        purify(s.student, clean, init_params=s.p0, inputs=s.x, subspace="pca")
+    with pytest.raises(ValueError, match="unknown layers"):
+        purify(s.student, clean, init_params=s.p0, inputs=s.x, layers=("conv", "dense"))
+    with pytest.raises(ValueError, match="designs"):
+        purify(s.student, clean, subspace="designed")
+    with pytest.raises(ValueError, match="'conv' and 'readout'"):
+        purify(s.student, {"conv": clean["conv"]}, init_params=s.p0, inputs=s.x)
+
+
+def test_not_a_cnn_raises(clean):
+    s = setup()
+    with pytest.raises(TypeError, match="OneHiddenLayerCNN"):
+        purify(nn.Dense(3), clean, init_params=s.p0, inputs=s.x)
+
+
+def test_full_span_raises(clean):
+    s = setup()
+    x = jax.random.normal(jax.random.PRNGKey(5), (17, 16, 16, 1), jnp.float64)
+    with pytest.raises(ValueError, match="no redundancy"):
+        purify(s.student, clean, init_params=s.p0, inputs=x)
