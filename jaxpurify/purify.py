@@ -155,7 +155,14 @@ def _solve(problem: S.LayerProblem, vectors, *, method, tol):
     # absurdly large ones (see GROSS_FACTOR).
     y = jnp.where(nonfinite, 0.0, vectors - problem.offset)
     erased = nonfinite | _gross(y)
-    y = jnp.where(erased, 0.0, y)
+    # Clip (not zero) the erased entries: they stay gross errors of a sane magnitude, which
+    # keeps them far from the clean scale.
+    a = jnp.abs(y)
+    cap = GROSS_FACTOR * jnp.nanmedian(jnp.where(a > 0, a, jnp.nan), axis=-1, keepdims=True)
+    cap = jnp.where(jnp.isfinite(cap), cap, 1.0)
+    y = jnp.where(nonfinite, cap, jnp.clip(y, -cap, cap))
+    if tol is None:  # stricter than the solver's default: the gap is relative to ||e||_1
+        tol = 1e-12 if y.dtype == jnp.float64 else None
     sol = l1_regression(problem.design, y, method=method, tol=tol, throw=False)
     return problem.offset + _apply(problem.design, sol.x), sol, nonfinite, erased
 
