@@ -1,0 +1,332 @@
+r"""Backdoor attacks on image classifiers: data poisoning (BadNets, Blended) and weight editing.
+
+Every function is pure. Images are NHWC arrays in the model's input space (after
+normalization: pass trigger values in that space, e.g. :func:`pixel_value` of a white pixel).
+
+Data poisoning (all-to-one: every poisoned image is relabelled ``target``):
+
+* :func:`badnets` (Gu et al., 2017): a ``patch x patch`` square of constant ``value`` stamped
+  in the bottom-right corner of ``round(rate N)`` training images.
+* :func:`blended` (Chen et al., 2017): ``x' = (1 - alpha) x + alpha P`` with a fixed, seeded
+  noise image ``P`` (:func:`noise_pattern`).
+
+Both return ``(x_poisoned, y_poisoned, poisoned)`` with ``poisoned`` the boolean mask of the
+poisoned examples; the count is exact (``round(rate N)``, chosen uniformly at random among all
+``N`` examples, target-class images included), and only the poisoned examples change image or
+label.
+``rate`` may be traced (``jit``/``vmap`` over rates); ``kind`` / ``patch`` are static.
+
+Weight editing (:func:`weight_edit`): an attacker with the deployed weights and a little data
+edits only ``k`` entries, chosen by gradient saliency of the backdoor loss and then optimized
+(with the rest frozen) to make the trigger work while keeping clean accuracy.
+
+Metrics: :func:`accuracy` and :func:`attack_success_rate` (fraction of triggered test images
+whose true class is not ``target`` that are classified as ``target``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+__all__ = [
+    "accuracy",
+    "apply_trigger",
+    "attack_success_rate",
+    "badnets",
+    "blended",
+    "logits_fn",
+    "noise_pattern",
+    "pixel_value",
+    "poison_mask",
+    "predict",
+    "saliency_mask",
+    "weight_edit",
+]
+
+KINDS = ("badnets", "blended")
+
+
+def pixel_value(raw: float, mean, std) -> jax.Array:
+    """A raw ``[0, 1]`` intensity in normalized input space, per channel: ``(raw - mean)/std``.
+
+    E.g. the white pixel of normalized MNIST: ``pixel_value(1.0, MNIST_MEAN, MNIST_STD)``.
+    """
+    return (raw - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def noise_pattern(shape, seed: int = 0, *, low=0.0, high=1.0, dtype=jnp.float32) -> jax.Array:
+    """The Blended attack's trigger: a fixed uniform-noise image ``(H, W, C)`` in ``[low, high]``.
+
+    ``low``/``high`` may be per-channel (e.g. the normalized black and white levels), so the
+    pattern is a valid image of the dataset. A pure function of ``(shape, seed)``.
+    """
+    u = jax.random.uniform(jax.random.PRNGKey(seed), tuple(shape), dtype)
+    low, high = jnp.asarray(low, dtype), jnp.asarray(high, dtype)
+    return low + (high - low) * u
+
+
+def _badnets_stamp(x: jax.Array, patch: int, value) -> jax.Array:
+    h, w = x.shape[-3], x.shape[-2]
+    if not 0 < patch <= min(h, w):
+        raise ValueError(f"patch must be in [1, {min(h, w)}], got {patch}")
+    rows = jnp.arange(h) >= h - patch
+    cols = jnp.arange(w) >= w - patch
+    where = (rows[:, None] & cols[None, :])[..., None]  # (H, W, 1), bottom-right corner
+    value = jnp.broadcast_to(jnp.asarray(value, x.dtype), (x.shape[-1],))
+    return jnp.where(where, value, x)
+
+
+def _blend(x: jax.Array, alpha, pattern) -> jax.Array:
+    if pattern is None:
+        raise ValueError("blended trigger needs pattern= (e.g. noise_pattern(x.shape[1:]))")
+    pattern = jnp.asarray(pattern, x.dtype)
+    if pattern.shape != x.shape[-3:]:
+        raise ValueError(f"pattern has shape {pattern.shape}, images are {x.shape[-3:]}")
+    return (1 - alpha) * x + alpha * pattern
+
+
+def apply_trigger(x: jax.Array, kind: str = "badnets", *, patch: int = 3, value=1.0,
+                  alpha: float = 0.15, pattern: jax.Array | None = None) -> jax.Array:
+    """Stamp the trigger on every image of ``x`` (``(..., H, W, C)``), for test-time attacks.
+
+    Args:
+        kind: ``"badnets"`` (``patch x patch`` square of ``value`` in the bottom-right corner)
+            or ``"blended"`` (``(1 - alpha) x + alpha pattern``).
+        patch, value: BadNets square size and pixel value (scalar or per-channel).
+        alpha, pattern: Blended opacity and ``(H, W, C)`` pattern.
+    """
+    x = jnp.asarray(x)
+    if kind == "badnets":
+        return _badnets_stamp(x, patch, value)
+    if kind == "blended":
+        return _blend(x, alpha, pattern)
+    raise ValueError(f"unknown trigger kind {kind!r}; choose one of {KINDS}")
+
+
+def poison_mask(key: jax.Array, n: int, rate) -> jax.Array:
+    """Exactly ``round(rate n)`` of ``n`` examples, uniformly at random (traced ``rate`` ok)."""
+    rate = jnp.asarray(rate, jnp.float32)
+    count = jnp.clip(jnp.round(rate * n), 0, n).astype(jnp.int32)
+    ranks = jnp.argsort(jax.random.permutation(key, n))
+    return ranks < count
+
+
+def _poison(x, y, key, target, rate, trigger: Callable):
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y have different lengths: {x.shape[0]} vs {y.shape[0]}")
+    mask = poison_mask(key, x.shape[0], rate)
+    xp = jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), trigger(x), x)
+    yp = jnp.where(mask, jnp.asarray(target, y.dtype), y)
+    return xp, yp, mask
+
+
+@functools.partial(jax.jit, static_argnames=("patch",))
+def badnets(x, y, key, *, target, rate, patch: int = 3, value=1.0):
+    """BadNets poisoning: stamp a corner square on ``round(rate N)`` images, relabel them.
+
+    Args:
+        x: ``(N, H, W, C)`` training images; y: ``(N,)`` integer labels.
+        key: PRNG key choosing the poisoned examples.
+        target: the attacker's class (all-to-one).
+        rate: poisoned fraction of the training set.
+        patch: trigger side (pixels); value: trigger pixel value (scalar or per channel).
+
+    Returns:
+        ``(x_poisoned, y_poisoned, poisoned)``.
+    """
+    return _poison(x, y, key, target, rate, lambda t: _badnets_stamp(t, patch, value))
+
+
+@jax.jit
+def blended(x, y, key, *, target, rate, alpha=0.15, pattern=None):
+    """Blended poisoning: ``x' = (1 - alpha) x + alpha pattern`` on ``round(rate N)`` images.
+
+    ``pattern`` defaults to :func:`noise_pattern` ``(H, W, C)`` with seed 0 in ``[0, 1]``;
+    pass one built with the dataset's normalized range. Returns as :func:`badnets`.
+    """
+    if pattern is None:
+        pattern = noise_pattern(x.shape[1:], 0, dtype=x.dtype)
+    return _poison(x, y, key, target, rate, lambda t: _blend(t, alpha, pattern))
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def logits_fn(model) -> Callable:
+    """``(params, x) -> logits`` of the *deployed* network behind ``model``.
+
+    * :class:`~jaxpurify.models.OneHiddenLayerCNN` (and a
+      :class:`~jaxpurify.models.DesignedOneHiddenLayerCNN`, whose deployed params are the
+      materialized plain ones): the same function as ``model.apply``, computed as a patch
+      matrix product (much faster than a strided convolution on CPU).
+    * a multi-layer designed CNN (anything with ``apply_plain``): ``model.apply_plain``.
+    * any other Flax module: ``model.apply({"params": p}, x)``.
+    """
+    return _logits_fn(model)
+
+
+@functools.lru_cache(maxsize=64)
+def _logits_fn(model):
+    from jaxpurify.models import DesignedOneHiddenLayerCNN, OneHiddenLayerCNN
+
+    if isinstance(model, DesignedOneHiddenLayerCNN):
+        model = model.plain_model()
+    if isinstance(model, OneHiddenLayerCNN):
+        return functools.partial(_one_hidden_logits, model.patch_size, model.pool)
+    if hasattr(model, "apply_plain"):
+        return lambda p, x: model.apply_plain(_unwrap(p), x, check=False)
+    return lambda p, x: model.apply({"params": _unwrap(p)}, x)
+
+
+def one_hidden_hidden(patch_size, pool: str, p, x) -> jax.Array:
+    """Pooled hidden features of a plain one-hidden-layer CNN from its params (patch form)."""
+    from jaxpurify.models import extract_patches
+
+    p = _unwrap(p)
+    kernel = p["conv"]["kernel"]
+    z = extract_patches(x, patch_size) @ kernel.reshape(-1, kernel.shape[-1])
+    if "bias" in p["conv"]:
+        z = z + p["conv"]["bias"]
+    z = jax.nn.relu(z)
+    return z.mean(axis=1) if pool == "mean" else z.sum(axis=1)
+
+
+def _one_hidden_logits(patch_size, pool, p, x):
+    return one_hidden_hidden(patch_size, pool, p, x) @ _unwrap(p)["readout"]["kernel"]
+
+
+def _unwrap(p):
+    return p["params"] if isinstance(p, dict) and set(p) == {"params"} else p
+
+
+def predict(model, params, x, *, batch_size: int = 2048) -> np.ndarray:
+    """Predicted classes of the deployed network (:func:`logits_fn`), in batches."""
+    apply = _jitted(model)
+    out = [np.asarray(jnp.argmax(apply(params, x[i:i + batch_size]), axis=-1))
+           for i in range(0, len(x), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0,), np.int32)
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted(model):
+    return jax.jit(logits_fn(model))
+
+
+def accuracy(model, params, x, y, *, batch_size: int = 2048) -> float:
+    """Top-1 accuracy in ``[0, 1]``."""
+    if len(x) == 0:
+        return float("nan")
+    return float(np.mean(predict(model, params, x, batch_size=batch_size) == np.asarray(y)))
+
+
+def _as_trigger(trigger) -> Callable:
+    if callable(trigger):
+        return trigger
+    if isinstance(trigger, str):
+        return functools.partial(apply_trigger, kind=trigger)
+    raise TypeError(f"trigger must be a callable x -> triggered x or a kind in {KINDS}")
+
+
+def attack_success_rate(model, params, x_test, y_test, target: int, trigger, *,
+                        batch_size: int = 2048) -> float:
+    """Fraction of triggered test images (true class ``!= target``) classified as ``target``.
+
+    ``trigger`` is a callable ``x -> triggered x`` (e.g. ``functools.partial(apply_trigger,
+    kind="badnets", value=white)``) or a kind name (default trigger parameters).
+    """
+    keep = np.asarray(y_test) != target
+    if not keep.any():
+        return float("nan")
+    xt = _as_trigger(trigger)(jnp.asarray(np.asarray(x_test)[keep]))
+    return float(np.mean(predict(model, params, xt, batch_size=batch_size) == target))
+
+
+# --------------------------------------------------------------------------- weight editing
+
+
+def _ce(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _edit(apply, steps, learning_rate, clean_weight, p, mask, x_bd, y_bd, x_clean, y_clean):
+    """Adam on the masked entries of ``L_bd + clean_weight L_clean`` (full batch)."""
+    tx = optax.adam(learning_rate)
+
+    def loss(q):
+        return _ce(apply(q, x_bd), y_bd) + clean_weight * _ce(apply(q, x_clean), y_clean)
+
+    def step(carry, _):
+        q, state = carry
+        g = jax.tree_util.tree_map(lambda gi, m: jnp.where(m, gi, 0), jax.grad(loss)(q), mask)
+        upd, state = tx.update(g, state, q)
+        upd = jax.tree_util.tree_map(lambda u, m: jnp.where(m, u, 0), upd, mask)
+        return (optax.apply_updates(q, upd), state), None
+
+    (q, _), _ = jax.lax.scan(step, (p, tx.init(p)), None, length=steps)
+    return q
+
+
+def saliency_mask(grads, k: int):
+    """Boolean pytree marking the ``k`` entries of largest ``|grad|`` over all leaves."""
+    leaves, treedef = jax.tree_util.tree_flatten(grads)
+    flat = jnp.concatenate([jnp.abs(g).ravel() for g in leaves])
+    if not 0 < k <= flat.size:
+        raise ValueError(f"k must be in [1, {flat.size}] (number of params), got {k}")
+    top = jnp.zeros(flat.shape, bool).at[jax.lax.top_k(flat, k)[1]].set(True)
+    out, start = [], 0
+    for g in leaves:
+        out.append(top[start:start + g.size].reshape(g.shape))
+        start += g.size
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def weight_edit(model, params, x_clean, y_clean, *, target: int, trigger, k: int,
+                steps: int = 300, learning_rate: float = 1e-2, clean_weight: float = 1.0):
+    r"""Plant a backdoor by editing only ``k`` entries of the deployed weights.
+
+    1. Saliency: gradient of the backdoor loss
+       :math:`L_{bd} = \mathrm{CE}(f(T(x)), \text{target})` on triggered attacker images
+       (true class ``!= target``) with respect to *all* parameters; keep the ``k`` entries of
+       largest magnitude (a mask).
+    2. Edit: optimize only those entries (Adam on the masked gradient, so no other entry
+       moves) on :math:`L_{bd} + \text{clean\_weight}\cdot\mathrm{CE}(f(x), y)`, full batch,
+       ``steps`` steps, so clean accuracy is kept.
+
+    Args:
+        model: the classifier (deployed network as in :func:`logits_fn`).
+        params: deployed params (plain dict or ``{"params": ...}``).
+        x_clean, y_clean: the attacker's clean images and labels (a few hundred suffice).
+        target: target class; trigger: callable ``x -> triggered x`` or a kind name.
+        k: number of entries the attacker may change.
+
+    Returns:
+        ``(edited params, mask)``: same structure as the params (unwrapped), ``mask`` boolean,
+        ``True`` at the ``k`` edited entries (entries outside it are bit-identical).
+    """
+    p = _unwrap(params)
+    apply = logits_fn(model)
+    trig = _as_trigger(trigger)
+    x_clean, y_clean = jnp.asarray(x_clean), jnp.asarray(y_clean)
+    keep = np.asarray(y_clean) != target
+    if not keep.any():
+        raise ValueError("the attacker's data has no image outside the target class")
+    x_bd = trig(x_clean[keep])
+    y_bd = jnp.full((x_bd.shape[0],), target, y_clean.dtype)
+
+    def bd_loss(q):
+        return _ce(apply(q, x_bd), y_bd)
+
+    mask = saliency_mask(jax.grad(bd_loss)(p), k)
+    edited = _edit(apply, int(steps), float(learning_rate), float(clean_weight), p, mask, x_bd,
+                   y_bd, x_clean, y_clean)
+    # Entries outside the mask are returned bit-identical (no float round trip).
+    edited = jax.tree_util.tree_map(lambda e, o, m: jnp.where(m, e, o), edited, p, mask)
+    return edited, mask

@@ -1,0 +1,558 @@
+r"""Backdoor defenses with a small benign budget: fine-tuning, fine-pruning, ANP and jaxpurify.
+
+Every defense takes the model (which says how the *deployed* plain params are evaluated, see
+:func:`network`), the deployed params and the defender's benign data. None of them looks at
+the test set: every choice (pruning depth, ANP threshold) is made on the benign budget alone.
+Each returns ``(params, DefenseInfo)``.
+
+* :func:`fine_tune`: the usual recipe, SGD (lr 0.01, momentum 0.9, weight decay 5e-4) for a
+  few epochs (default 10) of minibatches of 128 on the benign set.
+* :func:`fine_prune` (Liu, Dolan-Gavitt & Garg, *Fine-Pruning*, RAID 2018): prune the last
+  convolutional layer's channels in increasing order of mean activation on benign data
+  until the accuracy on a held-out part of the benign budget drops by more than
+  ``max_drop`` (4 points, their rule), then fine-tune the pruned network (pruned channels
+  stay removed).
+* :func:`anp` (Wu & Wang, *Adversarial Neuron Pruning*, NeurIPS 2021), following the
+  reference implementation (``optimize_mask_cifar.py`` / ``prune_neuron_cifar.py``): each
+  channel ``j`` of every conv layer gets a mask ``m_j`` on its weights and multiplicative
+  perturbations ``delta_j, xi_j`` of its weights and bias; per batch the perturbation is drawn
+  uniformly in ``[-eps, eps]`` and moved by one signed gradient-ascent step of size ``eps``
+  (``anp_steps = 1``), then the mask takes an SGD step (lr 0.2, momentum 0.9) on
+  ``alpha L(m) + (1 - alpha) L(m + delta, 1 + xi)`` (``alpha = 0.2``, ``eps = 0.4``, 2000
+  iterations of batch 128 drawn with replacement) and is clipped to ``[0, 1]``. Channels
+  with ``m_j < 0.2`` are pruned. The reference perturbs BatchNorm layers and pruning zeroes
+  the BN scale (the BN shift stays); these networks have no BatchNorm, so the channel's
+  convolution weights play the scale (zeroed when pruned) and its bias the shift (kept).
+* :func:`jaxpurify_defense`: robust recovery. The network was trained in the designed
+  parameterization (every unit's ``[w; b] = A theta`` with seeded random ``A``), so a sparse
+  edit of the deployed weights leaves ``range(A)`` and L1 regression removes it exactly,
+  with no data. With a benign budget it then fine-tunes the recovered *codes* ``theta`` with
+  the :func:`fine_tune` recipe. A data-poisoning backdoor is learned by training, so it lies
+  in ``range(A)`` like the clean function: recovery alone cannot remove it.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxpurify.attacks import accuracy, logits_fn, one_hidden_hidden
+from jaxpurify.phase_transition import critical_fraction
+from jaxpurify.recovery import l1_regression
+from jaxpurify.training import sgd
+
+__all__ = [
+    "DefenseInfo",
+    "Network",
+    "anp",
+    "channel_activations",
+    "fine_prune",
+    "fine_tune",
+    "jaxpurify_defense",
+    "network",
+    "prune_channels",
+    "recover_designed",
+    "row_space_defense",
+]
+
+
+class DefenseInfo(NamedTuple):
+    """What a defense did: its name, wall-clock seconds, and defense-specific details."""
+
+    name: str
+    seconds: float
+    details: dict
+
+
+class Network(NamedTuple):
+    """How the defenses see a classifier's deployed (plain) params.
+
+    Attributes:
+        apply: ``(params, x) -> logits``.
+        conv_layers: names of the conv layers (``params[name] = {"kernel": (..., J),
+            "bias": (J,)}``) whose output channels are the neurons ANP perturbs.
+        last_conv: the layer fine-pruning prunes.
+        channels: ``(params, x) -> (N, J)`` mean post-ReLU activation of each channel of
+            ``last_conv`` per image (averaged over positions).
+    """
+
+    apply: Callable
+    conv_layers: tuple
+    last_conv: str
+    channels: Callable
+
+
+def _unwrap(params):
+    return params["params"] if isinstance(params, dict) and set(params) == {"params"} else params
+
+
+@functools.lru_cache(maxsize=64)
+def network(model) -> Network:
+    """The :class:`Network` view of a one-hidden-layer CNN (plain or designed) or of a
+    multi-layer designed CNN (:mod:`jaxpurify.multilayer`)."""
+    from jaxpurify.models import DesignedOneHiddenLayerCNN, OneHiddenLayerCNN
+
+    apply = logits_fn(model)
+    if isinstance(model, DesignedOneHiddenLayerCNN):
+        model = model.plain_model()
+    if isinstance(model, OneHiddenLayerCNN):
+        def channels(p, x):
+            return one_hidden_hidden(model.patch_size, "mean", p, x)
+
+        return Network(apply, ("conv",), "conv", channels)
+    if hasattr(model, "layer_info") and hasattr(model, "layer_inputs"):
+        infos = model.layer_info()
+        convs = tuple(i.name for i in infos if i.kind == "conv")
+        if not convs:
+            raise ValueError(f"{type(model).__name__} has no conv layer to prune")
+        nxt = infos[[i.name for i in infos].index(convs[-1]) + 1].name
+        units = infos[[i.name for i in infos].index(convs[-1])].units
+
+        def channels(p, x):
+            h = model.layer_inputs(_unwrap(p), x)[nxt]
+            return h.reshape(h.shape[0], -1, units).mean(axis=1)
+
+        return Network(apply, convs, convs[-1], channels)
+    raise TypeError(f"no defense view for {type(model).__name__}: use OneHiddenLayerCNN, "
+                    "DesignedOneHiddenLayerCNN or a jaxpurify.multilayer.DesignedCNN")
+
+
+def _ce(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def _check_data(x, y, what="benign"):
+    if x is None or y is None or len(x) == 0:
+        raise ValueError(f"this defense needs {what} data (x and y with at least one example)")
+    if len(x) != len(y):
+        raise ValueError(f"x and y have different lengths: {len(x)} vs {len(y)}")
+    return jnp.asarray(x), jnp.asarray(y)
+
+
+def train_masked(apply_fn: Callable, params, x, y, *, optimizer, steps: int, batch_size: int,
+                 key, update_mask=None):
+    """Minibatch training of ``CE(apply_fn(params, x), y)``; entries with mask False stay put.
+
+    Minibatches are drawn without replacement within each epoch (a shuffling data loader;
+    the batch is the whole set when that is smaller than ``batch_size``). ``optimizer`` is an
+    optax transformation, or a hashable tuple ``("sgd", lr, momentum, weight_decay)`` (then
+    the compiled loop is reused across calls with the same ``apply_fn`` and shapes).
+    """
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    n = x.shape[0]
+    b = int(min(batch_size, n))
+    per_epoch = n // b
+    epochs = -(-steps // per_epoch)
+    perms = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(key, epochs))
+    idx = perms[:, : per_epoch * b].reshape(-1, b)[:steps]
+    if update_mask is None:
+        update_mask = jax.tree_util.tree_map(lambda _: True, params)
+    return _train_scan(apply_fn, optimizer, params, x, y, idx, update_mask)
+
+
+def _make_tx(optimizer):
+    if isinstance(optimizer, tuple) and optimizer and optimizer[0] == "sgd":
+        _, lr, momentum, wd = optimizer
+        return sgd(lr, momentum=momentum, weight_decay=wd)
+    return optimizer
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _train_scan(apply_fn, optimizer, params, x, y, idx, update_mask):
+    tx = _make_tx(optimizer)
+
+    def loss(p, xb, yb):
+        return _ce(apply_fn(p, xb), yb)
+
+    def step(carry, i):
+        p, s = carry
+        g = jax.grad(loss)(p, x[i], y[i])
+        u, s = tx.update(g, s, p)
+        u = jax.tree_util.tree_map(lambda a, m: jnp.where(m, a, 0), u, update_mask)
+        return (optax.apply_updates(p, u), s), None
+
+    (p, _), _ = jax.lax.scan(step, (params, tx.init(params)), idx)
+    return p
+
+
+def _fine_tune_apply(apply_fn, params, x, y, *, epochs, learning_rate, momentum, weight_decay,
+                     batch_size, key, update_mask=None):
+    n = x.shape[0]
+    steps = max(1, epochs * (-(-n // min(batch_size, n))))
+    tx = ("sgd", float(learning_rate), float(momentum), float(weight_decay))
+    key = jax.random.PRNGKey(0) if key is None else key
+    out = train_masked(apply_fn, params, x, y, optimizer=tx, steps=steps,
+                       batch_size=batch_size, key=key, update_mask=update_mask)
+    return jax.block_until_ready(out), steps
+
+
+def fine_tune(model, params, x_benign, y_benign, *, epochs: int = 10, learning_rate: float = 0.01,
+              momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 128,
+              key=None, update_mask=None):
+    """Fine-tune every deployed parameter on the benign set (SGD lr 0.01, momentum 0.9,
+    weight decay 5e-4, ``epochs`` epochs of minibatches of ``batch_size``).
+
+    ``update_mask`` (a boolean pytree like the params) freezes the entries marked False.
+    """
+    t0 = time.perf_counter()
+    x, y = _check_data(x_benign, y_benign)
+    out, steps = _fine_tune_apply(network(model).apply, _unwrap(params), x, y, epochs=epochs,
+                                  learning_rate=learning_rate, momentum=momentum,
+                                  weight_decay=weight_decay, batch_size=batch_size, key=key,
+                                  update_mask=update_mask)
+    return out, DefenseInfo("ft", time.perf_counter() - t0, {"steps": steps, "epochs": epochs})
+
+
+# --------------------------------------------------------------------------- fine-pruning
+
+
+def channel_activations(model, params, x, *, batch_size: int = 1024) -> np.ndarray:
+    """Mean post-ReLU activation of each channel of the last conv layer over ``x``."""
+    net = network(model)
+    fn = jax.jit(net.channels)
+    p = _unwrap(params)
+    acts = [np.asarray(fn(p, x[i:i + batch_size])) for i in range(0, len(x), batch_size)]
+    return np.concatenate(acts).mean(axis=0)
+
+
+def prune_channels(params, layer: str, channels, *, keep_bias: bool = False):
+    """Params with output ``channels`` of ``layer`` removed: kernel zeroed, and bias zeroed
+    unless ``keep_bias`` (ANP's convention, see the module docstring)."""
+    p = dict(_unwrap(params))
+    conv = dict(p[layer])
+    keep = np.ones(conv["kernel"].shape[-1], bool)
+    keep[np.asarray(list(channels), int)] = False
+    keep = jnp.asarray(keep)
+    conv["kernel"] = conv["kernel"] * keep.astype(conv["kernel"].dtype)
+    if "bias" in conv and not keep_bias:
+        conv["bias"] = conv["bias"] * keep.astype(conv["bias"].dtype)
+    p[layer] = conv
+    return p
+
+
+def _split_benign(x, y, val_fraction: float, key):
+    n = len(x)
+    n_val = int(max(1, round(val_fraction * n)))
+    if n_val >= n:
+        return (x, y), (x, y)  # a single example: nothing to hold out
+    perm = np.asarray(jax.random.permutation(key, n))
+    val, tr = perm[:n_val], perm[n_val:]
+    return (x[tr], y[tr]), (x[val], y[val])
+
+
+def fine_prune(model, params, x_benign, y_benign, *, max_drop: float = 0.04,
+               val_fraction: float = 0.2, epochs: int = 10, learning_rate: float = 0.01,
+               momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 128,
+               key=None):
+    """Fine-pruning: prune dormant channels while held-out benign accuracy holds, fine-tune.
+
+    The benign budget is split into a held-out part (``val_fraction``, at least one image)
+    for the stopping rule and the rest for the activation ranking and the fine-tuning.
+    Channels of the last conv layer are pruned one at a time in increasing order of mean
+    activation; pruning stops before the first channel whose removal puts the held-out
+    accuracy more than ``max_drop`` below the unpruned network's (never all channels).
+
+    ``details["pruned"]`` lists the removed channels.
+    """
+    t0 = time.perf_counter()
+    x, y = _check_data(x_benign, y_benign)
+    key = jax.random.PRNGKey(0) if key is None else key
+    k_split, k_ft = jax.random.split(key)
+    (x_tr, y_tr), (x_val, y_val) = _split_benign(x, y, val_fraction, k_split)
+    net = network(model)
+    p = _unwrap(params)
+    order = np.argsort(channel_activations(model, p, x_tr), kind="stable")
+    base = accuracy(model, p, x_val, y_val)
+    pruned: list[int] = []
+    acc = base
+    for j in order[:-1]:
+        trial = accuracy(model, prune_channels(p, net.last_conv, pruned + [int(j)]),
+                         x_val, y_val)
+        if trial < base - max_drop:
+            break
+        pruned.append(int(j))
+        acc = trial
+    p = prune_channels(p, net.last_conv, pruned)
+    keep = np.ones(p[net.last_conv]["kernel"].shape[-1], bool)
+    keep[pruned] = False
+    mask = jax.tree_util.tree_map(lambda _: True, p)
+    mask[net.last_conv] = {k: jnp.broadcast_to(jnp.asarray(keep), v.shape)
+                           for k, v in p[net.last_conv].items()}
+    p, steps = _fine_tune_apply(net.apply, p, x_tr, y_tr, epochs=epochs,
+                                learning_rate=learning_rate, momentum=momentum,
+                                weight_decay=weight_decay, batch_size=batch_size, key=k_ft,
+                                update_mask=mask)
+    return p, DefenseInfo("fp", time.perf_counter() - t0, {
+        "pruned": pruned, "num_pruned": len(pruned), "channels": int(keep.size),
+        "val_size": int(len(x_val)), "val_acc_unpruned": base, "val_acc_pruned": acc,
+        "ft_steps": steps})
+
+
+# --------------------------------------------------------------------------- ANP
+
+
+def _anp_params(p, layers, mask, noise_w, noise_b):
+    out = dict(p)
+    for name in layers:
+        conv = dict(p[name])
+        conv["kernel"] = conv["kernel"] * (mask[name] + noise_w[name])
+        if "bias" in conv:
+            conv["bias"] = conv["bias"] * (1.0 + noise_b[name])
+        out[name] = conv
+    return out
+
+
+def anp(model, params, x_benign, y_benign, *, eps: float = 0.4, alpha: float = 0.2,
+        threshold: float = 0.2, iterations: int = 2000, batch_size: int = 128,
+        learning_rate: float = 0.2, momentum: float = 0.9, key=None):
+    """Adversarial Neuron Pruning of the conv channels (see the module docstring).
+
+    ``details["mask"]`` holds the optimized mask values per layer and ``details["pruned"]``
+    the channels with mask below ``threshold``.
+    """
+    t0 = time.perf_counter()
+    x, y = _check_data(x_benign, y_benign)
+    key = jax.random.PRNGKey(0) if key is None else key
+    net = network(model)
+    p = _unwrap(params)
+    layers = net.conv_layers
+
+    mask = _anp_masks(net.apply, layers, float(eps), float(alpha), float(learning_rate),
+                      float(momentum), int(iterations), int(batch_size), p, x, y, key)
+    mask = {name: np.asarray(v) for name, v in mask.items()}
+    pruned = {name: [int(i) for i in np.flatnonzero(v < threshold)] for name, v in mask.items()}
+    out = p
+    for name in layers:
+        out = prune_channels(out, name, pruned[name], keep_bias=True)
+    return out, DefenseInfo("anp", time.perf_counter() - t0, {
+        "mask": {k: v.tolist() for k, v in mask.items()}, "pruned": pruned,
+        "num_pruned": int(sum(len(v) for v in pruned.values())),
+        "channels": int(sum(v.size for v in mask.values()))})
+
+
+@functools.partial(jax.jit, static_argnums=tuple(range(8)))
+def _anp_masks(apply_fn, layers, eps, alpha, learning_rate, momentum, iterations, batch_size,
+               p, x, y, key):
+    shapes = {name: p[name]["kernel"].shape[-1] for name in layers}
+    dtype = p[layers[0]]["kernel"].dtype
+    n = x.shape[0]
+
+    def loss(mask, nw, nb, idx):
+        return _ce(apply_fn(_anp_params(p, layers, mask, nw, nb), x[idx]), y[idx])
+
+    def uniform(k):
+        ks = jax.random.split(k, len(layers))
+        return {name: jax.random.uniform(kk, (shapes[name],), dtype, -eps, eps)
+                for name, kk in zip(layers, ks, strict=True)}
+
+    tx = optax.sgd(learning_rate, momentum=momentum)
+    zero = {name: jnp.zeros((j,), dtype) for name, j in shapes.items()}
+
+    def step(carry, k):
+        mask, s = carry
+        k_idx, k_w, k_b = jax.random.split(k, 3)
+        idx = jax.random.randint(k_idx, (batch_size,), 0, n)  # sampling with replacement
+        nw, nb = uniform(k_w), uniform(k_b)
+        # one signed gradient-ascent step on the perturbation (lr eps / steps, steps = 1)
+        gw, gb = jax.grad(loss, argnums=(1, 2))(mask, nw, nb, idx)
+        nw = jax.tree_util.tree_map(lambda a, g: a + eps * jnp.sign(g), nw, gw)
+        nb = jax.tree_util.tree_map(lambda a, g: a + eps * jnp.sign(g), nb, gb)
+
+        def objective(m):
+            return alpha * loss(m, zero, zero, idx) + (1 - alpha) * loss(m, nw, nb, idx)
+
+        u, s = tx.update(jax.grad(objective)(mask), s, mask)
+        mask = jax.tree_util.tree_map(lambda a: jnp.clip(a, 0.0, 1.0),
+                                      optax.apply_updates(mask, u))
+        return (mask, s), None
+
+    mask0 = {name: jnp.ones((j,), dtype) for name, j in shapes.items()}
+    (mask, _), _ = jax.lax.scan(step, (mask0, tx.init(mask0)),
+                                jax.random.split(key, iterations))
+    return mask
+
+
+# --------------------------------------------------------------------------- jaxpurify
+
+
+def _designed_layers(model, p):
+    """``{name: (A, vectors (units, rows), setter)}`` for every designed layer."""
+    from jaxpurify import subspaces as S
+    from jaxpurify.models import DesignedOneHiddenLayerCNN
+
+    if isinstance(model, DesignedOneHiddenLayerCNN):
+        dtype = p["conv"]["kernel"].dtype
+        a = model.designs(dtype)
+        return {"conv": (a["conv"], S.filter_vectors(p), S.with_filter_vectors),
+                "readout": (a["readout"], S.readout_vectors(p), S.with_readout_vectors)}
+    if hasattr(model, "layer_info") and hasattr(model, "designs"):
+        from jaxpurify.multilayer import layer_vectors, with_layer_vectors
+
+        first = model.layer_info()[0].name
+        a = model.designs(p[first]["kernel"].dtype)
+        out = {}
+        for info in model.layer_info():
+            if not info.designed:
+                continue
+
+            def setter(q, v, name=info.name):
+                return {**q, name: with_layer_vectors(q[name], v)}
+
+            out[info.name] = (a[info.name], layer_vectors(p[info.name]), setter)
+        return out
+    raise TypeError(f"jaxpurify_defense needs a designed model (DesignedOneHiddenLayerCNN or "
+                    f"a jaxpurify.multilayer.DesignedCNN); got {type(model).__name__}")
+
+
+def _recover_rows(a, v, *, rtol, method, tol, max_iters):
+    """L1 recovery of the rows of ``v`` onto ``range(a)``, skipping rows already in it."""
+    v = jnp.asarray(v)
+    nonfinite = ~jnp.isfinite(v)
+    v0 = jnp.where(nonfinite, 0.0, v)
+    q, _ = jnp.linalg.qr(a.astype(v0.dtype))
+    resid = v0 - (v0 @ q) @ q.T
+    scale = jnp.max(jnp.abs(v0), axis=1)
+    in_range = np.asarray((jnp.max(jnp.abs(resid), axis=1) <= rtol * scale)
+                          & ~jnp.any(nonfinite, axis=1))
+    flagged = np.flatnonzero(~in_range)
+    out, corrupted = v, np.zeros(v.shape, bool)
+    info = {"rows": int(v.shape[0]), "rows_off_subspace": int(flagged.size), "converged": True,
+            "certified": True, "max_row_fraction": 0.0}
+    if flagged.size:
+        # Solve a batch of the layer's full size (in-range rows replaced by copies of flagged
+        # ones), so that every call on this layer reuses one compiled solver.
+        rows = np.resize(flagged, v.shape[0])
+        sol = l1_regression(a.astype(v0.dtype), v0[rows], method=method, tol=tol,
+                            max_iters=max_iters, throw=False)
+        f = flagged.size
+        out = out.at[flagged].set(sol.x[:f] @ a.T.astype(v0.dtype))
+        corrupted[flagged] = np.asarray(sol.corrupted)[:f] | np.asarray(nonfinite)[flagged]
+        info["converged"] = bool(np.all(np.asarray(sol.converged)[:f]))
+        info["certified"] = bool(np.all(np.asarray(sol.num_interpolated)[:f] > a.shape[1]))
+        info["max_row_fraction"] = float(corrupted.sum(axis=1).max() / v.shape[1])
+    info["num_corrupted"] = int(corrupted.sum())
+    info["ratio"] = a.shape[0] / a.shape[1]
+    info["critical_fraction"] = float(critical_fraction(a.shape[0] / a.shape[1]))
+    return out, corrupted, info
+
+
+def recover_designed(model, params, *, rtol: float | None = None, method="admm",
+                     tol: float | None = None, max_iters: int = 20_000):
+    r"""Robust recovery of a designed network's deployed weights (no data).
+
+    For each designed layer, every unit vector ``v`` (filter with bias, readout column, ...)
+    is modelled as ``A theta + e`` with ``e`` sparse and recovered as ``A theta_hat``,
+    ``theta_hat = argmin ||v - A theta||_1`` (:func:`jaxpurify.l1_regression`, one batched
+    solve per layer), exactly what :func:`jaxpurify.purify.purify` (``subspace="designed"``)
+    and :func:`jaxpurify.multilayer.purify_layers` compute. One difference: rows already in
+    ``range(A)`` to rounding (least-squares residual ``<= rtol max|v|``, ``rtol = 1000 eps``)
+    are left exactly as they are instead of being solved -- the L1 solution of such a row
+    is the row itself, and the solver otherwise spends its whole iteration budget failing to
+    certify a rounding-level optimum (an uncorrupted float32 layer of 64 filters took ~70 s).
+
+    Returns:
+        ``(params, report)`` with ``report[layer]`` a dict: rows, rows_off_subspace,
+        num_corrupted, converged, certified (every solved row interpolates more entries than
+        unknowns), max_row_fraction (largest corrupted fraction of a row), ratio and the
+        Donoho-Tanner critical_fraction at that ratio.
+    """
+    p = dict(_unwrap(params))
+    report = {}
+    for name, (a, v, setter) in _designed_layers(model, p).items():
+        r = 1e3 * float(jnp.finfo(v.dtype).eps) if rtol is None else rtol
+        rec, corrupted, info = _recover_rows(a, v, rtol=r, method=method, tol=tol,
+                                             max_iters=max_iters)
+        p = setter(p, rec)
+        report[name] = info
+    return jax.block_until_ready(p), report
+
+
+@functools.lru_cache(maxsize=32)
+def _code_apply(model):
+    return lambda c, xb: model.apply({"params": c}, xb)
+
+
+def _codes(model, p):
+    """Code params of recovered plain params (exact: every layer is in ``range(A)``)."""
+    from jaxpurify.models import DesignedOneHiddenLayerCNN
+
+    layers = _designed_layers(model, p)
+    if isinstance(model, DesignedOneHiddenLayerCNN):
+        (aw, vw, _), (ab, vb, _) = layers["conv"], layers["readout"]
+        return {"conv_code": jnp.linalg.lstsq(aw, vw.T)[0],
+                "readout_code": jnp.linalg.lstsq(ab, vb.T)[0]}
+    from jaxpurify.multilayer import layer_vectors
+
+    a_all = model.designs(jax.tree_util.tree_leaves(p)[0].dtype)
+    return {info.name: jnp.linalg.lstsq(a_all[info.name], layer_vectors(p[info.name]).T)[0]
+            for info in model.layer_info()}
+
+
+def jaxpurify_defense(model, params, x_benign=None, y_benign=None, *, fine_tune_codes=True,
+                      epochs: int = 10, learning_rate: float = 0.01, momentum: float = 0.9,
+                      weight_decay: float = 5e-4, batch_size: int = 128, key=None,
+                      method="admm"):
+    """Robust recovery in the designed subspace, then (optionally) fine-tuning of the codes.
+
+    1. :func:`recover_designed`: every unit vector is projected back onto ``range(A)`` by
+       L1 regression; sparse edits of the deployed weights are removed exactly, no data.
+    2. With benign data and ``fine_tune_codes``: the codes of the recovered weights
+       (``theta = A^+ v``, exact) are fine-tuned with the :func:`fine_tune` recipe in the
+       designed model, then materialized. Fine-tuning the codes keeps the network in
+       ``range(A)`` (recoverable again) and has fewer unknowns than the plain weights.
+
+    Args:
+        model: the designed model the network was trained as
+            (:class:`~jaxpurify.models.DesignedOneHiddenLayerCNN` or a
+            :class:`~jaxpurify.multilayer.DesignedCNN`).
+        params: the deployed (materialized, possibly edited) plain params.
+
+    Returns:
+        ``(plain params, DefenseInfo)``; ``details["recovery"]`` is the per-layer report.
+    """
+    t0 = time.perf_counter()
+    p, report = recover_designed(model, params, method=method)
+    details = {"recovery": report, "recovery_seconds": time.perf_counter() - t0,
+               "certified": all(r["converged"] and r["certified"] for r in report.values())}
+    if x_benign is not None and fine_tune_codes and len(x_benign) > 0:
+        x, y = _check_data(x_benign, y_benign)
+        codes = _codes(model, p)
+        codes, steps = _fine_tune_apply(_code_apply(model), codes, x, y, epochs=epochs,
+                                        learning_rate=learning_rate, momentum=momentum,
+                                        weight_decay=weight_decay, batch_size=batch_size,
+                                        key=key)
+        p = model.materialize(codes)
+        details["ft_steps"] = steps
+    jax.block_until_ready(p)
+    return p, DefenseInfo("jaxpurify", time.perf_counter() - t0, details)
+
+
+def row_space_defense(model, params, x_benign, *, init_params, method="admm"):
+    """The benign row-space option for data poisoning (one-hidden-layer CNNs only).
+
+    Filters are modelled as ``w_0 + span{[P_i x; 1] : x benign} + sparse`` and recovered by
+    :func:`jaxpurify.purify.purify` (``subspace="row_space"``, filters only): whatever the
+    training added outside the span of the benign patches is treated as corruption. Exact
+    only for a network trained by (S)GD on the benign images themselves; here it is a
+    measurement. Raises ``ValueError`` when the benign patches span every filter direction
+    (no redundancy: nothing can be recovered), e.g. with more patches than filter entries.
+    """
+    from jaxpurify.models import DesignedOneHiddenLayerCNN
+    from jaxpurify.purify import purify
+
+    t0 = time.perf_counter()
+    plain = model.plain_model() if isinstance(model, DesignedOneHiddenLayerCNN) else model
+    out, report = purify(plain, _unwrap(params), init_params=_unwrap(init_params),
+                         inputs=jnp.asarray(x_benign), subspace="row_space", layers=("conv",),
+                         method=method)
+    r = report.layers["conv"]
+    return out, DefenseInfo("jaxpurify", time.perf_counter() - t0, {
+        "variant": "benign-row-space", "num_corrupted": r.num_corrupted,
+        "fraction": r.fraction, "certified": bool(r.certified and r.converged)})

@@ -1,0 +1,147 @@
+"""Backdoor attacks: trigger placement, exact poison counts, labels, weight editing, metrics."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxpurify import attacks as A
+from jaxpurify.models import OneHiddenLayerCNN
+from jaxpurify.training import fit
+
+
+def _images(n=50, h=8, w=8, c=1, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, h, w, c)).astype(np.float32), rng.integers(0, 5, n)
+
+
+def test_badnets_trigger_is_a_corner_square():
+    x = jnp.zeros((2, 8, 9, 3))
+    t = np.asarray(A.apply_trigger(x, "badnets", patch=3, value=jnp.array([1.0, 2.0, 3.0])))
+    expected = np.zeros((8, 9, 3))
+    expected[-3:, -3:] = [1.0, 2.0, 3.0]
+    np.testing.assert_array_equal(t[0], expected)
+    np.testing.assert_array_equal(t[1], expected)
+    # other patch sizes, scalar value
+    t = np.asarray(A.apply_trigger(jnp.zeros((1, 6, 6, 1)), "badnets", patch=2, value=7.0))
+    assert t.sum() == 4 * 7.0 and np.all(t[0, -2:, -2:] == 7.0)
+
+
+def test_blended_trigger_and_errors():
+    x = jnp.ones((3, 4, 4, 1))
+    pat = A.noise_pattern((4, 4, 1), seed=3)
+    assert pat.shape == (4, 4, 1) and 0 <= float(pat.min()) and float(pat.max()) <= 1
+    np.testing.assert_array_equal(pat, A.noise_pattern((4, 4, 1), seed=3))  # seeded
+    t = A.apply_trigger(x, "blended", alpha=0.2, pattern=pat)
+    np.testing.assert_allclose(t, 0.8 * x + 0.2 * pat, rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown trigger"):
+        A.apply_trigger(x, "nope")
+    with pytest.raises(ValueError, match="pattern"):
+        A.apply_trigger(x, "blended")
+    with pytest.raises(ValueError, match="pattern has shape"):
+        A.apply_trigger(x, "blended", pattern=jnp.zeros((3, 3, 1)))
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.1, 0.25, 0.5, 1.0])
+def test_badnets_poisons_exactly_rate_n_and_flips_only_those(rate):
+    x, y = _images(n=40)
+    xp, yp, mask = A.badnets(x, y, jax.random.PRNGKey(1), target=3, rate=rate, value=9.0)
+    mask = np.asarray(mask)
+    assert mask.sum() == round(rate * 40)
+    xp, yp = np.asarray(xp), np.asarray(yp)
+    np.testing.assert_array_equal(yp[mask], 3)
+    np.testing.assert_array_equal(yp[~mask], y[~mask])
+    np.testing.assert_array_equal(xp[~mask], x[~mask])
+    np.testing.assert_array_equal(xp[mask][:, -3:, -3:], 9.0)
+    np.testing.assert_array_equal(xp[mask][:, :-3], x[mask][:, :-3])
+
+
+def test_blended_poisoning_and_traced_rate():
+    x, y = _images(n=30)
+    pat = A.noise_pattern(x.shape[1:], 0)
+    xp, yp, mask = A.blended(x, y, jax.random.PRNGKey(2), target=1, rate=0.2, alpha=0.15,
+                             pattern=pat)
+    mask = np.asarray(mask)
+    assert mask.sum() == 6
+    np.testing.assert_allclose(np.asarray(xp)[mask], 0.85 * x[mask] + 0.15 * np.asarray(pat),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(yp)[mask], 1)
+    # the rate may be traced: one vmap over rates
+    counts = jax.vmap(lambda r: A.poison_mask(jax.random.PRNGKey(0), 30, r).sum())(
+        jnp.array([0.0, 0.1, 0.5]))
+    np.testing.assert_array_equal(counts, [0, 3, 15])
+
+
+class _Const(nn.Module):
+    """Always predicts class 0."""
+
+    @nn.compact
+    def __call__(self, x):
+        b = self.param("b", lambda k: jnp.zeros((3,)).at[0].set(1.0))
+        return jnp.broadcast_to(b, (x.shape[0], 3))
+
+
+def test_metrics_count_only_non_target_images():
+    m = _Const()
+    p = m.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 1)))["params"]
+    x = np.zeros((6, 4, 4, 1), np.float32)
+    y = np.array([0, 0, 1, 2, 1, 2])
+    assert A.accuracy(m, p, x, y) == pytest.approx(2 / 6)
+    assert A.attack_success_rate(m, p, x, y, 0, "badnets") == 1.0
+    assert A.attack_success_rate(m, p, x, y, 1, "badnets") == 0.0
+    assert np.isnan(A.attack_success_rate(m, p, x, np.zeros(6, int), 0, "badnets"))
+
+
+def _synthetic(n=600, seed=0):
+    """Three classes of 8x8 images: noisy class prototypes (the corner stays empty)."""
+    protos = np.random.default_rng(0).standard_normal((3, 8, 8, 1)).astype(np.float32)
+    protos[:, 5:, 5:] = 0.0
+    rng = np.random.default_rng(seed + 1)
+    y = rng.integers(0, 3, n)
+    x = protos[y] + 0.5 * rng.standard_normal((n, 8, 8, 1)).astype(np.float32)
+    x[:, 5:, 5:] = 0.0
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def tiny_trained():
+    x, y = _synthetic()
+    m = OneHiddenLayerCNN(16, 4, num_classes=3, pool="mean")
+    p0 = m.init(jax.random.PRNGKey(0), jnp.asarray(x[:1]))["params"]
+    p, _ = fit(m, p0, jnp.asarray(x), jnp.asarray(y), optimizer=optax.adam(1e-2), steps=300,
+               loss="cross_entropy", batch_size=64, key=jax.random.PRNGKey(1))
+    return m, p, x, y
+
+
+def test_weight_edit_touches_exactly_k_entries_and_plants_the_backdoor(tiny_trained):
+    m, p, x, y = tiny_trained
+    trig = functools.partial(A.apply_trigger, kind="badnets", value=4.0)
+    x_te, y_te = _synthetic(300, seed=1)
+    acc0 = A.accuracy(m, p, x_te, y_te)
+    asr0 = A.attack_success_rate(m, p, x_te, y_te, 0, trig)
+    assert acc0 > 0.9
+    k = 20
+    edited, mask = A.weight_edit(m, p, x[:200], y[:200], target=0, trigger=trig, k=k,
+                                 steps=300, learning_rate=3e-2)
+    assert sum(int(np.sum(v)) for v in jax.tree_util.tree_leaves(mask)) == k
+    changed = jax.tree_util.tree_map(lambda a, b: np.asarray(a != b), edited, p)
+    for c, mk in zip(jax.tree_util.tree_leaves(changed), jax.tree_util.tree_leaves(mask),
+                     strict=True):
+        assert not np.any(c & ~np.asarray(mk))  # nothing outside the mask moved
+    assert sum(int(np.sum(c)) for c in jax.tree_util.tree_leaves(changed)) == k
+    asr = A.attack_success_rate(m, edited, x_te, y_te, 0, trig)
+    assert asr > asr0 + 0.5, (asr0, asr)
+    with pytest.raises(ValueError, match="k must be"):
+        A.weight_edit(m, p, x[:10], y[:10], target=0, trigger=trig, k=0)
+
+
+def test_logits_fn_matches_flax_apply(tiny_trained):
+    m, p, x, _ = tiny_trained
+    np.testing.assert_allclose(A.logits_fn(m)(p, jnp.asarray(x[:5])),
+                               m.apply({"params": p}, jnp.asarray(x[:5])), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,156 @@
+"""Backdoor defenses: FT, fine-pruning, ANP and jaxpurify (exact removal of weight edits)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxpurify import attacks as A
+from jaxpurify import defenses as D
+from jaxpurify.models import DesignedOneHiddenLayerCNN
+from jaxpurify.training import fit
+
+TRIGGER = functools.partial(A.apply_trigger, kind="badnets", value=4.0)
+
+
+def _synthetic(n, seed):
+    """Three classes of 8x8 images: noisy prototypes, the bottom-right corner left empty."""
+    protos = np.random.default_rng(0).standard_normal((3, 8, 8, 1)).astype(np.float32)
+    rng = np.random.default_rng(seed + 1)
+    y = rng.integers(0, 3, n)
+    x = protos[y] + 0.5 * rng.standard_normal((n, 8, 8, 1)).astype(np.float32)
+    x[:, 5:, 5:] = 0.0
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def designed():
+    """A tiny designed one-hidden-layer CNN (filters 17 = 16 + bias, code 5; readout 16/4)."""
+    m = DesignedOneHiddenLayerCNN(16, 4, 1, 5, 4, num_classes=3, pool="mean")
+    x, y = _synthetic(600, 0)
+    p0 = m.init(jax.random.PRNGKey(0), jnp.asarray(x[:1]))["params"]
+    p, _ = fit(m, p0, jnp.asarray(x), jnp.asarray(y), optimizer=optax.adam(1e-2), steps=300,
+               loss="cross_entropy", batch_size=64, key=jax.random.PRNGKey(1))
+    w = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), m.materialize(p))
+    x_te, y_te = _synthetic(300, 1)
+    return m, w, x, y, x_te, y_te
+
+
+def _max_diff(a, b):
+    return max(float(jnp.max(jnp.abs(u - v))) for u, v in
+               zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True))
+
+
+def _same_structure(a, b):
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        assert u.shape == v.shape and bool(jnp.all(jnp.isfinite(u)))
+
+
+def test_jaxpurify_removes_a_weight_edit_backdoor_exactly_without_data(designed):
+    m, w, x, y, x_te, y_te = designed
+    assert A.accuracy(m, w, x_te, y_te) > 0.9
+    asr_clean = A.attack_success_rate(m, w, x_te, y_te, 0, TRIGGER)
+    edited, mask = A.weight_edit(m, w, x[:200], y[:200], target=0, trigger=TRIGGER, k=4,
+                                 steps=150, learning_rate=5e-2)
+    asr_edit = A.attack_success_rate(m, edited, x_te, y_te, 0, TRIGGER)
+    assert asr_edit > asr_clean + 0.3, (asr_clean, asr_edit)
+    out, info = D.jaxpurify_defense(m, edited)
+    assert _max_diff(out, w) < 1e-5
+    assert info.details["certified"]
+    assert sum(r["num_corrupted"] for r in info.details["recovery"].values()) >= 4
+    assert A.attack_success_rate(m, out, x_te, y_te, 0, TRIGGER) == asr_clean
+    assert A.accuracy(m, out, x_te, y_te) == A.accuracy(m, w, x_te, y_te)
+
+
+def test_recovery_finds_planted_edits_and_leaves_clean_rows_untouched(designed):
+    m, w, *_ = designed
+    bad = {**w, "conv": dict(w["conv"])}
+    kernel = np.array(w["conv"]["kernel"])
+    kernel[0, 0, 0, 3] += 2.0  # filter 3: two of its 17 entries
+    kernel[1, 2, 0, 3] -= 1.5
+    kernel[3, 3, 0, 9] += 3.0  # filter 9: one entry
+    bad["conv"]["kernel"] = jnp.asarray(kernel)
+    out, report = D.recover_designed(m, bad)
+    assert _max_diff(out, w) < 1e-5
+    assert report["conv"]["rows_off_subspace"] == 2 and report["conv"]["num_corrupted"] == 3
+    assert report["readout"]["rows_off_subspace"] == 0
+    untouched = np.ones(16, bool)
+    untouched[[3, 9]] = False
+    np.testing.assert_array_equal(np.asarray(out["conv"]["kernel"])[..., untouched],
+                                  np.asarray(w["conv"]["kernel"])[..., untouched])
+    # the certificate says when the edits are too dense to recover
+    dense = {**w, "readout": {"kernel": w["readout"]["kernel"].at[:12, 0].add(2.0)}}
+    _, report = D.recover_designed(m, dense)
+    assert not report["readout"]["certified"]
+
+
+def test_jaxpurify_with_benign_data_fine_tunes_the_codes(designed):
+    m, w, x, y, *_ = designed
+    out, info = D.jaxpurify_defense(m, w, x[:50], y[:50], key=jax.random.PRNGKey(0))
+    _same_structure(out, w)
+    assert info.details["ft_steps"] == 10
+    assert _max_diff(out, w) > 0  # fine-tuned ...
+    _, report = D.recover_designed(m, out)  # ... and still in range(A)
+    assert all(r["rows_off_subspace"] == 0 for r in report.values())
+
+
+def test_fine_tune_runs_and_respects_the_mask(designed):
+    m, w, x, y, *_ = designed
+    out, info = D.fine_tune(m, w, x[:64], y[:64], epochs=2, batch_size=32)
+    _same_structure(out, w)
+    assert info.name == "ft" and info.details["steps"] == 4
+    assert _max_diff(out, w) > 0
+    frozen = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, bool), w)
+    frozen["readout"]["kernel"] = jnp.ones(w["readout"]["kernel"].shape, bool)
+    out, _ = D.fine_tune(m, w, x[:64], y[:64], epochs=2, update_mask=frozen)
+    np.testing.assert_array_equal(out["conv"]["kernel"], w["conv"]["kernel"])
+    assert _max_diff(out["readout"], w["readout"]) > 0
+    with pytest.raises(ValueError, match="benign"):
+        D.fine_tune(m, w, x[:0], y[:0])
+
+
+def test_fine_prune_prunes_dormant_channels_and_keeps_them_pruned(designed):
+    m, w, x, y, *_ = designed
+    # make channels 0 and 1 dormant: large negative bias
+    bad = {**w, "conv": {**w["conv"], "bias": w["conv"]["bias"].at[:2].set(-100.0)}}
+    out, info = D.fine_prune(m, bad, x[:100], y[:100], key=jax.random.PRNGKey(0))
+    _same_structure(out, w)
+    pruned = info.details["pruned"]
+    assert {0, 1} <= set(pruned) and info.details["val_size"] == 20
+    k = np.asarray(out["conv"]["kernel"])
+    assert np.all(k[..., pruned] == 0) and np.all(np.asarray(out["conv"]["bias"])[pruned] == 0)
+    assert info.details["val_acc_pruned"] >= info.details["val_acc_unpruned"] - 0.04
+
+
+def test_anp_runs_and_prunes_by_mask_threshold(designed):
+    m, w, x, y, *_ = designed
+    out, info = D.anp(m, w, x[:100], y[:100], iterations=30, key=jax.random.PRNGKey(0))
+    _same_structure(out, w)
+    mask = np.asarray(info.details["mask"]["conv"])
+    assert mask.shape == (16,) and np.all((mask >= 0) & (mask <= 1))
+    pruned = info.details["pruned"]["conv"]
+    np.testing.assert_array_equal(sorted(pruned), np.flatnonzero(mask < 0.2))
+    k = np.asarray(out["conv"]["kernel"])
+    assert np.all(k[..., pruned] == 0)
+    np.testing.assert_array_equal(out["conv"]["bias"], w["conv"]["bias"])  # shift kept
+
+
+def test_defenses_accept_a_multilayer_designed_cnn(designed):
+    ml = pytest.importorskip("jaxpurify.multilayer")
+    del designed  # its recovery compiled the solver for 16 rows of 17 x 5: conv1 reuses it
+    m = ml.DesignedCNN(layers=(ml.Conv(16, 4, "SAME", pool=2), ml.Dense(3)),
+                       input_shape=(8, 8, 1), ratio=3.4)
+    x, y = _synthetic(64, 2)
+    w = m.materialize(m.init(jax.random.PRNGKey(0), jnp.asarray(x[:1]))["params"])
+    assert D.network(m).conv_layers == ("conv1",)  # ANP's neurons
+    assert D.channel_activations(m, w, x).shape == (16,)  # fine-pruning's view: last conv
+    bad = {**w, "conv1": {**w["conv1"], "bias": w["conv1"]["bias"].at[1].add(5.0)}}
+    out, info = D.jaxpurify_defense(m, bad)
+    assert _max_diff(out, w) < 1e-5 and info.details["certified"]
+    assert info.details["recovery"]["conv1"]["rows_off_subspace"] == 1
