@@ -1,0 +1,261 @@
+"""Render the results section of README.md from ``RUNS_DIR/*/metrics.json``.
+
+    python -m experiments._report RUNS_DIR [--readme README.md]
+
+For every run folder (``RUNS_DIR/NAME/metrics.json``, the demo first, then by name) it writes
+the command and wall time of the run, its headline numbers, its table of rows (grouped by
+subspace source when there are several), the sources it could / could not serve, an
+experiment's own ``tables.md`` when it wrote one, and links to its figures. The section goes
+between ``<!-- results:start -->`` and ``<!-- results:end -->`` in the README (the markers
+are appended at the end when absent); everything else in the README is kept. No number is
+written by hand: rerun the experiments and this script to refresh them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+START = "<!-- results:start -->"
+END = "<!-- results:end -->"
+
+#: Preferred column order for row tables; other scalar columns follow, up to MAX_COLUMNS.
+COLUMNS = ("dataset", "model", "subspace", "attack", "defense", "variant", "noise", "law",
+           "fraction", "rho", "ratio", "acc_clean", "acc_contaminated", "acc_purified", "acc",
+           "asr", "differing_predictions", "param_rel_error", "report_ok", "ok", "certified",
+           "converged", "seconds")
+MAX_COLUMNS = 13
+MAX_ROWS = 80
+#: Columns never shown in row tables (long or redundant).
+HIDDEN = {"source_key", "model", "dataset"}
+
+
+def _is_scalar(v) -> bool:
+    return v is None or isinstance(v, bool | int | float | str)
+
+
+def fmt(v, key: str = "") -> str:
+    """A table cell: floats to 4 significant places, tiny/huge ones in scientific notation."""
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        if key.startswith("acc") or key in ("asr", "fraction"):
+            return f"{v:.4f}".rstrip("0").rstrip(".") if key == "fraction" else f"{v:.4f}"
+        if "seconds" in key or key.endswith("_s"):
+            return f"{v:.1f}"
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.1e}"
+        return f"{v:.4g}"
+    text = str(v).replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= 90 else text[:87] + "..."
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def wall_seconds(m: dict) -> float | None:
+    """The run's wall time, from whichever field its experiment records."""
+    for path in (("wall_seconds",), ("seconds",), ("seconds", "total"),
+                 ("environment", "seconds"), ("timings", "total")):
+        v = m
+        for k in path:
+            v = v.get(k) if isinstance(v, dict) else None
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            return float(v)
+    return None
+
+
+def command(name: str, m: dict) -> str:
+    """The command that produced the run (recorded, else rebuilt from its fields)."""
+    if isinstance(m.get("command"), str):
+        return m["command"]
+    if name == "demo" or "experiment" not in m:
+        return "jaxpurify demo" if name == "demo" else f"jaxpurify run {name}"
+    cmd = f"jaxpurify run {m['experiment']}"
+    if m.get("quick"):
+        cmd += " --quick"
+    if m.get("seed"):
+        cmd += f" --seed {m['seed']}"
+    return cmd
+
+
+def _headline(m: dict) -> list[str]:
+    skip = {"command", "experiment", "wall_seconds", "figure", "figures", "seconds"}
+    items = [(k, v) for k, v in m.items() if _is_scalar(v) and k not in skip]
+    if not items:
+        return []
+    return _table(["quantity", "value"], [[k, fmt(v, k)] for k, v in items[:20]]) + [""]
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    """The standard columns present (:data:`COLUMNS`), then other columns that vary."""
+    keys: list[str] = []
+    for r in rows:
+        for k, v in r.items():
+            if k not in keys and _is_scalar(v):
+                keys.append(k)
+    ordered = [k for k in COLUMNS if k in keys and k not in HIDDEN]
+    ordered += [k for k in keys if k not in ordered and k not in HIDDEN
+                and len({json.dumps(r.get(k)) for r in rows}) > 1]
+    return ordered[:MAX_COLUMNS]
+
+
+def _constant_fields(rows: list[dict]) -> list[str]:
+    out = []
+    for k in ("dataset", "model"):
+        vals = {r.get(k) for r in rows if _is_scalar(r.get(k))}
+        if len(vals) == 1 and None not in vals:
+            out.append(f"{k}: {fmt(next(iter(vals)))}")
+    return out
+
+
+def _rows(rows: list[dict]) -> list[str]:
+    group_key = next((k for k in ("source_key", "subspace") if len({r.get(k) for r in rows}) > 1),
+                     None)
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(r.get(group_key) if group_key else None, []).append(r)
+    lines: list[str] = []
+    for g, rs in groups.items():
+        if g is not None:
+            lines += [f"**{g}**", ""]
+        const = _constant_fields(rs)
+        if const:
+            lines += ["; ".join(const), ""]
+        cols = _columns(rs)
+        body = [[fmt(r.get(c), c) for c in cols] for r in rs[:MAX_ROWS]]
+        lines += _table(cols, body)
+        if len(rs) > MAX_ROWS:
+            lines.append(f"\n({len(rs) - MAX_ROWS} more rows in metrics.json)")
+        lines.append("")
+    return lines
+
+
+def _sources(sources: dict) -> list[str]:
+    body = []
+    for k, s in sources.items():
+        if not isinstance(s, dict):
+            continue
+        served = s.get("served")
+        what = s.get("description") or s.get("why") or ""
+        if served and s.get("why"):
+            what = f"{what} ({s['why']})" if what != s["why"] else what
+        body.append([k, fmt(s.get("source", k)), fmt(served), fmt(s.get("acc_clean"), "acc"),
+                     fmt(s.get("certified_rows")) + " / " + fmt(s.get("rows"))
+                     if served else "—", fmt(what).replace("...", "…")])
+    if not body:
+        return []
+    return (["Subspace sources:", ""]
+            + _table(["name", "source", "served", "clean acc", "certified rows", "setting / why"],
+                     body) + [""])
+
+
+def _demo_layers(layers: dict) -> list[str]:
+    keys: list[str] = []
+    for v in layers.values():
+        keys += [k for k in v if k not in keys and _is_scalar(v[k])]
+    return _table(["layer"] + keys, [[n] + [fmt(v.get(k), k) for k in keys]
+                                     for n, v in layers.items()]) + [""]
+
+
+def render_run(run_dir: Path, readme_dir: Path) -> list[str]:
+    """Markdown for one run folder."""
+    m = json.loads((run_dir / "metrics.json").read_text())
+    name = run_dir.name
+    lines = [f"### {name}", ""]
+    secs = wall_seconds(m)
+    lines.append(f"Command: `{command(name, m)}`" + (f"; wall time {secs:.1f} s" if secs
+                                                      is not None else "") + ".")
+    lines.append("")
+    lines += _headline(m)
+    if isinstance(m.get("layers"), dict) and all(isinstance(v, dict)
+                                                  for v in m["layers"].values()):
+        lines += _demo_layers(m["layers"])
+    if isinstance(m.get("sources"), dict):
+        lines += _sources(m["sources"])
+    own = run_dir / "tables.md"
+    if own.is_file():
+        text = re.sub(r"^(#+)", r"\1##", own.read_text().strip(), flags=re.MULTILINE)
+        lines += [text, ""]
+    elif isinstance(m.get("rows"), list) and m["rows"] and isinstance(m["rows"][0], dict):
+        lines += _rows(m["rows"])
+    figs = m.get("figures") or ([m["figure"]] if isinstance(m.get("figure"), str) else [])
+    figs = [f for f in figs if (run_dir / f).is_file()] or sorted(
+        p.name for p in run_dir.glob("*.png"))
+    for f in figs:
+        rel = Path(os.path.relpath(run_dir / f, readme_dir)).as_posix()
+        lines += [f"![{name}: {f}]({rel})", ""]
+    return lines
+
+
+def render(runs_dir: Path, readme_dir: Path) -> str:
+    """The whole results section (markers included)."""
+    runs = sorted((p.parent for p in Path(runs_dir).glob("*/metrics.json")),
+                  key=lambda p: (p.name != "demo", p.name))
+    rel = Path(os.path.relpath(runs_dir, readme_dir)).as_posix()
+    lines = [START, "## Results", "",
+             f"Generated by `python -m experiments._report {rel}` from `{rel}/*/metrics.json` "
+             "(do not edit by hand; rerun the commands below and this script to refresh).", ""]
+    if not runs:
+        lines += [f"(no runs with a metrics.json under `{rel}` yet)", ""]
+    for run_dir in runs:
+        try:
+            lines += render_run(run_dir, readme_dir)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            lines += [f"### {run_dir.name}", "", f"(could not render: {type(err).__name__}: "
+                      f"{err})", ""]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, section: str) -> str:
+    """README text with the results section replaced (or appended with its markers)."""
+    text = readme.read_text() if readme.exists() else ""
+    if START in text and END in text and text.index(START) < text.index(END):
+        head, rest = text.split(START, 1)
+        tail = rest.split(END, 1)[1]
+        return head + section + tail
+    if START in text or END in text:
+        raise ValueError(f"{readme}: found only one of the markers {START} / {END}, or in the "
+                         "wrong order; fix them by hand")
+    return text.rstrip("\n") + ("\n\n" if text else "") + section + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments._report",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("runs_dir", type=Path, help="folder holding NAME/metrics.json runs")
+    parser.add_argument("--readme", type=Path, default=Path("README.md"),
+                        help="README to update (default: README.md)")
+    args = parser.parse_args(argv)
+    if not args.runs_dir.is_dir():
+        print(f"{args.runs_dir}: not a directory", file=sys.stderr)
+        return 2
+    section = render(args.runs_dir, args.readme.resolve().parent)
+    try:
+        text = update_readme(args.readme, section)
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
+    args.readme.write_text(text)
+    n = section.count("\n### ")
+    print(f"{args.readme}: results section updated from {n} run(s) in {args.runs_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
