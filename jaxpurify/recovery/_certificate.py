@@ -75,8 +75,9 @@ def relative_gap(primal: jax.Array, dual_value: jax.Array, y_scale: jax.Array) -
     The denominator is floored at ``eps**0.25 * ||y||_1``: when ``y`` lies in ``range(A)``
     the objective is pure rounding and a gap relative to it would never converge.
     """
-    tiny = jnp.finfo(primal.dtype).eps ** 0.25 * y_scale
-    return jnp.maximum(primal - dual_value, 0.0) / jnp.maximum(primal, tiny)
+    finfo = jnp.finfo(primal.dtype)
+    floor = jnp.maximum(finfo.eps**0.25 * y_scale, finfo.tiny)  # y == 0: gap 0, not 0/0
+    return jnp.maximum(primal - dual_value, 0.0) / jnp.maximum(primal, floor)
 
 
 class Candidate(NamedTuple):

@@ -155,3 +155,11 @@ class TestBadInput:
             jp.l1_regression(a, y, tol=0.0)
         with pytest.raises(ValueError, match="max_iters"):
             jp.l1_regression(a, y, max_iters=0)
+
+
+def test_zero_data_converges_immediately():
+    # A dead filter or an untouched readout gives y == 0: the answer is x = 0, at once.
+    a, _, _, _ = planted(12, 17, 8, 0.0)
+    sol = jp.l1_regression(a, np.zeros((2, 17)))
+    assert np.all(sol.converged) and np.all(sol.iterations == 0)
+    np.testing.assert_array_equal(sol.x, 0.0)
