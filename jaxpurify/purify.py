@@ -167,6 +167,18 @@ def _solve(problem: S.LayerProblem, vectors, *, method, tol):
     return problem.offset + _apply(problem.design, sol.x), sol, nonfinite, erased
 
 
+def _deviates(vectors, recovered):
+    """Entries judged corrupted: ``|w_c - w_hat|`` above rounding at the weights' scale.
+
+    The solver's own flags are relative to the size of the *update* ``w - w_0``; when the
+    update is tiny next to the weights, rounding in ``w - w_0`` alone would exceed them.
+    """
+    eps = jnp.finfo(recovered.dtype).eps
+    scale = jnp.max(jnp.abs(recovered), axis=-1, keepdims=True)
+    diff = jnp.abs(jnp.where(jnp.isfinite(vectors), vectors, jnp.inf) - recovered)
+    return diff > eps**0.75 * jnp.maximum(scale, jnp.finfo(recovered.dtype).tiny)
+
+
 def _layer_report(problem, sol, nonfinite, corrupted_leaves, size) -> LayerReport:
     m, n = problem.design.shape[-2:]
     num = int(sum(int(np.sum(v)) for v in corrupted_leaves.values()))
@@ -261,7 +273,7 @@ def purify(model, params, *, init_params=None, inputs=None, subspace: str = "row
         recovered, sol, nonfinite, erased = _solve(problem, vectors, method=method, tol=tol)
         shape = S.filter_vectors(p).shape
         out = S.with_filter_vectors(out, recovered.reshape(shape))
-        flagged = (sol.corrupted | erased).reshape(shape)
+        flagged = (_deviates(vectors, recovered) | erased).reshape(shape)
         masks = S.with_filter_vectors({"conv": p["conv"]}, flagged)["conv"]
         masks = {k: np.asarray(v).astype(bool) for k, v in masks.items()}
         reports["conv"] = _layer_report(problem, sol, nonfinite, masks, vectors.size)
@@ -276,7 +288,7 @@ def purify(model, params, *, init_params=None, inputs=None, subspace: str = "row
         vectors = S.readout_vectors(p)
         recovered, sol, nonfinite, erased = _solve(problem, vectors, method=method, tol=tol)
         out = S.with_readout_vectors(out, recovered)
-        masks = {"kernel": np.asarray((sol.corrupted | erased).T)}
+        masks = {"kernel": np.asarray((_deviates(vectors, recovered) | erased).T)}
         reports["readout"] = _layer_report(problem, sol, nonfinite, masks, vectors.size)
 
     report = PurifyReport(reports, time.perf_counter() - t0)
