@@ -186,8 +186,8 @@ def _trajectory_row_space(model, x, y, seed: int, *, n: int = 32, steps: int = 1
     final features, and of the union over all steps (against ``fan_in + 1``), and how far
     the actual update ``w_T - w_0`` is from the final-features span (relative residual).
     """
-    p0 = model.materialize(model.init(jax.random.PRNGKey(seed + 7),
-                                      jnp.zeros((1, *model.input_shape)))["params"])
+    p0 = model.materialize(jax.jit(model.init)(jax.random.PRNGKey(seed + 7),
+                                               jnp.zeros((1, *model.input_shape)))["params"])
     xs, ys = jnp.asarray(x[:n]), jnp.asarray(y[:n])
     tx = optax.sgd(0.05, momentum=0.9)
 
@@ -282,7 +282,7 @@ def run(*, name: str = "multilayer-mnist", quick: bool = False, out: Path | str 
 
     # ---- train
     key = jax.random.PRNGKey(seed)
-    params = model.init(key, jnp.zeros((1, *model.input_shape)))["params"]
+    params = jax.jit(model.init)(key, jnp.zeros((1, *model.input_shape)))["params"]
     steps = max(1, int(round(cfg["epochs"] * (ds.x_train.shape[0] // cfg["batch_size"]))))
     opt = optax.adam(optax.warmup_cosine_decay_schedule(0.0, cfg["lr"], min(200, steps // 10),
                                                         steps))

@@ -81,14 +81,14 @@ CONFIGS = {
                  "probe_lrs": _LAZY_PROBE, "purify": True, "laws": ("gaussian",),
                  "fractions": (0.0, 0.1, 0.3, 0.5)},
         "limit_test": None,
-        "max_iters": 3000,
+        "max_iters": 5000,
         "quick": {
-            "designed": {"steps": 400, "limit_train": 20_000,
-                         "fractions": (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)},
-            "row_space": {"laws": ("gaussian", "bit_flips"),
-                          "fractions": (0.0, 0.1, 0.2, 0.3, 0.5)},
-            "lazy": {"purify": False},
-            "max_iters": 500,
+            "designed": {"filters": 128, "readout_code": 32, "steps": 400,
+                         "limit_train": 20_000, "fractions": (0.0, 0.1, 0.2, 0.3, 0.5)},
+            "row_space": {"limit_train": 32, "filters": 128, "laws": ("gaussian", "bit_flips"),
+                          "fractions": (0.0, 0.1, 0.2, 0.4)},
+            "lazy": {"purify": False, "probe_lrs": (1e-7, 1e-5)},
+            "max_iters": 2000,
         },
     },
     "cifar10": {
@@ -102,13 +102,14 @@ CONFIGS = {
                  "probe_lrs": _LAZY_PROBE, "purify": True, "laws": ("gaussian",),
                  "fractions": (0.0, 0.1, 0.3, 0.5)},
         "limit_test": None,
-        "max_iters": 3000,
+        "max_iters": 5000,
         "quick": {
-            "designed": {"steps": 300, "limit_train": 10_000,
-                         "fractions": (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)},
-            "row_space": {"laws": ("gaussian", "bit_flips"), "fractions": (0.0, 0.1, 0.3, 0.5)},
-            "lazy": {"purify": False},
-            "max_iters": 500,
+            "designed": {"filters": 128, "readout_code": 32, "steps": 300,
+                         "limit_train": 10_000, "fractions": (0.0, 0.1, 0.2, 0.3, 0.5)},
+            "row_space": {"limit_train": 32, "filters": 128, "laws": ("gaussian", "sign_flip"),
+                          "fractions": (0.0, 0.1, 0.2, 0.4)},
+            "lazy": {"purify": False, "probe_lrs": (1e-7, 1e-5)},
+            "max_iters": 2000,
         },
     },
 }
@@ -171,6 +172,8 @@ def _rel_error(a, b) -> float:
 
 def contaminate(params, key, law: str, fraction: float):
     """``(contaminated, mask)``: ``fraction`` of every leaf's entries get ``law``."""
+    if law == "none" or fraction == 0:
+        return params, jax.tree_util.tree_map(lambda v: np.zeros(np.shape(v), bool), params)
     if law == "bit_flips":
         return C.bit_flips(params, key, fraction=fraction)
     return C.sparse_gross_errors(params, key, fraction=fraction, law=law, magnitude=10.0)
@@ -328,9 +331,11 @@ def _sweep(entry, evaluator, laws, fractions, seed, dataset, source, bar, max_it
     acc_clean = evaluator.accuracy(pred_clean)
     entry["acc_clean"] = acc_clean
     rows = []
-    grid = [(law, f) for law in laws for f in fractions]
+    # Fraction 0 is the same network for every law: one row, noise "none".
+    grid = [("none", 0.0)] if 0 in fractions else []
+    grid += [(law, f) for law in laws for f in fractions if f > 0]
     for law, fraction in bar(grid, desc=f"{dataset}/{source}"):
-        key = jax.random.fold_in(jax.random.PRNGKey(seed + 1000 * LAW_IDS[law]),
+        key = jax.random.fold_in(jax.random.PRNGKey(seed + 1000 * LAW_IDS.get(law, 0)),
                                  round(fraction * 1000))
         contaminated, mask = contaminate(clean, key, law, fraction)
         t0 = time.perf_counter()
@@ -382,25 +387,29 @@ def _plot(rows, sources: dict, path: Path, title: str) -> None:
     fig, axes = plt.subplots(2, len(panels), figsize=(4.3 * len(panels), 6.6), squeeze=False,
                              sharex=True)
     colors = dict(zip(LAWS, ("C0", "C1", "C2", "C3"), strict=True))
+    marks = dict(zip(LAWS, ("o", "s", "^", "D"), strict=True))
+    sizes = dict(zip(LAWS, (40, 28, 20, 12), strict=True))
     for col, (key, info) in enumerate(panels):
         ax, ax2 = axes[0, col], axes[1, col]
         sub = [r for r in rows if r["source_key"] == key]
         ax.axhline(info["acc_clean"], color="k", ls="--", lw=1, label="clean")
         for law in LAWS:
-            rs = sorted((r for r in sub if r["noise"] == law), key=lambda r: r["fraction"])
-            if not rs:
+            rs = sorted((r for r in sub if r["noise"] in (law, "none")),
+                        key=lambda r: r["fraction"])
+            if not any(r["noise"] == law for r in rs):
                 continue
             f = np.array([r["fraction"] for r in rs])
             ok = np.array([r["report_ok"] for r in rs])
             acc = np.array([r["acc_purified"] for r in rs])
             ax.plot(f, [r["acc_contaminated"] for r in rs], ":", color=colors[law], lw=1.2)
             ax.plot(f, acc, "-", color=colors[law], lw=1.5, label=law)
-            ax.scatter(f[ok], acc[ok], color=colors[law], s=16, zorder=3)
-            ax.scatter(f[~ok], acc[~ok], facecolor="none", edgecolor=colors[law], s=24,
+            ax.scatter(f[ok], acc[ok], color=colors[law], marker=marks[law], s=sizes[law],
                        zorder=3)
+            ax.scatter(f[~ok], acc[~ok], facecolor="none", edgecolor=colors[law],
+                       marker=marks[law], s=sizes[law] + 8, zorder=3)
             err = [1e2 if r["param_rel_error"] is None else max(r["param_rel_error"], 1e-17)
                    for r in rs]
-            ax2.semilogy(f, err, "-o", color=colors[law], ms=3, lw=1)
+            ax2.semilogy(f, err, "-", marker=marks[law], color=colors[law], ms=3, lw=1)
         crit = info.get("critical_fraction")
         for a in (ax, ax2):
             if crit is not None:

@@ -520,7 +520,7 @@ def _solve_dtype(dtype):
 
 
 def purify_layers(model: DesignedCNN, contaminated, *, method="admm", tol: float | None = None,
-                  max_iters: int = 500, screen: float | None = 1e3,
+                  max_iters: int = 300, screen: float | None = 1e3,
                   layers: Sequence[str] | None = None):
     r"""Recover every layer of a contaminated designed network by L1 regression.
 
