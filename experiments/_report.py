@@ -26,9 +26,9 @@ END = "<!-- results:end -->"
 
 #: Preferred column order for row tables; other scalar columns follow, up to MAX_COLUMNS.
 COLUMNS = ("dataset", "model", "subspace", "attack", "defense", "variant", "noise", "law",
-           "fraction", "rho", "ratio", "acc_clean", "acc_contaminated", "acc_purified", "acc",
-           "asr", "differing_predictions", "param_rel_error", "report_ok", "ok", "certified",
-           "converged", "seconds")
+           "fraction", "worst_problem_fraction", "rho", "ratio", "acc_clean",
+           "acc_contaminated", "acc_purified", "acc", "asr", "differing_predictions",
+           "param_rel_error", "report_ok", "ok", "certified", "converged", "seconds")
 MAX_COLUMNS = 13
 MAX_ROWS = 80
 #: Columns never shown in row tables (long or redundant).
@@ -137,6 +137,9 @@ def _rows(rows: list[dict]) -> list[str]:
         if const:
             lines += ["; ".join(const), ""]
         cols = _columns(rs)
+        if group_key is not None:  # the group heading already names it
+            cols = [c for c in cols if not (c in ("subspace", group_key)
+                                            and len({r.get(c) for r in rs}) == 1)]
         body = [[fmt(r.get(c), c) for c in cols] for r in rs[:MAX_ROWS]]
         lines += _table(cols, body)
         if len(rs) > MAX_ROWS:

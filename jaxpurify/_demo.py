@@ -2,9 +2,10 @@
 
 The stages:
 
-1. data: real MNIST when a data directory is given (``--data-dir`` or
-   ``$JAXPURIFY_DATA_DIR``); otherwise a clearly labeled *synthetic* teacher-student task
-   (random images labeled by a random one-hidden-layer CNN teacher);
+1. data: real MNIST from the data directory (``--data-dir``, else ``$JAXPURIFY_DATA_DIR``,
+   else ``../shared/data`` beside a source checkout when it holds ``mnist/``); with none, a
+   clearly labeled *synthetic* teacher-student task (random images labeled by a random
+   network of the student's family);
 2. train a :class:`~jaxpurify.models.DesignedOneHiddenLayerCNN` (14x14 patches, 64 filters,
    every filter with its bias stored as ``A_W theta_j``, code ratio 4) with Adam, float64;
 3. deploy it (plain filter/readout weights) and contaminate 10% of the entries of every weight
@@ -35,12 +36,19 @@ LR = 3e-3
 SYNTH_TRAIN, SYNTH_TEST = 20_000, 5_000
 
 
+def _sibling_data() -> str | None:
+    """``../shared/data`` beside a source checkout (the tests' default), if it holds MNIST."""
+    path = Path(__file__).resolve().parents[2] / "shared" / "data"
+    return str(path) if (path / "mnist").is_dir() else None
+
+
 def _load_mnist(data_dir):
     from jaxpurify.data import load_mnist
 
     ds = load_mnist(data_dir=data_dir, dtype="float64", normalize=True, source="files")
     return {"x_train": ds.x_train, "y_train": ds.y_train, "x_test": ds.x_test,
-            "y_test": ds.y_test, "name": "MNIST (real data)", "synthetic": False}
+            "y_test": ds.y_test, "name": "MNIST (real data)", "synthetic": False,
+            "data_dir": str(data_dir)}
 
 
 def _synthetic(model, seed: int):
@@ -63,7 +71,7 @@ def _synthetic(model, seed: int):
     return {"x_train": x[:SYNTH_TRAIN], "y_train": y[:SYNTH_TRAIN],
             "x_test": x[SYNTH_TRAIN:], "y_test": y[SYNTH_TRAIN:],
             "name": "SYNTHETIC teacher-student task (no data directory set)",
-            "synthetic": True}
+            "synthetic": True, "data_dir": None}
 
 
 def _train(model, x, y, seed: int, bar):
@@ -167,9 +175,10 @@ def _plot(path: Path, data_name: str, acc: dict, clean, contaminated, purified,
 def demo(out: Path, seed: int = 0, data_dir: str | None = None) -> int:
     """Train, contaminate 10% of every weight, purify; print a table, write out/metrics.json.
 
-    Uses real MNIST when ``data_dir`` or ``$JAXPURIFY_DATA_DIR`` is set, else a synthetic
-    teacher-student task (printed as such). Returns the process exit status (0: the purified
-    network is certified and predicts exactly like the clean one).
+    Uses real MNIST when ``data_dir``, ``$JAXPURIFY_DATA_DIR`` or the checkout's
+    ``../shared/data`` is available, else a synthetic teacher-student task (printed as such).
+    Returns the process exit status (0: the purified network is certified and predicts
+    exactly like the clean one).
     """
     import jax
 
@@ -184,7 +193,8 @@ def demo(out: Path, seed: int = 0, data_dir: str | None = None) -> int:
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    use_real = bool(data_dir) or bool(os.environ.get("JAXPURIFY_DATA_DIR"))
+    data_dir = data_dir or os.environ.get("JAXPURIFY_DATA_DIR") or _sibling_data()
+    use_real = bool(data_dir)
     stages = ["data", "train", "contaminate", "purify", "evaluate", "plot"]
     bar = tqdm(total=STEPS + len(stages) - 1, desc="demo", unit="step", file=sys.stderr,
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}")
@@ -259,7 +269,7 @@ def demo(out: Path, seed: int = 0, data_dir: str | None = None) -> int:
         }
     total = time.perf_counter() - t_start
     metrics = {
-        "data": data["name"], "synthetic": data["synthetic"],
+        "data": data["name"], "synthetic": data["synthetic"], "data_dir": data["data_dir"],
         "train_examples": int(data["x_train"].shape[0]),
         "test_examples": int(data["x_test"].shape[0]),
         "model": {"kind": "DesignedOneHiddenLayerCNN", "patch": PATCH, "filters": FILTERS,
@@ -283,7 +293,8 @@ def demo(out: Path, seed: int = 0, data_dir: str | None = None) -> int:
 
     ok = report.ok and differing == 0
     print()
-    print(f"jaxpurify demo: {data['name']}")
+    print(f"jaxpurify demo: {data['name']}"
+          + (f" from {data['data_dir']}" if data["data_dir"] else ""))
     print(f"  {metrics['train_examples']} training / {metrics['test_examples']} test examples;"
           f" designed one-hidden-layer CNN, {PATCH}x{PATCH} patches, {FILTERS} filters, "
           f"code ratio {CODE_RATIO}, float64")
