@@ -44,13 +44,10 @@ clean accuracy, whether and why each source can serve) and ``accuracy_vs_fractio
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 import os
 import sys
 import time
-import unittest.mock
 from pathlib import Path
 
 import jax
@@ -186,23 +183,6 @@ def contaminate(params, key, law: str, fraction: float):
     if law == "bit_flips":
         return C.bit_flips(params, key, fraction=fraction)
     return C.sparse_gross_errors(params, key, fraction=fraction, law=law, magnitude=10.0)
-
-
-def _purify(model, params, *, max_iters: int, **kwargs):
-    """``purify`` with an iteration budget for the L1 solver.
-
-    Past the recovery threshold a few problems of a batch can use the solver's whole default
-    budget (20 000 iterations: minutes for a batch of filters); those rows are reported as not
-    converged either way, so a smaller budget only saves time. ``purify`` gets ``max_iters``
-    when it accepts it; otherwise the solver call inside it is given the budget.
-    """
-    if "max_iters" in inspect.signature(purify).parameters:
-        return purify(model, params, max_iters=max_iters, **kwargs)
-    import jaxpurify.purify as purify_module
-
-    solver = functools.partial(purify_module.l1_regression, max_iters=max_iters)
-    with unittest.mock.patch.object(purify_module, "l1_regression", solver):
-        return purify(model, params, **kwargs)
 
 
 class _Evaluator:
@@ -348,7 +328,7 @@ def _sweep(entry, evaluator, laws, fractions, seed, dataset, source, bar, max_it
                                  round(fraction * 1000))
         contaminated, mask = contaminate(clean, key, law, fraction)
         t0 = time.perf_counter()
-        purified, report = _purify(entry["model"], contaminated, max_iters=max_iters,
+        purified, report = purify(entry["model"], contaminated, max_iters=max_iters,
                                    **entry["purify"])
         jax.block_until_ready(purified)
         seconds = time.perf_counter() - t0

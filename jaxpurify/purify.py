@@ -144,7 +144,7 @@ def _apply(design, x):
             else jnp.einsum("bmn,bn->bm", design, x))
 
 
-def _solve(problem: S.LayerProblem, vectors, *, method, tol):
+def _solve(problem: S.LayerProblem, vectors, *, method, tol, max_iters, check_every):
     """Solve one layer's problems.
 
     Returns:
@@ -163,7 +163,8 @@ def _solve(problem: S.LayerProblem, vectors, *, method, tol):
     y = jnp.where(nonfinite, cap, jnp.clip(y, -cap, cap))
     if tol is None:  # stricter than the solver's default: the gap is relative to ||e||_1
         tol = 1e-12 if y.dtype == jnp.float64 else None
-    sol = l1_regression(problem.design, y, method=method, tol=tol, throw=False)
+    sol = l1_regression(problem.design, y, method=method, tol=tol, max_iters=max_iters,
+                        check_every=check_every, throw=False)
     return problem.offset + _apply(problem.design, sol.x), sol, nonfinite, erased
 
 
@@ -204,7 +205,8 @@ def _layer_report(problem, sol, nonfinite, corrupted_leaves, size) -> LayerRepor
 
 def purify(model, params, *, init_params=None, inputs=None, subspace: str = "row_space",
            designs: dict | None = None, layers=("conv", "readout"), weight_decay: bool = False,
-           method="admm", tol: float | None = None):
+           method="admm", tol: float | None = None, max_iters: int = 20_000,
+           check_every: int | None = None):
     """Recover a contaminated one-hidden-layer CNN's params by L1 regression.
 
     Args:
@@ -222,7 +224,10 @@ def purify(model, params, *, init_params=None, inputs=None, subspace: str = "row
         layers: which layers to recover.
         weight_decay: the params were trained with weight decay (adds ``w_0`` to ``A_W`` and
             ``beta_0`` to ``A_beta``).
-        method, tol: passed to :func:`jaxpurify.l1_regression`.
+        method, tol, max_iters, check_every: passed to :func:`jaxpurify.l1_regression`
+            (``tol`` defaults to 1e-12 in float64: the gap is relative to the corruption's
+            size, and exactness is the point). A budget too small shows as
+            ``converged=False`` in the report, never as a silently accepted result.
 
     Returns:
         ``(recovered params, PurifyReport)``; params come back in the form they were given.
@@ -270,7 +275,8 @@ def purify(model, params, *, init_params=None, inputs=None, subspace: str = "row
         else:
             problem = S.designed(designs, p)["conv"]
             vectors = S.filter_vectors(p)
-        recovered, sol, nonfinite, erased = _solve(problem, vectors, method=method, tol=tol)
+        recovered, sol, nonfinite, erased = _solve(problem, vectors, method=method, tol=tol,
+                                                       max_iters=max_iters, check_every=check_every)
         shape = S.filter_vectors(p).shape
         out = S.with_filter_vectors(out, recovered.reshape(shape))
         flagged = (_deviates(vectors, recovered) | erased).reshape(shape)
@@ -286,7 +292,8 @@ def purify(model, params, *, init_params=None, inputs=None, subspace: str = "row
         else:
             problem = S.designed(designs, p)["readout"]
         vectors = S.readout_vectors(p)
-        recovered, sol, nonfinite, erased = _solve(problem, vectors, method=method, tol=tol)
+        recovered, sol, nonfinite, erased = _solve(problem, vectors, method=method, tol=tol,
+                                                       max_iters=max_iters, check_every=check_every)
         out = S.with_readout_vectors(out, recovered)
         masks = {"kernel": np.asarray((_deviates(vectors, recovered) | erased).T)}
         reports["readout"] = _layer_report(problem, sol, nonfinite, masks, vectors.size)

@@ -207,6 +207,16 @@ def test_beyond_the_threshold_is_reported():
     assert rel_err(recovered["conv"]["kernel"], clean["conv"]["kernel"]) > 1e-2  # indeed wrong
 
 
+def test_iteration_budget_is_passed_and_reported():
+    """A budget too small past the threshold shows as not converged, with what to do."""
+    dm = designed_model()
+    codes, _ = designed_trained()
+    dirty, _ = _contaminate(dm.materialize(codes), fraction=0.45)
+    _, report = purify(dm, dirty, subspace="designed", max_iters=10, check_every=10)
+    assert not report.layers["conv"].converged and not report.ok
+    assert any("raise max_iters" in w for w in report.warnings)
+
+
 def test_training_outside_the_subspace_is_reported():
     """Joint training: the filters are still exact, the readout is not (and is flagged);
     Adam: nothing is in the row-space, every filter problem is flagged."""

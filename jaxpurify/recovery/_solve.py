@@ -82,7 +82,7 @@ def _solve_one(a, y, method, tol: float, max_iters: int, check_every: int):
     z0, u0, _ = method.estimate(q, y, state)
 
     def gap(c: _Carry):
-        return relative_gap(c.best.objective, c.best.dual_value, y_scale)
+        return relative_gap(c.best.objective, c.best.dual_value, y_scale, a.shape[0])
 
     n = a.shape[1]
 

@@ -163,3 +163,32 @@ def test_zero_data_converges_immediately():
     sol = jp.l1_regression(a, np.zeros((2, 17)))
     assert np.all(sol.converged) and np.all(sol.iterations == 0)
     np.testing.assert_array_equal(sol.x, 0.0)
+
+
+@pytest.mark.parametrize("tol", [1e-9, 1e-12])
+def test_rounding_in_the_inputs_does_not_block_convergence(tol):
+    # y = w - w0 with weights 1e3 times the update: y is in range(A) only up to rounding of
+    # the *inputs* (a dense 1e-13-relative LP). The gap is certified at the rounding level
+    # (m * eps * ||y||_1) instead of iterating to max_iters.
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((200, 40))
+    x = 1e-3 * rng.standard_normal((4, 40))
+    w0 = rng.standard_normal((4, 200))
+    y = (w0 + x @ a.T) - w0
+    sol = jp.l1_regression(a, y, tol=tol, max_iters=2000)
+    assert np.all(sol.converged) and np.all(sol.iterations == 0)
+    assert np.all(rel_err(sol.x, x) < 1e-11)
+
+
+@pytest.mark.parametrize("magnitude", [1e-9, 1e-6])
+def test_tiny_corruption_is_found_exactly(magnitude):
+    # Corruption far below the clean scale (but above rounding) is still decoded exactly.
+    rng = np.random.default_rng(8)
+    a = rng.standard_normal((200, 40))
+    x = rng.standard_normal((4, 40))
+    size = magnitude * (1.0 + rng.random((4, 200))) * rng.choice([-1.0, 1.0], (4, 200))
+    e = np.where(rng.random((4, 200)) < 0.1, size, 0.0)
+    sol = jp.l1_regression(a, x @ a.T + e, tol=1e-12)
+    assert np.all(sol.converged)
+    assert np.all(rel_err(sol.x, x) < 1e-13)
+    np.testing.assert_array_equal(sol.interpolated, e == 0)
