@@ -94,6 +94,18 @@ def relative_gap(primal: jax.Array, dual_value: jax.Array, y_scale: jax.Array,
     return jnp.maximum(primal - dual_value - rounding, 0.0) / jnp.maximum(primal, floor)
 
 
+def interp_threshold(y: jax.Array, fitted: jax.Array) -> jax.Array:
+    """Rows with ``|r_i|`` below this are interpolated.
+
+    ``eps**0.75`` times the scale of the clean part of ``y``: the larger of ``max |A x|`` and
+    ``median |y|``. Not ``max |y|``: a single huge corrupted entry (an exponent bit flip is
+    ~1e38) would otherwise make every row look interpolated.
+    """
+    eps = jnp.finfo(y.dtype).eps
+    scale = jnp.maximum(jnp.max(jnp.abs(fitted)), jnp.median(jnp.abs(y)))
+    return eps**0.75 * jnp.maximum(scale, jnp.finfo(y.dtype).tiny)
+
+
 class Candidate(NamedTuple):
     """A primal point (orthonormal coordinates) with its objective, and a dual point."""
 
@@ -113,12 +125,16 @@ def evaluate(q: jax.Array, y: jax.Array, z: jax.Array, u: jax.Array) -> Candidat
 def _solve_on_rows(q, y, z, u, support, prune, dual_steps):
     """One least-squares solve on the believed-interpolated rows, with its dual."""
     n = q.shape[1]
-    resid = jnp.abs(y - q @ z)
+    fitted = q @ z
+    resid = jnp.abs(y - fitted)
     # Drop believed-clean rows whose current residual is an outlier among them: mildly
     # corrupted rows can sit under the first-order method's threshold, and one of them
-    # spoils the exact solve. Dropping a few clean rows instead costs nothing.
+    # spoils the exact solve. Dropping a few clean rows instead costs nothing -- except rows
+    # that are already interpolated: those, and every interpolated row the first-order
+    # method missed, are kept. A clean row left out of S gets u_i = sign(rounding noise) in
+    # the dual below, which can make an exact primal uncertifiable.
     typical = jnp.nanmedian(jnp.where(support, resid, jnp.nan))
-    support = support & (resid <= prune * typical)
+    support = (support & (resid <= prune * typical)) | (resid <= interp_threshold(y, fitted))
     _, smallest = jax.lax.top_k(-resid, n)
     support = support.at[smallest].set(True)
     w = support.astype(q.dtype)
@@ -135,10 +151,17 @@ def _solve_on_rows(q, y, z, u, support, prune, dual_steps):
     def to_affine(v):  # project v (supported on S) onto {Q_S^T v = -Q_{S^c}^T s}
         return v - w * (q @ cho_solve(chol, q.T @ (v + s)))
 
-    def alternate(_, v):  # alternating projections between the box and the affine set
-        return to_affine(jnp.clip(v, -1.0, 1.0))
+    def alternate(k, carry):
+        # Alternating projections (box, then the affine set) with Nesterov extrapolation:
+        # the plain iteration is projected gradient on dist(v, box)^2 / 2 over the affine
+        # set, and the momentum makes 30 steps certify problems that plain steps need
+        # several more first-order chunks for.
+        v, t = carry
+        v_new = to_affine(jnp.clip(t, -1.0, 1.0))
+        return v_new, v_new + (k / (k + 3.0)) * (v_new - v)
 
-    u_p = s + jax.lax.fori_loop(0, dual_steps, alternate, to_affine(u0))
+    start = to_affine(u0)
+    u_p = s + jax.lax.fori_loop(0, dual_steps, alternate, (start, start))[0]
 
     cand = evaluate(q, y, z_p, u_p)
     ok = jnp.isfinite(cand.objective) & jnp.isfinite(cand.dual_value)
@@ -169,7 +192,7 @@ def merge(new: Candidate, old: Candidate):
 
 
 def polish(q: jax.Array, y: jax.Array, z: jax.Array, u: jax.Array, support: jax.Array,
-           *, passes: int = 2, prune: float = 5.0, dual_steps: int = 30) -> Candidate:
+           *, passes: int = 2, prune: float = 5.0, dual_steps: int = 15) -> Candidate:
     r"""Exact active-set solve on the rows believed interpolated.
 
     Each pass solves least squares on the current support (after pruning rows whose
@@ -189,9 +212,10 @@ def polish(q: jax.Array, y: jax.Array, z: jax.Array, u: jax.Array, support: jax.
         passes: number of solve/re-select passes.
         prune: rows whose residual exceeds ``prune`` times the median residual over the
             support are dropped before each solve.
-        dual_steps: alternating projections (box, then the affine set) that repair the
-            first-order dual estimate on the support in the last pass; each costs about
-            one first-order iteration.
+        dual_steps: accelerated alternating projections (box, then the affine set) that
+            repair the first-order dual estimate on the support in the last pass; each
+            costs about one first-order iteration. 15 measured fastest overall (fewer
+            leave exact primals uncertified for more chunks; more cost more than they save).
 
     Returns:
         The best :class:`Candidate` over the passes (objective ``inf`` if all failed).

@@ -15,6 +15,7 @@ from jaxpurify.recovery._certificate import (
     Candidate,
     evaluate,
     factorize,
+    interp_threshold,
     merge,
     polish,
     relative_gap,
@@ -44,18 +45,6 @@ def default_check_every(n: int) -> int:
     ``n / 4`` steps keeps the polish to at most about half of the work.
     """
     return int(min(100, max(10, n // 4)))
-
-
-def _interp_threshold(y: jax.Array, fitted: jax.Array) -> jax.Array:
-    """Rows with ``|r_i|`` below this are interpolated.
-
-    ``eps**0.75`` times the scale of the clean part of ``y``: the larger of ``max |A x|`` and
-    ``median |y|``. Not ``max |y|``: a single huge corrupted entry (an exponent bit flip is
-    ~1e38) would otherwise make every row look interpolated.
-    """
-    eps = jnp.finfo(y.dtype).eps
-    scale = jnp.maximum(jnp.max(jnp.abs(fitted)), jnp.median(jnp.abs(y)))
-    return eps**0.75 * jnp.maximum(scale, jnp.finfo(y.dtype).tiny)
 
 
 class _Carry(NamedTuple):
@@ -90,7 +79,7 @@ def _solve_one(a, y, method, tol: float, max_iters: int, check_every: int):
         # The gap alone is relative to ||r||_1, which a few huge outliers dominate (float32
         # then accepts non-vertex points); an LP optimum is also a vertex: >= n rows fitted.
         fitted = q @ c.best.z
-        at_vertex = jnp.sum(jnp.abs(y - fitted) <= _interp_threshold(y, fitted)) >= n
+        at_vertex = jnp.sum(jnp.abs(y - fitted) <= interp_threshold(y, fitted)) >= n
         return (gap(c) <= tol) & at_vertex
 
     def cond(c: _Carry):
@@ -145,7 +134,7 @@ def _implicit_x_jvp(primals, tangents):
 def _finish_one(a, y, x, dual, gap, polished, iterations, result, tol):
     """Attach the implicit derivative and compute the reported fields of one problem."""
     y_c, fitted = jax.lax.stop_gradient(y), jax.lax.stop_gradient(a @ x)
-    interpolated = jnp.abs(y_c - fitted) <= _interp_threshold(y_c, fitted)
+    interpolated = jnp.abs(y_c - fitted) <= interp_threshold(y_c, fitted)
     x = _implicit_x(a, y, x, interpolated.astype(a.dtype))
     residual = y - a @ x
     absr = jnp.abs(residual)
