@@ -54,36 +54,60 @@ class _Carry(NamedTuple):
     iterations: jax.Array
 
 
-def _solve_one(a, y, method, tol: float, max_iters: int, check_every: int):
-    """Solve one problem ``min ||y - a x||_1`` (``a`` is ``m x n`` with ``m > n``).
+class _Member(NamedTuple):
+    """Everything one problem's loop needs, and its progress (a pytree; batched under vmap)."""
 
-    A ``while_loop`` over chunks of ``check_every`` first-order steps; after each chunk the
-    iterate and its polish are scored, and the loop stops once the best primal and best dual
-    point found so far have relative gap ``<= tol``. Under ``vmap`` a finished member's
-    carry is frozen, so batched results equal one-at-a-time results.
+    fac: object  # Factorization of the design (unbatched when the batch shares it)
+    y: jax.Array
+    finite: jax.Array
+    carry: _Carry
+
+
+def _gap(member: _Member) -> jax.Array:
+    best = member.carry.best
+    y = member.y
+    return relative_gap(best.objective, best.dual_value, jnp.sum(jnp.abs(y)), y.shape[0])
+
+
+def _solved(member: _Member) -> jax.Array:
+    """Relative gap ``<= tol`` *and* a vertex.
+
+    The gap alone is relative to ``||r||_1``, which a few huge outliers dominate (float32 then
+    accepts non-vertex points); an LP optimum is also a vertex: ``>= n`` rows fitted.
     """
+    q, y = member.fac.q, member.y
+    fitted = q @ member.carry.best.z
+    at_vertex = jnp.sum(jnp.abs(y - fitted) <= interp_threshold(y, fitted)) >= q.shape[1]
+    return at_vertex, _gap(member)
+
+
+def _start(a, y, method) -> _Member:
+    """Factorize, initialize the method and score its starting point (no iterations)."""
     finite = jnp.all(jnp.isfinite(a)) & jnp.all(jnp.isfinite(y))
     fac = factorize(a)
-    q = fac.q
-    y_scale = jnp.sum(jnp.abs(y))
+    state = method.init(fac.q, y)
+    z0, u0, _ = method.estimate(fac.q, y, state)
+    carry = _Carry(state, evaluate(fac.q, y, z0, u0), jnp.asarray(False),
+                   jnp.asarray(0, jnp.int32))
+    return _Member(fac, y, finite, carry)
 
-    state = method.init(q, y)
-    z0, u0, _ = method.estimate(q, y, state)
 
-    def gap(c: _Carry):
-        return relative_gap(c.best.objective, c.best.dual_value, y_scale, a.shape[0])
+def _advance(member: _Member, method, tol: float, budget: int, check_every: int) -> _Member:
+    """Run chunks of ``check_every`` first-order steps until solved or ``budget`` reached.
 
-    n = a.shape[1]
+    After each chunk the iterate and its polish are scored and merged into the best primal
+    and best dual point found so far. The carry is complete, so stopping at any budget and
+    resuming later follows exactly the same trajectory; under ``vmap`` a finished member's
+    carry is frozen, so batched results equal one-at-a-time results.
+    """
+    q, y = member.fac.q, member.y
 
-    def solved(c: _Carry):
-        # The gap alone is relative to ||r||_1, which a few huge outliers dominate (float32
-        # then accepts non-vertex points); an LP optimum is also a vertex: >= n rows fitted.
-        fitted = q @ c.best.z
-        at_vertex = jnp.sum(jnp.abs(y - fitted) <= interp_threshold(y, fitted)) >= n
-        return (gap(c) <= tol) & at_vertex
+    def is_solved(c: _Carry):
+        at_vertex, gap = _solved(member._replace(carry=c))
+        return at_vertex & (gap <= tol)
 
     def cond(c: _Carry):
-        return finite & ~solved(c) & (c.iterations < max_iters)
+        return member.finite & ~is_solved(c) & (c.iterations < budget)
 
     def body(c: _Carry) -> _Carry:
         state = method.run(q, y, c.state, check_every)
@@ -92,17 +116,33 @@ def _solve_one(a, y, method, tol: float, max_iters: int, check_every: int):
         took_polish, best = merge(polish(q, y, z, u, support), best)
         return _Carry(state, best, c.polished | took_polish, c.iterations + check_every)
 
-    init = _Carry(state, evaluate(q, y, z0, u0), jnp.asarray(False), jnp.asarray(0, jnp.int32))
-    out = jax.lax.while_loop(cond, body, init)
+    return member._replace(carry=jax.lax.while_loop(cond, body, member.carry))
 
-    final_gap = gap(out)
+
+def _active(member: _Member, tol: float, max_iters: int) -> jax.Array:
+    """Still worth iterating: finite, not solved, budget left."""
+    at_vertex, gap = _solved(member)
+    return (member.finite & ~(at_vertex & (gap <= tol))
+            & (member.carry.iterations < max_iters))
+
+
+def _outcome(member: _Member, tol: float):
+    """``(x, dual, gap, polished, iterations, result)`` of a finished member."""
+    c = member.carry
+    at_vertex, gap = _solved(member)
     result = jnp.select(
-        [~finite, ~fac.full_rank, solved(out)],
+        [~member.finite, ~member.fac.full_rank, at_vertex & (gap <= tol)],
         [RESULTS.nonfinite_input, RESULTS.rank_deficient, RESULTS.successful],
         RESULTS.max_iters_reached,
     ).astype(jnp.int32)
-    x = jnp.where(finite, to_x(fac, out.best.z), jnp.nan)
-    return x, out.best.u, final_gap, out.polished, out.iterations, result
+    x = jnp.where(member.finite, to_x(member.fac, c.best.z), jnp.nan)
+    return x, c.best.u, gap, c.polished, c.iterations, result
+
+
+def _solve_one(a, y, method, tol: float, max_iters: int, check_every: int):
+    """Solve one problem ``min ||y - a x||_1`` (``a`` is ``m x n`` with ``m > n``)."""
+    member = _advance(_start(a, y, method), method, tol, max_iters, check_every)
+    return _outcome(member, tol)
 
 
 @jax.custom_jvp
@@ -185,6 +225,102 @@ def _solve_batch(a, y, *, method, tol, max_iters, check_every, shared):
     return jax.vmap(one, in_axes=(None if shared else 0, 0))(a, y)
 
 
+def _member_axes(shared: bool) -> _Member:
+    """vmap axes of a batch of members: a shared design's factorization is not batched."""
+    return _Member(fac=None if shared else 0, y=0, finite=0, carry=0)
+
+
+def _batched(fn, shared: bool, out_member: bool = True):
+    axes = _member_axes(shared)
+    return jax.vmap(fn, in_axes=(axes,), out_axes=axes if out_member else 0)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "shared"))
+def _start_batch(a, y, *, method, shared):
+    return jax.vmap(lambda a1, y1: _start(a1, y1, method), in_axes=(None if shared else 0, 0),
+                    out_axes=_member_axes(shared))(a, y)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "tol", "check_every", "shared"))
+def _advance_batch(members, budget, *, method, tol, check_every, shared):
+    return _batched(lambda mb: _advance(mb, method, tol, budget, check_every), shared)(members)
+
+
+@functools.partial(jax.jit, static_argnames=("tol", "max_iters", "shared"))
+def _active_batch(members, *, tol, max_iters, shared):
+    return _batched(lambda mb: _active(mb, tol, max_iters), shared, out_member=False)(members)
+
+
+def _split(members: _Member, shared: bool):
+    """``(batched part, shared factorization or None)``."""
+    return (members._replace(fac=None), members.fac) if shared else (members, None)
+
+
+@functools.partial(jax.jit, static_argnames=("shared",))
+def _take(members, idx, *, shared):
+    part, fac = _split(members, shared)
+    part = jax.tree_util.tree_map(lambda t: t[idx], part)
+    return part._replace(fac=fac) if shared else part
+
+
+@functools.partial(jax.jit, static_argnames=("shared",), donate_argnums=(0,))
+def _put(members, sub, idx, *, shared):
+    part, fac = _split(members, shared)
+    sub_part, _ = _split(sub, shared)
+    k = idx.shape[0]
+    part = jax.tree_util.tree_map(lambda t, u: t.at[idx].set(u[:k]), part, sub_part)
+    return part._replace(fac=fac) if shared else part
+
+
+@functools.partial(jax.jit, static_argnames=("tol", "shared"))
+def _finish_batch(a, y, members, *, tol, shared):
+    raw = _batched(lambda mb: _outcome(mb, tol), shared, out_member=False)(members)
+    return jax.vmap(lambda a1, y1, *r: _finish_one(a1, y1, *r, tol),
+                    in_axes=(None if shared else 0, 0) + (0,) * len(raw))(a, y, *raw)
+
+
+def _bucket(count: int, batch: int) -> int:
+    """Batch size for ``count`` still-running members: a power of 4 (few compilations)."""
+    size = 1
+    while size < count:
+        size *= 4
+    return min(size, batch)
+
+
+def _solve_compacting(a, y, *, method, tol, max_iters, check_every, shared):
+    """Eager batched solve that compacts the batch between rounds.
+
+    A ``vmap``-ed ``while_loop`` runs until its slowest member is done, so one hard problem
+    makes the whole batch pay for its iterations. Here the batch runs in rounds with a
+    doubling iteration budget; after each round the members still running are gathered into
+    a smaller batch (a power of 4, so few shapes compile) and continue from their complete
+    carry. Each member follows exactly the trajectory it would alone, so the results equal
+    the single-loop ones; the work is about the *sum* of the members' iterations instead of
+    ``batch x max``.
+    """
+    members = _start_batch(a, y, method=method, shared=shared)
+    batch = y.shape[0]
+    budget = 2 * check_every
+    active = np.ones(batch, bool)
+    while True:
+        idx = np.flatnonzero(active)
+        if idx.size == 0:
+            break
+        size = _bucket(idx.size, batch)
+        take = np.concatenate([idx, np.full(size - idx.size, idx[0])]).astype(np.int32)
+        sub = members if size == batch else _take(members, jnp.asarray(take), shared=shared)
+        sub = _advance_batch(sub, jnp.asarray(min(budget, max_iters), jnp.int32),
+                             method=method, tol=tol, check_every=check_every, shared=shared)
+        members = sub if size == batch else _put(members, sub, jnp.asarray(idx, jnp.int32),
+                                                 shared=shared)
+        if budget >= max_iters:
+            break
+        budget *= 2
+        active = np.asarray(_active_batch(members, tol=tol, max_iters=max_iters,
+                                          shared=shared))
+    return _finish_batch(a, y, members, tol=tol, shared=shared)
+
+
 def _as_method(method):
     if isinstance(method, str):
         if method not in _METHOD_CLASSES:
@@ -223,6 +359,7 @@ def l1_regression(
     max_iters: int = 20_000,
     check_every: int | None = None,
     throw: bool = True,
+    compact: bool = True,
 ) -> L1Solution:
     r"""Least absolute deviations: :math:`\hat x = \arg\min_x \|A x - y\|_1`.
 
@@ -255,6 +392,10 @@ def l1_regression(
         max_iters: first-order iteration budget per problem.
         check_every: first-order steps between duality-gap checks and polish attempts
             (default ``clip(n // 4, 10, 100)``).
+        compact: called eagerly (not under ``jit``/``vmap``/``grad``), run a batch in rounds
+            and continue only the members still running, in a smaller batch, so a few slow
+            problems do not make every member pay for their iterations. Same results; under
+            a transformation the batch is always one compiled loop.
         throw: if True, raise :class:`L1RecoveryError` (or ``ValueError`` for NaN/Inf
             inputs) when any problem is not successful; if False, report it in
             ``solution.result`` / ``solution.converged`` only.
@@ -293,8 +434,13 @@ def l1_regression(
         batch = jnp.broadcast_shapes(a.shape[:-2], y.shape[:-1])
         ab = jnp.broadcast_to(a, batch + (m, n)).reshape((-1, m, n))
         yb = jnp.broadcast_to(y, batch + (m,)).reshape((-1, m))
-    sol = _solve_batch(ab, yb, method=solver, tol=tol, max_iters=max_iters,
-                       check_every=check_every, shared=shared)
+    traced = any(isinstance(t, jax.core.Tracer) for t in (ab, yb))
+    if compact and not traced and yb.ndim == 2 and yb.shape[0] > 1 and m > n:
+        sol = _solve_compacting(ab, yb, method=solver, tol=tol, max_iters=max_iters,
+                                check_every=check_every, shared=shared)
+    else:
+        sol = _solve_batch(ab, yb, method=solver, tol=tol, max_iters=max_iters,
+                           check_every=check_every, shared=shared)
     if batch != yb.shape[:-1]:
         sol = jax.tree_util.tree_map(lambda t: t.reshape(batch + t.shape[1:]), sol)
     if throw:
