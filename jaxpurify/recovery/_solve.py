@@ -161,7 +161,8 @@ def _implicit_x_jvp(primals, tangents):
     :math:`(A^\top D_S A)\, \dot x = A^\top D_S(\dot y - \dot A x) + \dot A^\top D_S (y - Ax)`.
     With exactly ``n`` interpolated rows this is the exact derivative of the vertex; with
     more (degenerate, as in exact recovery) it is the derivative of least squares over all
-    interpolated rows.
+    interpolated rows. At a point that is not a vertex (an unconverged solve) ``S`` is
+    completed with the ``n`` rows of smallest residual, so the derivative stays finite.
     """
     a, y, x, w = primals
     da, dy, _, _ = tangents
@@ -174,8 +175,14 @@ def _implicit_x_jvp(primals, tangents):
 def _finish_one(a, y, x, dual, gap, polished, iterations, result, tol):
     """Attach the implicit derivative and compute the reported fields of one problem."""
     y_c, fitted = jax.lax.stop_gradient(y), jax.lax.stop_gradient(a @ x)
-    interpolated = jnp.abs(y_c - fitted) <= interp_threshold(y_c, fitted)
-    x = _implicit_x(a, y, x, interpolated.astype(a.dtype))
+    absr_c = jnp.abs(y_c - fitted)
+    interpolated = absr_c <= interp_threshold(y_c, fitted)
+    # The derivative's rows: the interpolated ones, plus the n smallest residuals so that the
+    # normal equations are never singular (an unconverged point interpolating fewer than n
+    # rows would otherwise give NaN derivatives; at a vertex this adds nothing).
+    n = a.shape[-1]
+    nearest = jnp.zeros_like(interpolated).at[jax.lax.top_k(-absr_c, n)[1]].set(True)
+    x = _implicit_x(a, y, x, (interpolated | nearest).astype(a.dtype))
     residual = y - a @ x
     absr = jnp.abs(residual)
     objective = jnp.sum(jnp.where(interpolated, 0.0, absr)) + jax.lax.stop_gradient(

@@ -110,3 +110,19 @@ def test_vmap_of_jvp_equals_loop():
     for i in range(3):
         single = jax.jvp(_x, (a[i], ys[i]), (das[i], dys[i]))[1]
         np.testing.assert_allclose(out[i], single, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_gradient_is_finite_at_an_unconverged_point(dtype):
+    # One chunk on generic data: fewer than n rows are interpolated. The derivative then
+    # uses the n smallest residuals (documented), so it is finite, never NaN.
+    a, y = _generic(11, m=60, n=10)
+    a, y = jnp.asarray(a, dtype), jnp.asarray(y, dtype)
+
+    def loss(y):
+        sol = jp.l1_regression(a, y, max_iters=1, check_every=1, throw=False)
+        return jnp.sum(sol.x**2), sol
+
+    (_, sol), g = jax.value_and_grad(loss, has_aux=True)(y)
+    assert not bool(sol.converged)
+    assert bool(jnp.all(jnp.isfinite(g)))
