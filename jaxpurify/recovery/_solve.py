@@ -180,8 +180,8 @@ def _finish_one(a, y, x, dual, gap, polished, iterations, result, tol):
     # The derivative's rows: the interpolated ones, plus the n smallest residuals so that the
     # normal equations are never singular (an unconverged point interpolating fewer than n
     # rows would otherwise give NaN derivatives; at a vertex this adds nothing).
-    n = a.shape[-1]
-    nearest = jnp.zeros_like(interpolated).at[jax.lax.top_k(-absr_c, n)[1]].set(True)
+    k = min(a.shape[-1], a.shape[-2])  # m <= n (underdetermined): every row
+    nearest = jnp.zeros_like(interpolated).at[jax.lax.top_k(-absr_c, k)[1]].set(True)
     x = _implicit_x(a, y, x, (interpolated | nearest).astype(a.dtype))
     residual = y - a @ x
     absr = jnp.abs(residual)
