@@ -52,7 +52,7 @@ def fmt(v, key: str = "") -> str:
             return str(v)
         if key.startswith("acc") or key in ("asr", "fraction"):
             return f"{v:.4f}".rstrip("0").rstrip(".") if key == "fraction" else f"{v:.4f}"
-        if "seconds" in key or key.endswith("_s"):
+        if ("seconds" in key or key.endswith("_s")) and abs(v) >= 0.1:
             return f"{v:.1f}"
         if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
             return f"{v:.1e}"
@@ -96,9 +96,20 @@ def command(name: str, m: dict) -> str:
 def _headline(m: dict) -> list[str]:
     skip = {"command", "experiment", "wall_seconds", "figure", "figures", "seconds"}
     items = [(k, v) for k, v in m.items() if _is_scalar(v) and k not in skip]
+    # One level of nested summaries (e.g. ``timing``, ``fifty_percent_summary``): their
+    # scalar entries, named ``outer.inner``.
+    for k, v in m.items():
+        if isinstance(v, dict) and k not in skip | {"environment", "config", "sources"}:
+            for k2, v2 in v.items():
+                if _is_scalar(v2) and not isinstance(v2, str):
+                    items.append((f"{k}.{k2}", v2))
+                elif isinstance(v2, dict):
+                    items += [(f"{k}.{k2}.{k3}", v3) for k3, v3 in v2.items()
+                              if _is_scalar(v3) and not isinstance(v3, str)]
     if not items:
         return []
-    return _table(["quantity", "value"], [[k, fmt(v, k)] for k, v in items[:20]]) + [""]
+    return _table(["quantity", "value"], [[k, fmt(v, k.rsplit(".", 1)[-1])]
+                                          for k, v in items[:40]]) + [""]
 
 
 def _columns(rows: list[dict]) -> list[str]:
