@@ -245,3 +245,12 @@ def test_purify_corrupt_checkpoint_subprocess(designed_ckpt, tmp_path):
                          capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 2
     assert "not valid JSON" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_python_dash_m_is_the_cli():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "jaxpurify", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "demo" in out and "purify" in out and "run" in out
