@@ -248,9 +248,6 @@ def test_purify_corrupt_checkpoint_subprocess(designed_ckpt, tmp_path):
 
 
 def test_python_dash_m_is_the_cli():
-    import subprocess
-    import sys
-
     out = subprocess.run([sys.executable, "-m", "jaxpurify", "--help"], capture_output=True,
                          text=True, check=True).stdout
     assert "demo" in out and "purify" in out and "run" in out
