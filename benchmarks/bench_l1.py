@@ -13,6 +13,7 @@ See ``benchmarks/README.md`` for what every column means and how the peers are c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -498,9 +499,14 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-scaling", action="store_true", help="skip the scaling section")
     ap.add_argument("--no-ours", action="store_true", help="peers only")
+    ap.add_argument("--sizes", nargs="+", metavar="MxN",
+                    help="only these sizes of the grid, e.g. --sizes 400x100")
     args = ap.parse_args(argv)
 
     grid = QUICK if args.quick else FULL
+    if args.sizes:
+        sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes]
+        grid = dataclasses.replace(grid, sizes=sizes)
     jp, missing = (None, "--no-ours") if args.no_ours else _ours_available()
     methods = tuple(jp.recovery.METHODS) if jp is not None else ()
     if jp is None:
