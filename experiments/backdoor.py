@@ -20,7 +20,6 @@ classified as the target. Writes ``metrics.json`` (``rows``, ``targets``), ``tab
 from __future__ import annotations
 
 import functools
-import os
 import time
 from pathlib import Path
 
@@ -64,18 +63,12 @@ def _config(dataset: str, quick: bool) -> dict:
     return cfg
 
 
-def _data_dir():
-    if os.environ.get("JAXPURIFY_DATA_DIR"):
-        return None
-    sibling = Path(__file__).resolve().parents[2] / "shared" / "data"
-    return sibling if sibling.is_dir() else None
-
-
 def _load(dataset: str, cfg: dict):
     from jaxpurify import data
 
     loader = data.load_mnist if dataset == "mnist" else data.load_cifar10
-    ds = loader(_data_dir(), limit_train=cfg["train_limit"], limit_test=cfg["test_limit"])
+    ds = loader(data.default_data_dir(), limit_train=cfg["train_limit"],
+                limit_test=cfg["test_limit"])
     if dataset == "mnist":
         mean, std = data.MNIST_MEAN, data.MNIST_STD
     else:

@@ -19,7 +19,6 @@ Writes ``metrics.json`` (``rows``: one per (noise, fraction)) and ``accuracy.png
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -30,10 +29,8 @@ import optax
 
 from jaxpurify import contamination as C
 from jaxpurify import multilayer as ML
-from jaxpurify.data import load_cifar10, load_mnist
+from jaxpurify.data import default_data_dir, load_cifar10, load_mnist
 from jaxpurify.phase_transition import critical_fraction
-
-_SIBLING_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 #: Per experiment: model, data, training, and the sweep (full and quick).
 CONFIGS = {
@@ -75,9 +72,8 @@ def _config(name: str, quick: bool) -> dict:
 
 
 def _load(cfg):
-    if not os.environ.get("JAXPURIFY_DATA_DIR") and _SIBLING_DATA.is_dir():
-        os.environ["JAXPURIFY_DATA_DIR"] = str(_SIBLING_DATA)
-    return cfg["loader"](limit_train=cfg["limit_train"], limit_test=cfg["limit_test"])
+    return cfg["loader"](default_data_dir(), limit_train=cfg["limit_train"],
+                         limit_test=cfg["limit_test"])
 
 
 def contaminate(plain, key, law: str, fraction: float):

@@ -45,7 +45,6 @@ clean accuracy, whether and why each source can serve) and ``accuracy_vs_fractio
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -58,12 +57,10 @@ import optax
 from experiments._common import pyplot, save_fig, write_metrics
 from jaxpurify import contamination as C
 from jaxpurify import subspaces as S
-from jaxpurify.data import load_cifar10, load_mnist
+from jaxpurify.data import default_data_dir, load_cifar10, load_mnist
 from jaxpurify.models import DesignedOneHiddenLayerCNN, OneHiddenLayerCNN, extract_patches
 from jaxpurify.purify import purify
 from jaxpurify.training import fit, sgd
-
-_SIBLING_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 SOURCES = ("designed", "row_space", "lazy")
 LAWS = ("gaussian", "heavy_tailed", "sign_flip", "bit_flips")
@@ -152,14 +149,6 @@ def _config(name: str, quick: bool, overrides: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _data_dir(data_dir):
-    if data_dir is not None:
-        return data_dir
-    if not os.environ.get("JAXPURIFY_DATA_DIR") and _SIBLING_DATA.is_dir():
-        return str(_SIBLING_DATA)
-    return None
 
 
 def _finite_or_none(v):
@@ -465,7 +454,7 @@ def run(*, name: str = "mnist", quick: bool = False, out: Path | str = "runs/mni
     bar = _tqdm(progress)
     log = print if progress else (lambda *a, **k: None)
 
-    ds = cfg["loader"](data_dir=_data_dir(data_dir), dtype="float64", normalize=True,
+    ds = cfg["loader"](data_dir=default_data_dir(data_dir), dtype="float64", normalize=True,
                        limit_test=cfg["limit_test"])
     x_train, x_test = jnp.asarray(ds.x_train), jnp.asarray(ds.x_test)
     image = [int(s) for s in ds.x_train.shape[1:]]

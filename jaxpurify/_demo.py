@@ -18,7 +18,6 @@ The stages:
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,12 +33,6 @@ STEPS = 600
 BATCH = 128
 LR = 3e-3
 SYNTH_TRAIN, SYNTH_TEST = 20_000, 5_000
-
-
-def _sibling_data() -> str | None:
-    """``../shared/data`` beside a source checkout (the tests' default), if it holds MNIST."""
-    path = Path(__file__).resolve().parents[2] / "shared" / "data"
-    return str(path) if (path / "mnist").is_dir() else None
 
 
 def _load_mnist(data_dir):
@@ -193,7 +186,9 @@ def demo(out: Path, seed: int = 0, data_dir: str | None = None) -> int:
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data_dir = data_dir or os.environ.get("JAXPURIFY_DATA_DIR") or _sibling_data()
+    from jaxpurify.data import default_data_dir
+
+    data_dir = default_data_dir(data_dir)
     use_real = bool(data_dir)
     stages = ["data", "train", "contaminate", "purify", "evaluate", "plot"]
     bar = tqdm(total=STEPS + len(stages) - 1, desc="demo", unit="step", file=sys.stderr,

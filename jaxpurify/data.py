@@ -132,6 +132,21 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     return path
 
 
+def default_data_dir(data_dir: str | os.PathLike[str] | None = None) -> str | None:
+    """The data directory to use when one may be absent.
+
+    ``data_dir`` if given, else ``$JAXPURIFY_DATA_DIR``, else ``../shared/data`` beside a
+    source checkout of jaxpurify when that folder exists (the tests' and experiments'
+    default), else ``None``.
+    """
+    if data_dir is not None and str(data_dir) != "":
+        return os.fspath(data_dir)
+    if os.environ.get(DATA_DIR_ENV):
+        return os.environ[DATA_DIR_ENV]
+    sibling = Path(__file__).resolve().parents[2] / "shared" / "data"
+    return str(sibling) if sibling.is_dir() else None
+
+
 def _data_dir_is_configured(data_dir: str | os.PathLike[str] | None) -> bool:
     return (data_dir is not None and str(data_dir) != "") or bool(os.environ.get(DATA_DIR_ENV))
 
