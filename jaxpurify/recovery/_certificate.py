@@ -154,7 +154,7 @@ def _solve_on_rows(q, y, z, u, support, prune, dual_steps):
     def alternate(k, carry):
         # Alternating projections (box, then the affine set) with Nesterov extrapolation:
         # the plain iteration is projected gradient on dist(v, box)^2 / 2 over the affine
-        # set, and the momentum makes 30 steps certify problems that plain steps need
+        # set, and the momentum makes a few steps certify problems that plain steps need
         # several more first-order chunks for.
         v, t = carry
         v_new = to_affine(jnp.clip(t, -1.0, 1.0))

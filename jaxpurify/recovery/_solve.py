@@ -69,7 +69,7 @@ def _gap(member: _Member) -> jax.Array:
     return relative_gap(best.objective, best.dual_value, jnp.sum(jnp.abs(y)), y.shape[0])
 
 
-def _solved(member: _Member) -> jax.Array:
+def _is_solved(member: _Member, tol: float) -> jax.Array:
     """Relative gap ``<= tol`` *and* a vertex.
 
     The gap alone is relative to ``||r||_1``, which a few huge outliers dominate (float32 then
@@ -78,7 +78,7 @@ def _solved(member: _Member) -> jax.Array:
     q, y = member.fac.q, member.y
     fitted = q @ member.carry.best.z
     at_vertex = jnp.sum(jnp.abs(y - fitted) <= interp_threshold(y, fitted)) >= q.shape[1]
-    return at_vertex, _gap(member)
+    return at_vertex & (_gap(member) <= tol)
 
 
 def _start(a, y, method) -> _Member:
@@ -102,12 +102,9 @@ def _advance(member: _Member, method, tol: float, budget: int, check_every: int)
     """
     q, y = member.fac.q, member.y
 
-    def is_solved(c: _Carry):
-        at_vertex, gap = _solved(member._replace(carry=c))
-        return at_vertex & (gap <= tol)
-
     def cond(c: _Carry):
-        return member.finite & ~is_solved(c) & (c.iterations < budget)
+        return (member.finite & ~_is_solved(member._replace(carry=c), tol)
+                & (c.iterations < budget))
 
     def body(c: _Carry) -> _Carry:
         state = method.run(q, y, c.state, check_every)
@@ -121,22 +118,20 @@ def _advance(member: _Member, method, tol: float, budget: int, check_every: int)
 
 def _active(member: _Member, tol: float, max_iters: int) -> jax.Array:
     """Still worth iterating: finite, not solved, budget left."""
-    at_vertex, gap = _solved(member)
-    return (member.finite & ~(at_vertex & (gap <= tol))
+    return (member.finite & ~_is_solved(member, tol)
             & (member.carry.iterations < max_iters))
 
 
 def _outcome(member: _Member, tol: float):
     """``(x, dual, gap, polished, iterations, result)`` of a finished member."""
     c = member.carry
-    at_vertex, gap = _solved(member)
     result = jnp.select(
-        [~member.finite, ~member.fac.full_rank, at_vertex & (gap <= tol)],
+        [~member.finite, ~member.fac.full_rank, _is_solved(member, tol)],
         [RESULTS.nonfinite_input, RESULTS.rank_deficient, RESULTS.successful],
         RESULTS.max_iters_reached,
     ).astype(jnp.int32)
     x = jnp.where(member.finite, to_x(member.fac, c.best.z), jnp.nan)
-    return x, c.best.u, gap, c.polished, c.iterations, result
+    return x, c.best.u, _gap(member), c.polished, c.iterations, result
 
 
 def _solve_one(a, y, method, tol: float, max_iters: int, check_every: int):
