@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxpurify._precision import full_precision
 from jaxpurify.attacks import accuracy, logits_fn, one_hidden_hidden
 from jaxpurify.phase_transition import critical_fraction
 from jaxpurify.recovery import l1_regression
@@ -443,6 +444,7 @@ def _recover_rows(a, v, *, rtol, method, tol, max_iters):
     return out, corrupted, info
 
 
+@full_precision
 def recover_designed(model, params, *, rtol: float | None = None, method="admm",
                      tol: float | None = None, max_iters: int = 20_000):
     r"""Robust recovery of a designed network's deployed weights (no data).

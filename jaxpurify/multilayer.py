@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxpurify._precision import full_precision
 from jaxpurify.models._one_hidden import design_matrix
 from jaxpurify.phase_transition import critical_fraction
 from jaxpurify.recovery import RESULTS, l1_regression
@@ -271,6 +272,7 @@ class DesignedCNN(nn.Module):
 
     # -- code params -> plain params, and the plain forward pass
 
+    @full_precision
     def materialize(self, params) -> dict:
         """Deployed plain params ``{layer: {"kernel", "bias"}}`` from code params.
 
@@ -519,6 +521,7 @@ def _solve_dtype(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
+@full_precision
 def purify_layers(model: DesignedCNN, contaminated, *, method="admm", tol: float | None = None,
                   max_iters: int = 300, screen: float | None = 1e3,
                   layers: Sequence[str] | None = None):

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpurify import subspaces as S
+from jaxpurify._precision import full_precision
 from jaxpurify.models import DesignedOneHiddenLayerCNN, OneHiddenLayerCNN
 from jaxpurify.phase_transition import critical_fraction
 from jaxpurify.recovery import l1_regression
@@ -203,6 +204,7 @@ def _layer_report(problem, sol, nonfinite, corrupted_leaves, size) -> LayerRepor
                        certified, tuple(warns))
 
 
+@full_precision
 def purify(model, params, *, init_params=None, inputs=None, subspace: str = "row_space",
            designs: dict | None = None, layers=("conv", "readout"), weight_decay: bool = False,
            method="admm", tol: float | None = None, max_iters: int = 20_000,

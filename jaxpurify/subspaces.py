@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpurify._precision import full_precision
 from jaxpurify.models import OneHiddenLayerCNN, extract_patches
 
 SOURCES = ("row_space", "lazy", "designed")
@@ -138,6 +139,7 @@ def _augmented_patches(model: OneHiddenLayerCNN, inputs) -> jax.Array:
     return jnp.concatenate([p, jnp.ones((p.shape[0], 1), p.dtype)], axis=1)
 
 
+@full_precision
 def filter_row_space(model: OneHiddenLayerCNN, init_params, inputs, *,
                      weight_decay: bool = False) -> LayerProblem:
     """Data row-space ``A_W`` for the filters (see module docstring)."""
@@ -156,6 +158,7 @@ def hidden_features(model: OneHiddenLayerCNN, params, inputs) -> jax.Array:
     return model.apply({"params": _params(params)}, inputs, method=model.hidden)
 
 
+@full_precision
 def readout_row_space(model: OneHiddenLayerCNN, params, init_params, inputs, *,
                       weight_decay: bool = False) -> LayerProblem:
     """``A_beta``: span of the hidden features at the filters of ``params``.
@@ -174,6 +177,7 @@ def readout_row_space(model: OneHiddenLayerCNN, params, init_params, inputs, *,
                         jnp.zeros_like(beta0))
 
 
+@full_precision
 def filter_lazy(model: OneHiddenLayerCNN, init_params, inputs) -> LayerProblem:
     """Lazy per-sample design: one problem, all filters stacked (``J (d+1)`` entries)."""
     p0 = _params(init_params)

@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxpurify._precision import full_precision
+
 
 def _pair(p) -> tuple[int, int]:
     return (p, p) if isinstance(p, int) else tuple(p)
@@ -163,6 +165,7 @@ class DesignedOneHiddenLayerCNN(nn.Module):
                                  use_bias=True, pool=self.pool, param_dtype=self.param_dtype,
                                  parent=None)
 
+    @full_precision
     def materialize(self, params) -> dict:
         """Plain :class:`OneHiddenLayerCNN` params ``W = A theta`` from the code params.
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpurify._precision import full_precision
 from jaxpurify.recovery._admm import ADMM
 from jaxpurify.recovery._certificate import (
     Candidate,
@@ -148,6 +149,7 @@ def _implicit_x(a, y, x, weights):
 
 
 @_implicit_x.defjvp
+@full_precision
 def _implicit_x_jvp(primals, tangents):
     r"""Implicit derivative at a vertex solution.
 
@@ -354,6 +356,7 @@ def _check_shapes(a, y):
             raise ValueError(f"{name} must be a real floating array; got dtype {arr.dtype}")
 
 
+@full_precision
 def l1_regression(
     A,
     y,
