@@ -13,7 +13,9 @@
 5. measure the data row-space alternative: the rank of each layer's input-patch span at
    several data sizes, and, on a tiny plain-SGD run, the span the trajectory needs.
 
-Writes ``metrics.json`` (``rows``: one per (noise, fraction)) and ``accuracy.png``.
+Writes ``metrics.json`` (``rows``: one per (noise, fraction)), ``accuracy.png``, and the
+trained codes ``codes.npz`` with ``codes.json`` (training time and device); ``codes=PATH``
+loads such codes instead of training (train on an accelerator, evaluate anywhere).
 """
 
 from __future__ import annotations
@@ -36,21 +38,23 @@ from jaxpurify.phase_transition import critical_fraction
 CONFIGS = {
     "multilayer-mnist": {
         "dataset": "mnist", "loader": load_mnist, "model": "LeNet5", "ratio": 4.0,
-        "epochs": 8, "lr": 3e-3, "batch_size": 128, "hflip": False,
+        "epochs": 8, "lr": 3e-3, "batch_size": 128, "hflip": False, "crop": 0,
         "fractions": (0.0, 0.05, 0.1, 0.2, 0.3, 0.4),
         "laws": ("gaussian", "heavy_tailed", "bit_flips"),
         "row_space_sizes": (1, 10, 100, 1000), "trajectory": True,
         "highs_sample": 4, "highs_max_rows": None, "limit_train": None, "limit_test": None,
+        "codes": None,
         "quick": {"epochs": 1.0, "limit_train": 20_000, "fractions": (0.0, 0.1, 0.2, 0.3),
                   "row_space_sizes": (1, 10, 100), "highs_sample": 2},
     },
     "multilayer-cifar10": {
         "dataset": "cifar10", "loader": load_cifar10, "model": "SmallVGG", "ratio": 4.0,
-        "epochs": 20, "lr": 2e-3, "batch_size": 128, "hflip": True,
+        "epochs": 20, "lr": 2e-3, "batch_size": 128, "hflip": True, "crop": 4,
         "fractions": (0.0, 0.05, 0.1, 0.2, 0.3, 0.4),
         "laws": ("gaussian", "heavy_tailed", "bit_flips"),
         "row_space_sizes": (1, 10, 100), "trajectory": False,
         "highs_sample": 2, "highs_max_rows": None, "limit_train": None, "limit_test": None,
+        "codes": None,
         "quick": {"epochs": 1.0, "limit_train": 2_560, "limit_test": 1_000,
                   "fractions": (0.0, 0.1), "laws": ("gaussian", "bit_flips"),
                   "row_space_sizes": (1, 10), "highs_sample": 1, "highs_max_rows": 600},
@@ -83,6 +87,22 @@ def contaminate(plain, key, law: str, fraction: float):
     if law == "bit_flips":
         return C.bit_flips(plain, key, fraction=fraction)
     return C.sparse_gross_errors(plain, key, fraction=fraction, law=law)
+
+
+def load_codes(model, path) -> tuple[dict, dict]:
+    """Trained code params from a ``codes.npz`` written by :func:`run` (and the training
+    record ``codes.json`` beside it: seconds, device, last loss)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no trained codes at {path}: pass the codes.npz that an "
+                                "earlier run of this experiment wrote into its --out folder")
+    with np.load(path) as z:
+        params = {k: jnp.asarray(z[k]) for k in z.files}
+    model.materialize(params)  # checks layer names and shapes, with a clear error
+    record = path.with_name("codes.json")
+    trained = (json.loads(record.read_text()) if record.is_file()
+               else {"seconds": float("nan"), "device": "unknown", "loss_last": float("nan")})
+    return params, trained
 
 
 def _rel_error(a, b) -> float:
@@ -232,7 +252,7 @@ def _plot(rows, acc_clean, crit, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    laws = [law for law in LAW_IDS if any(r["noise"] == law for r in rows)]
+    laws = [law for law in LAW_IDS if any(r["noise"] == law for r in rows)] or ["none"]
     fig, axes = plt.subplots(1, len(laws), figsize=(4.2 * len(laws), 3.4), squeeze=False)
     for ax, law in zip(axes[0], laws, strict=True):
         rs = sorted((r for r in rows if r["noise"] in (law, "none")),
@@ -276,17 +296,28 @@ def run(*, name: str = "multilayer-mnist", quick: bool = False, out: Path | str 
           f"{model.num_params()['codes']} trained codes for {model.num_params()['plain']} "
           f"deployed parameters; train {ds.x_train.shape[0]}, test {ds.x_test.shape[0]}")
 
-    # ---- train
+    # ---- train (or load codes trained earlier, e.g. on an accelerator)
     key = jax.random.PRNGKey(seed)
-    params = jax.jit(model.init)(key, jnp.zeros((1, *model.input_shape)))["params"]
-    steps = max(1, int(round(cfg["epochs"] * (ds.x_train.shape[0] // cfg["batch_size"]))))
-    opt = optax.adam(optax.warmup_cosine_decay_schedule(0.0, cfg["lr"], min(200, steps // 10),
-                                                        steps))
-    t0 = time.perf_counter()
-    params, losses = ML.train(model, params, ds.x_train, ds.y_train, epochs=cfg["epochs"],
-                              batch_size=cfg["batch_size"], optimizer=opt, key=seed,
-                              hflip=cfg["hflip"], desc=f"train {cfg['model']}")
-    train_seconds = time.perf_counter() - t0
+    device = jax.devices()[0].device_kind
+    if cfg["codes"] is None:
+        params = jax.jit(model.init)(key, jnp.zeros((1, *model.input_shape)))["params"]
+        steps = max(1, int(round(cfg["epochs"] * (ds.x_train.shape[0] // cfg["batch_size"]))))
+        opt = optax.adam(optax.warmup_cosine_decay_schedule(0.0, cfg["lr"],
+                                                            min(200, steps // 10), steps))
+        t0 = time.perf_counter()
+        params, losses = ML.train(model, params, ds.x_train, ds.y_train,
+                                  epochs=cfg["epochs"], batch_size=cfg["batch_size"],
+                                  optimizer=opt, key=seed, hflip=cfg["hflip"],
+                                  crop=cfg["crop"], desc=f"train {cfg['model']}")
+        trained = {"seconds": time.perf_counter() - t0, "device": device,
+                   "loss_last": float(np.nanmean(losses[-max(1, len(losses) // 10):]))}
+        np.savez(out / "codes.npz", **{k: np.asarray(v) for k, v in params.items()})
+        (out / "codes.json").write_text(json.dumps(trained, indent=2))  # provenance
+    else:
+        params, trained = load_codes(model, cfg["codes"])
+        print(f"loaded trained codes from {cfg['codes']} (trained on {trained['device']} in "
+              f"{trained['seconds']:.0f} s); skipping training")
+    train_seconds = trained["seconds"]
     clean = model.materialize(params)
     t0 = time.perf_counter()
     acc_clean = ML.accuracy(model, clean, ds.x_test, ds.y_test)
@@ -374,7 +405,8 @@ def run(*, name: str = "multilayer-mnist", quick: bool = False, out: Path | str 
         "model": {"name": cfg["model"], "layers": [i._asdict() for i in infos],
                   **model.num_params()},
         "acc_clean": acc_clean, "train_seconds": train_seconds,
-        "train_loss_last": float(np.nanmean(losses[-max(1, len(losses) // 10):])),
+        "train_device": trained["device"], "device": device,
+        "train_loss_last": trained["loss_last"],
         "eval_seconds": eval_seconds, "critical_fraction_min": crit,
         "rows": rows, "timing": timing, "row_space": row_space,
         "seconds": time.perf_counter() - t_start,

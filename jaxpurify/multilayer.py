@@ -723,9 +723,22 @@ def _flip(key, xb):
     return jnp.where(flip, xb[:, :, ::-1, :], xb)
 
 
+def _random_crop(key, xb, pad: int):
+    """Pad each image by ``pad`` zeros on every side and cut a random ``H x W`` window
+    (the standard CIFAR translation augmentation); one offset per image."""
+    n, h, w, _ = xb.shape
+    padded = jnp.pad(xb, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    offsets = jax.random.randint(key, (n, 2), 0, 2 * pad + 1)
+
+    def cut(img, off):
+        return jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, img.shape[-1]))
+
+    return jax.vmap(cut)(padded, offsets)
+
+
 def train(model: DesignedCNN, params, x, y, *, epochs: float = 1.0, batch_size: int = 128,
           optimizer: optax.GradientTransformation | None = None, key=None,
-          hflip: bool = False, progress: bool = True, desc: str = "train"):
+          hflip: bool = False, crop: int = 0, progress: bool = True, desc: str = "train"):
     """Minibatch cross-entropy training of the codes (the only trained parameters).
 
     Any optax optimizer keeps the designed structure exactly (only ``theta`` moves; the
@@ -740,6 +753,8 @@ def train(model: DesignedCNN, params, x, y, *, epochs: float = 1.0, batch_size: 
         optimizer: an optax transformation (default Adam with cosine decay).
         key: PRNG key or int seed for the batch order and augmentation.
         hflip: random horizontal flips (CIFAR-10 augmentation).
+        crop: random translations by up to ``crop`` pixels (zero padding, then a random
+            window of the original size); 0 turns it off.
         progress: show a tqdm bar.
 
     Returns:
@@ -751,6 +766,8 @@ def train(model: DesignedCNN, params, x, y, *, epochs: float = 1.0, batch_size: 
     n = int(x.shape[0])
     if not 0 < batch_size <= n:
         raise ValueError(f"batch_size must be in [1, {n}], got {batch_size}")
+    if crop < 0:
+        raise ValueError(f"crop must be >= 0 pixels, got {crop}")
     per_epoch = n // batch_size
     steps = max(1, int(round(epochs * per_epoch)))
     if optimizer is None:
@@ -761,8 +778,11 @@ def train(model: DesignedCNN, params, x, y, *, epochs: float = 1.0, batch_size: 
 
     @jax.jit
     def step(p, opt_state, xb, yb, k):
+        k_flip, k_crop = jax.random.split(k)
         if hflip:
-            xb = _flip(k, xb)
+            xb = _flip(k_flip, xb)
+        if crop:
+            xb = _random_crop(k_crop, xb, crop)
 
         def loss_fn(p):
             logits = model.apply({"params": p}, xb)

@@ -238,3 +238,27 @@ def test_real_mnist_slice_purified_predictions_equal_clean():
     assert report.ok, report.summary()
     np.testing.assert_array_equal(predict(model, recovered, ds.x_test),
                                   predict(model, clean, ds.x_test))
+
+
+def test_random_crop_cuts_a_window_of_the_padded_image():
+    from jaxpurify.multilayer import _random_crop
+
+    x = jnp.arange(2 * 5 * 6 * 3, dtype=jnp.float32).reshape(2, 5, 6, 3) + 1
+    pad = 2
+    out = np.asarray(_random_crop(jax.random.PRNGKey(3), x, pad))
+    assert out.shape == x.shape
+    padded = np.pad(np.asarray(x), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    for img, src in zip(out, padded, strict=True):
+        windows = [src[i:i + 5, j:j + 6] for i in range(2 * pad + 1) for j in range(2 * pad + 1)]
+        assert any(np.array_equal(img, w) for w in windows)
+
+
+def test_train_with_crop_and_flip_runs_and_rejects_negative_crop():
+    ds = _mnist_slice()
+    model = tiny(jnp.float32)
+    params, losses = train(model, init(model, seed=1), ds.x_train[:100], ds.y_train[:100],
+                           epochs=1, batch_size=50, key=0, progress=False, hflip=True, crop=2)
+    assert np.all(np.isfinite(np.asarray(losses[[0, -1]])))
+    with pytest.raises(ValueError, match="crop"):
+        train(model, params, ds.x_train[:100], ds.y_train[:100], batch_size=50, crop=-1,
+              progress=False)
