@@ -66,12 +66,48 @@ def _cmd_list(_args) -> int:
     return 0
 
 
+_RESERVED = ("name", "quick", "out", "seed")
+
+
+def _parse_settings(settings, run, name: str) -> dict:
+    """``--set KEY=VALUE`` pairs as keyword arguments of the experiment's ``run``.
+
+    VALUE is read as a Python literal (``2``, ``0.5``, ``(0.1, 0.2)``, ``None``) and kept as
+    a string otherwise (paths). Keys the experiment cannot take are refused here, with the
+    keys it can.
+    """
+    import ast
+    import inspect
+
+    params = inspect.signature(run).parameters
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    known = [k for k, p in params.items()
+             if k not in _RESERVED and p.kind is not inspect.Parameter.VAR_KEYWORD]
+    out = {}
+    for item in settings:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise CLIError(f"--set {item!r}: expected KEY=VALUE, e.g. --set epochs=2")
+        if key in _RESERVED:
+            raise CLIError(f"--set {key}=...: use the --{key} option (or the NAME argument)")
+        if not open_ended and key not in known:
+            raise CLIError(f"--set {key}=...: {name} has no setting {key!r}; it takes "
+                           f"{', '.join(known) or 'none'}")
+        try:
+            out[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key] = raw
+    return out
+
+
 def _cmd_run(args) -> int:
     mod = _load_experiment(args.name)
+    options = _parse_settings(args.settings, mod.run, args.name)
     out = Path(args.out or Path("runs") / args.name)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    metrics = mod.run(name=args.name, quick=args.quick, out=out, seed=args.seed)
+    metrics = mod.run(name=args.name, quick=args.quick, out=out, seed=args.seed, **options)
     seconds = time.perf_counter() - t0
     print(f"\n{args.name}: finished in {seconds:.1f} s; metrics in {out / 'metrics.json'}")
     for plot in sorted(out.glob("*.png")):
@@ -375,6 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output folder (default: runs/NAME)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--print-json", action="store_true", help="also print the metrics")
+    p.add_argument("--set", dest="settings", action="append", default=[],
+                   metavar="KEY=VALUE",
+                   help="override one setting of the experiment (repeatable); VALUE is a "
+                   "Python literal or a path, e.g. --set epochs=2 --set 'fractions=(0.1,)' "
+                   "--set codes=results/multilayer-cifar10/codes.npz")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("list", help="list the experiments",
@@ -429,16 +470,19 @@ def _positive_int(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.func is not _cmd_purify:
-        return args.func(args)
-    from jaxpurify.checkpoint import CheckpointError
     from jaxpurify.data import DataCorruptError, DataNotFoundError
 
+    self_described: tuple = (CLIError,)  # printed without their type name
+    user_errors: tuple = (CLIError, DataNotFoundError, DataCorruptError)
+    if args.func is _cmd_purify:  # everything purify raises is about its input
+        from jaxpurify.checkpoint import CheckpointError
+
+        self_described += (CheckpointError,)
+        user_errors += (CheckpointError, ValueError, ImportError)
     try:
         return args.func(args)
-    except (CLIError, CheckpointError, DataNotFoundError, DataCorruptError, ValueError,
-            ImportError) as err:
-        kind = "" if isinstance(err, CLIError | CheckpointError) else f"{type(err).__name__}: "
+    except user_errors as err:
+        kind = "" if isinstance(err, self_described) else f"{type(err).__name__}: "
         print(f"jaxpurify {args.command}: error: {kind}{err}", file=sys.stderr)
         return 2
 

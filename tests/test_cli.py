@@ -247,6 +247,27 @@ def test_purify_corrupt_checkpoint_subprocess(designed_ckpt, tmp_path):
     assert "not valid JSON" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_run_settings_are_parsed_as_literals_or_strings():
+    def run(*, name, quick, out, seed, epochs=1, fractions=(0.1,), codes=None):
+        return {}
+
+    got = cli._parse_settings(["epochs=2.5", "fractions=(0.0, 0.2)", "codes=a/b.npz",
+                               "epochs=3"], run, "x")
+    assert got == {"epochs": 3, "fractions": (0.0, 0.2), "codes": "a/b.npz"}
+
+
+@pytest.mark.parametrize("item, message", [
+    ("epochs", "expected KEY=VALUE"),
+    ("seed=3", "use the --seed option"),
+    ("nope=1", "has no setting 'nope'; it takes"),
+])
+def test_run_bad_settings_say_what_to_do(item, message, tmp_path, capsys):
+    out = tmp_path / "never-made"
+    assert cli.main(["run", "exact-recovery", "--set", item, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_python_dash_m_is_the_cli():
     out = subprocess.run([sys.executable, "-m", "jaxpurify", "--help"], capture_output=True,
                          text=True, check=True).stdout
