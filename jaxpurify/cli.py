@@ -101,6 +101,22 @@ def _parse_settings(settings, run, name: str) -> dict:
     return out
 
 
+def _record_command(path: Path, args) -> None:
+    """Store the command line that made ``metrics.json`` in it (the README's results section
+    prints it)."""
+    import shlex
+
+    if not path.is_file():
+        return
+    words = ["jaxpurify", "run", args.name] + (["--quick"] if args.quick else [])
+    words += ["--seed", str(args.seed)] if args.seed else []
+    for item in args.settings:
+        words += ["--set", item]
+    metrics = json.loads(path.read_text())
+    metrics["command"] = shlex.join(words)
+    path.write_text(json.dumps(metrics, indent=2))
+
+
 def _cmd_run(args) -> int:
     mod = _load_experiment(args.name)
     options = _parse_settings(args.settings, mod.run, args.name)
@@ -109,6 +125,7 @@ def _cmd_run(args) -> int:
     t0 = time.perf_counter()
     metrics = mod.run(name=args.name, quick=args.quick, out=out, seed=args.seed, **options)
     seconds = time.perf_counter() - t0
+    _record_command(out / "metrics.json", args)
     print(f"\n{args.name}: finished in {seconds:.1f} s; metrics in {out / 'metrics.json'}")
     for plot in sorted(out.glob("*.png")):
         print(f"  plot: {plot}")

@@ -268,6 +268,19 @@ def test_run_bad_settings_say_what_to_do(item, message, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_run_records_its_command_in_the_metrics(tmp_path):
+    import argparse
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"rows": [], "x": float("nan")}))
+    args = argparse.Namespace(name="multilayer-cifar10", quick=False, seed=3,
+                              settings=["codes=a b/codes.npz"])
+    cli._record_command(tmp_path / "metrics.json", args)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["command"] == ("jaxpurify run multilayer-cifar10 --seed 3 "
+                                  "--set 'codes=a b/codes.npz'")
+    assert metrics["rows"] == [] and np.isnan(metrics["x"])
+
+
 def test_python_dash_m_is_the_cli():
     out = subprocess.run([sys.executable, "-m", "jaxpurify", "--help"], capture_output=True,
                          text=True, check=True).stdout
