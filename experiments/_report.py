@@ -90,6 +90,9 @@ def command(name: str, m: dict) -> str:
         cmd += " --quick"
     if m.get("seed"):
         cmd += f" --seed {m['seed']}"
+    codes = (m.get("config") or {}).get("codes")
+    if codes:  # evaluated from codes trained elsewhere (multilayer)
+        cmd += f" --set codes={codes}"
     return cmd
 
 
