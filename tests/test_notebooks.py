@@ -144,12 +144,12 @@ def test_executes(name, python3_kernel, tmp_path):
                for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
 
 
-def test_the_wheel_colab_installs_holds_the_whole_package(tmp_path):
-    """``pip wheel . --no-deps`` (what the install cell tells Colab users to upload) builds,
-    and the installed wheel imports every public module and runs a solve."""
-
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    """``pip wheel . --no-deps``: what the install cell tells Colab users to upload."""
     pytest.importorskip("setuptools", reason="building the wheel needs setuptools")
-    root = tmp_path / "src"  # a copy: building writes build/ and *.egg-info into the tree
+    tmp = tmp_path_factory.mktemp("wheel")
+    root = tmp / "src"  # a copy: building writes build/ and *.egg-info into the tree
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
     for part in ("jaxpurify", "experiments"):
         shutil.copytree(COLAB.parent / part, root / part, ignore=ignore)
@@ -157,12 +157,17 @@ def test_the_wheel_colab_installs_holds_the_whole_package(tmp_path):
         if (COLAB.parent / part).exists():
             shutil.copy(COLAB.parent / part, root / part)
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps",
-                    "--no-build-isolation", "-q", "-w", str(tmp_path / "dist")],
+                    "--no-build-isolation", "-q", "-w", str(tmp / "dist")],
                    check=True, timeout=300)
-    (wheel,) = (tmp_path / "dist").glob("jaxpurify-*.whl")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                    "--target", str(tmp_path / "site"), str(wheel)], check=True, timeout=300)
+    (built,) = (tmp / "dist").glob("jaxpurify-*.whl")
+    return built
+
+
+def test_the_wheel_holds_the_whole_package(wheel, tmp_path):
+    """The installed wheel imports every public module and runs a solve."""
     site = str(tmp_path / "site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                    "--target", site, str(wheel)], check=True, timeout=300)
     code = ("import jaxpurify, jaxpurify.multilayer, jaxpurify.recovery, jaxpurify.cli, "
             "experiments.multilayer, numpy as np; "
             f"assert jaxpurify.__file__.startswith({site!r}), jaxpurify.__file__; "
@@ -171,3 +176,25 @@ def test_the_wheel_colab_installs_holds_the_whole_package(tmp_path):
             "assert bool(s.converged)")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300, cwd=tmp_path,
                    env={**os.environ, "PYTHONPATH": site})
+
+
+def test_the_install_cell_installs_an_uploaded_wheel(wheel, python3_kernel, tmp_path):
+    """The first cell, run as in Colab (``google.colab`` imported, the wheel uploaded), pip
+    installs that wheel. Only the upload folder and pip's target are redirected."""
+    upload, site = tmp_path / "content", tmp_path / "site"
+    upload.mkdir()
+    shutil.copy(wheel, upload / wheel.name)
+    install = _code_cells(_read("noise_sweeps.ipynb"))[0].source
+    assert install.count('"/content/') == 1 and install.count("%pip install -q {WHEELS") == 1
+    install = install.replace('"/content/', f'"{upload.as_posix()}/').replace(
+        "%pip install -q {WHEELS", f"%pip install -q --no-deps --target {site} {{WHEELS")
+    fake_colab = ("import sys, types\n"
+                  "sys.modules['google'] = types.ModuleType('google')\n"
+                  "sys.modules['google.colab'] = types.ModuleType('google.colab')")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(fake_colab),
+                                         nbformat.v4.new_code_cell(install)])
+    client = nbclient.NotebookClient(nb, kernel_name=python3_kernel, timeout=300,
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    assert (site / "jaxpurify" / "__init__.py").is_file()
+    assert (site / "jaxpurify" / "recovery" / "_solve.py").is_file()
