@@ -268,14 +268,19 @@ def _targets(rows, clean) -> list[dict]:
                 rec = jp["details"].get("recovery", {})
                 worst = max((v["max_row_fraction"] for v in rec.values()), default=0.0)
                 crit = min((v["critical_fraction"] for v in rec.values()), default=0.0)
-                reason = (f"recovery exact (max|w-w_clean| = "
-                          f"{jp['details'].get('exact_error', float('nan')):.1e})"
-                          if acc_ok and asr_ok else
-                          f"edits concentrate in one unit vector: worst corrupted fraction of a "
-                          f"row {worst:.2f} vs Donoho-Tanner critical fraction {crit:.2f}"
-                          if worst >= crit else
-                          f"recovery certified={jp['details'].get('certified')}, max|w-w_clean| "
-                          f"= {jp['details'].get('exact_error', float('nan')):.1e}")
+                err = jp["details"].get("exact_error", float("nan"))
+                certified = bool(jp["details"].get("certified"))
+                beyond = (f"worst corrupted fraction of a row {worst:.2f} vs Donoho-Tanner "
+                          f"critical fraction {crit:.2f}")
+                if acc_ok and asr_ok and certified:
+                    reason = f"recovery exact and certified (max|w-w_clean| = {err:.1e})"
+                elif acc_ok and asr_ok:  # the behaviour is back, the weights are not
+                    reason = (f"ACC and ASR restored, but the weights are not exactly the clean "
+                              f"ones (max|w-w_clean| = {err:.1e}, not certified; {beyond})")
+                elif worst >= crit:
+                    reason = f"edits concentrate in one unit vector: {beyond}"
+                else:
+                    reason = f"recovery certified={certified}, max|w-w_clean| = {err:.1e}"
                 out.append({"model": model, "attack": attack, "k": k,
                             "target": "jaxpurify without data: ASR at clean level (+1 pt) and "
                                       "ACC within 0.1 pt of the clean network",

@@ -1,0 +1,28 @@
+"""The backdoor experiment's target verdicts (experiments/backdoor.py ``_targets``) say why."""
+
+from __future__ import annotations
+
+import pytest
+
+backdoor = pytest.importorskip("experiments.backdoor")
+
+CLEAN = {"m": {"acc": 0.95, "asr_badnets": 0.01}}
+
+
+def _edit_row(k, acc, asr, certified, error, worst=0.1):
+    rec = {"readout": {"max_row_fraction": worst, "critical_fraction": 0.4}}
+    return {"model": "m", "attack": "weight-edit", "k": k, "variant": "designed",
+            "acc": acc, "asr": asr,
+            "details": {"certified": certified, "exact_error": error, "recovery": rec}}
+
+
+def test_weight_edit_verdicts():
+    rows = [_edit_row(10, 0.95, 0.01, True, 3e-7),
+            _edit_row(30, 0.9498, 0.008, False, 5e-2, worst=0.5),
+            _edit_row(100, 0.94, 0.004, False, 0.6, worst=0.75)]
+    got = {t["k"]: t for t in backdoor._targets(rows, CLEAN)}
+    assert got[10]["met"] and got[10]["reason"].startswith("recovery exact and certified")
+    # behaviour restored without exact weights: met, and the reason must not say "exact"
+    assert got[30]["met"] and "not exactly the clean ones" in got[30]["reason"]
+    assert "0.50 vs Donoho-Tanner critical fraction 0.40" in got[30]["reason"]
+    assert not got[100]["met"] and got[100]["reason"].startswith("edits concentrate")
