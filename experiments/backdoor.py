@@ -20,6 +20,7 @@ classified as the target. Writes ``metrics.json`` (``rows``, ``targets``), ``tab
 from __future__ import annotations
 
 import functools
+import json
 import time
 from pathlib import Path
 
@@ -256,6 +257,29 @@ def _note(r) -> str:
     return "; ".join(parts)
 
 
+def _write_tables(out: Path, rows, targets, dataset: str) -> str:
+    """``out/tables.md``: the per-setting tables and the target verdicts; returns the tables."""
+    tables = _tables(rows, dataset)
+    (out / "tables.md").write_text(tables + "\n## Targets\n\n" + "\n".join(
+        f"- {'MET' if t['met'] else 'MISSED'}: {t['model']} / {t['attack']} "
+        f"({'k=' + str(t['k']) if 'k' in t else 'rate ' + str(t['poison_rate'])}): "
+        f"{t['target']}. ACC {100 * t['acc']:.2f}%, ASR {100 * t['asr']:.2f}%. {t['reason']}"
+        for t in targets) + "\n")
+    return tables
+
+
+def rejudge(out: Path | str) -> list[dict]:
+    """Recompute the target verdicts of a finished run from its stored rows (no new
+    measurement) with the current rules; rewrites ``targets`` in ``metrics.json`` and
+    ``tables.md``. ``python -m experiments.backdoor --rejudge DIR``."""
+    out = Path(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["targets"] = _targets(metrics["rows"], metrics["clean"])
+    write_metrics(out, metrics)
+    _write_tables(out, metrics["rows"], metrics["targets"], metrics["dataset"])
+    return metrics["targets"]
+
+
 def _targets(rows, clean) -> list[dict]:
     out = []
     for (model, attack), rs in _group(rows).items():
@@ -467,12 +491,7 @@ def run(*, name: str = "backdoor-mnist", quick: bool = False, out: Path, seed: i
     }
     metrics["environment"] = environment(t_all)
     write_metrics(out, metrics)
-    tables = _tables(rows, dataset)
-    (out / "tables.md").write_text(tables + "\n## Targets\n\n" + "\n".join(
-        f"- {'MET' if t['met'] else 'MISSED'}: {t['model']} / {t['attack']} "
-        f"({'k=' + str(t['k']) if 'k' in t else 'rate ' + str(t['poison_rate'])}): "
-        f"{t['target']}. ACC {100 * t['acc']:.2f}%, ASR {100 * t['asr']:.2f}%. {t['reason']}"
-        for t in targets) + "\n")
+    tables = _write_tables(out, rows, targets, dataset)
     _plot(rows, out / "backdoor.png", dataset)
     print()
     print(tables)
@@ -492,3 +511,14 @@ def _print(rs):
               f"{r.get('variant') or '':16s} budget={r['budget']:<6g} {res} "
               f"({r['seconds']:.1f} s)", flush=True)
 
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m experiments.backdoor",
+                                     description="Re-derive the target verdicts of a run.")
+    parser.add_argument("--rejudge", type=Path, required=True, metavar="DIR",
+                        help="a folder written by `jaxpurify run backdoor-*`")
+    for t in rejudge(parser.parse_args().rejudge):
+        print(f"{'MET   ' if t['met'] else 'MISSED'} {t['model']}/{t['attack']}: {t['reason']}")

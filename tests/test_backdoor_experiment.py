@@ -26,3 +26,21 @@ def test_weight_edit_verdicts():
     assert got[30]["met"] and "not exactly the clean ones" in got[30]["reason"]
     assert "0.50 vs Donoho-Tanner critical fraction 0.40" in got[30]["reason"]
     assert not got[100]["met"] and got[100]["reason"].startswith("edits concentrate")
+
+
+def test_rejudge_rewrites_verdicts_from_the_stored_rows(tmp_path):
+    import json
+
+    rows = [{**_edit_row(30, 0.9498, 0.008, False, 5e-2, worst=0.5), "dataset": "mnist",
+             "poison_rate": None, "defense": "jaxpurify", "budget": 0.0, "n_benign": 0,
+             "seconds": 1.0}]
+    rows[0]["details"]["recovery"]["readout"].update(rows_off_subspace=1, num_corrupted=30)
+    stale = [{"model": "m", "attack": "weight-edit", "k": 30, "met": True, "reason": "old"}]
+    (tmp_path / "metrics.json").write_text(json.dumps(
+        {"dataset": "mnist", "clean": CLEAN, "rows": rows, "targets": stale}))
+    targets = backdoor.rejudge(tmp_path)
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["targets"] == targets and "not exactly the clean ones" in targets[0]["reason"]
+    assert on_disk["rows"] == rows  # measurements untouched
+    tables = (tmp_path / "tables.md").read_text()
+    assert "- MET: m / weight-edit (k=30)" in tables and "not exactly" in tables
