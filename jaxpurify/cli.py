@@ -101,11 +101,19 @@ def _parse_settings(settings, run, name: str) -> dict:
     return out
 
 
+def _shell_word(word: str) -> str:
+    """``word`` quoted for a POSIX shell, readably: double quotes when that is enough."""
+    import shlex
+
+    quoted = shlex.quote(word)
+    if quoted == word or any(c in word for c in '"$`\\!'):
+        return quoted
+    return f'"{word}"'
+
+
 def _record_command(path: Path, args) -> None:
     """Store the command line that made ``metrics.json`` in it (the README's results section
     prints it)."""
-    import shlex
-
     if not path.is_file():
         return
     words = ["jaxpurify", "run", args.name] + (["--quick"] if args.quick else [])
@@ -113,7 +121,7 @@ def _record_command(path: Path, args) -> None:
     for item in args.settings:
         words += ["--set", item]
     metrics = json.loads(path.read_text())
-    metrics["command"] = shlex.join(words)
+    metrics["command"] = " ".join(_shell_word(w) for w in words)
     path.write_text(json.dumps(metrics, indent=2))
 
 

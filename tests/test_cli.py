@@ -277,8 +277,15 @@ def test_run_records_its_command_in_the_metrics(tmp_path):
     cli._record_command(tmp_path / "metrics.json", args)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["command"] == ("jaxpurify run multilayer-cifar10 --seed 3 "
-                                  "--set 'codes=a b/codes.npz'")
+                                  '--set "codes=a b/codes.npz"')
     assert metrics["rows"] == [] and np.isnan(metrics["x"])
+
+
+@pytest.mark.parametrize("word", ["run", "models=('one-hidden',)", "a b", 'x"y', "$HOME", "it's"])
+def test_recorded_words_survive_the_shell(word):
+    import shlex
+
+    assert shlex.split(cli._shell_word(word)) == [word]
 
 
 def test_python_dash_m_is_the_cli():
