@@ -110,7 +110,7 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     Raises :class:`DataNotFoundError` if neither is set (an empty variable counts as
     unset) or if the chosen path is not an existing directory.
     """
-    if data_dir is not None and str(data_dir) != "":
+    if _is_given(data_dir):
         where = "the data_dir argument"
         raw = os.fspath(data_dir)
     else:
@@ -139,16 +139,19 @@ def default_data_dir(data_dir: str | os.PathLike[str] | None = None) -> str | No
     source checkout of jaxpurify when that folder exists (the tests' and experiments'
     default), else ``None``.
     """
-    if data_dir is not None and str(data_dir) != "":
-        return os.fspath(data_dir)
-    if os.environ.get(DATA_DIR_ENV):
-        return os.environ[DATA_DIR_ENV]
+    if _data_dir_is_configured(data_dir):
+        return os.fspath(data_dir) if _is_given(data_dir) else os.environ[DATA_DIR_ENV]
     sibling = Path(__file__).resolve().parents[2] / "shared" / "data"
     return str(sibling) if sibling.is_dir() else None
 
 
+def _is_given(data_dir: str | os.PathLike[str] | None) -> bool:
+    """An argument counts when it is not None and not empty."""
+    return data_dir is not None and str(data_dir) != ""
+
+
 def _data_dir_is_configured(data_dir: str | os.PathLike[str] | None) -> bool:
-    return (data_dir is not None and str(data_dir) != "") or bool(os.environ.get(DATA_DIR_ENV))
+    return _is_given(data_dir) or bool(os.environ.get(DATA_DIR_ENV))
 
 
 # --------------------------------------------------------------------------- caching
