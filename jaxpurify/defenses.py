@@ -29,6 +29,10 @@ Each returns ``(params, DefenseInfo)``.
   with no data. With a benign budget it then fine-tunes the recovered *codes* ``theta`` with
   the :func:`fine_tune` recipe. A data-poisoning backdoor is learned by training, so it lies
   in ``range(A)`` like the clean function: recovery alone cannot remove it.
+* :func:`refit_readout`: the output-layer subspace taken from benign data. The readout is
+  reset to its known initialization and trained again on the benign budget with the hidden
+  layers frozen, so it ends in ``beta_0 + span{benign hidden features}``; a readout vote
+  that only triggered training images taught is not relearned.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ __all__ = [
     "network",
     "prune_channels",
     "recover_designed",
+    "refit_readout",
     "row_space_defense",
 ]
 
@@ -534,6 +539,61 @@ def jaxpurify_defense(model, params, x_benign=None, y_benign=None, *, fine_tune_
         details["ft_steps"] = steps
     jax.block_until_ready(p)
     return p, DefenseInfo("jaxpurify", time.perf_counter() - t0, details)
+
+
+def _readout_layer(model) -> str:
+    from jaxpurify.models import DesignedOneHiddenLayerCNN, OneHiddenLayerCNN
+
+    if isinstance(model, (DesignedOneHiddenLayerCNN, OneHiddenLayerCNN)):
+        return "readout"
+    if hasattr(model, "layer_info"):
+        return model.layer_info()[-1].name
+    raise TypeError(f"no readout layer known for {type(model).__name__}")
+
+
+def refit_readout(model, params, x_benign, y_benign, *, init_params, steps: int = 300,
+                  learning_rate: float = 0.1, momentum: float = 0.9, batch_size: int = 128,
+                  key=None):
+    r"""The benign-readout option: re-estimate the output layer from its init on benign data.
+
+    (S)GD with momentum on the cross-entropy moves the readout only along the hidden
+    features of the images it is trained on,
+    ``beta - beta_0 = sum_s h(x_s) c_s^T`` (the gradient is ``H^T (softmax - onehot)``), the
+    output layer's row-space subspace. The readout is reset to its known init ``beta_0`` and
+    trained again, every other layer frozen, on the benign budget only (SGD, ``steps``
+    minibatches, no weight decay, so the result stays in
+    ``beta_0 + span{h(x) : x benign}``): the part of the deployed readout that only triggered
+    training images taught (the target-class vote of trigger-detecting units) is not
+    relearned. It removes a backdoor that lives in the readout and not one built into the
+    hidden features, and it costs accuracy when the budget has few labels per readout entry.
+
+    Args:
+        model: a one-hidden-layer CNN (plain or designed) or a multi-layer designed CNN.
+        params: the deployed plain params.
+        init_params: the plain params at the known initialization (only the readout's are
+            used), e.g. ``model.materialize(codes_at_init)``.
+
+    Returns:
+        ``(plain params, DefenseInfo)`` with ``details["layer"]``, the re-estimated layer.
+    """
+    t0 = time.perf_counter()
+    x, y = _check_data(x_benign, y_benign)
+    layer = _readout_layer(model)
+    p, p0 = dict(_unwrap(params)), _unwrap(init_params)
+    if layer not in p0 or (jax.tree_util.tree_structure(p0[layer])
+                           != jax.tree_util.tree_structure(p[layer])):
+        raise ValueError(f"init_params must hold the initial {layer!r} layer with the deployed "
+                         "params' structure (plain params, e.g. model.materialize(init_codes))")
+    p[layer] = jax.tree_util.tree_map(jnp.asarray, p0[layer])
+    mask = {name: jax.tree_util.tree_map(lambda _, on=name == layer: on, v)
+            for name, v in p.items()}
+    key = jax.random.PRNGKey(0) if key is None else key
+    out = train_masked(network(model).apply, p, x, y, steps=steps, batch_size=batch_size,
+                       optimizer=("sgd", float(learning_rate), float(momentum), 0.0), key=key,
+                       update_mask=mask)
+    out = jax.block_until_ready(out)
+    return out, DefenseInfo("jaxpurify", time.perf_counter() - t0, {
+        "variant": "benign-readout", "layer": layer, "steps": steps})
 
 
 def row_space_defense(model, params, x_benign, *, init_params, method="admm"):

@@ -154,3 +154,35 @@ def test_defenses_accept_a_multilayer_designed_cnn(designed):
     out, info = D.jaxpurify_defense(m, bad)
     assert _max_diff(out, w) < 1e-5 and info.details["certified"]
     assert info.details["recovery"]["conv1"]["rows_off_subspace"] == 1
+    last = m.layer_info()[-1].name
+    out, info = D.refit_readout(m, bad, x, y, init_params=w, steps=5)
+    assert info.details["layer"] == last and last != "conv1"
+    np.testing.assert_array_equal(out["conv1"]["kernel"], bad["conv1"]["kernel"])
+    assert _max_diff(out[last], w[last]) > 0
+
+
+def test_refit_readout_stays_in_the_benign_feature_span_from_init(designed):
+    """SGD from beta_0 on a few benign images: beta - beta_0 in span{h(x_s)}, the rest frozen."""
+    m, w, x, y, *_ = designed
+    p0 = m.materialize(m.init(jax.random.PRNGKey(7), jnp.asarray(x[:1]))["params"])
+    xb, yb = x[:5], y[:5]  # 5 feature vectors span 5 of the 16 readout directions
+    out, info = D.refit_readout(m, w, xb, yb, init_params=p0, steps=40,
+                                key=jax.random.PRNGKey(0))
+    _same_structure(out, w)
+    assert info.name == "jaxpurify" and info.details["layer"] == "readout"
+    np.testing.assert_array_equal(out["conv"]["kernel"], w["conv"]["kernel"])
+    np.testing.assert_array_equal(out["conv"]["bias"], w["conv"]["bias"])
+    h = np.asarray(D.network(m).channels(w, jnp.asarray(xb)), np.float64)  # (5, 16)
+    delta = np.asarray(out["readout"]["kernel"] - p0["readout"]["kernel"], np.float64)
+    q, _ = np.linalg.qr(h.T)  # orthonormal basis of the benign feature span
+    off_span = delta - q @ (q.T @ delta)
+    assert np.linalg.norm(delta) > 1e-2  # it trained ...
+    assert np.linalg.norm(off_span) < 1e-5 * np.linalg.norm(delta)  # ... inside the span
+    # the deployed readout is forgotten: starting from a different deployed readout gives
+    # the same result
+    other = {**w, "readout": {"kernel": w["readout"]["kernel"] + 1.0}}
+    again, _ = D.refit_readout(m, other, xb, yb, init_params=p0, steps=40,
+                               key=jax.random.PRNGKey(0))
+    np.testing.assert_allclose(again["readout"]["kernel"], out["readout"]["kernel"], atol=1e-6)
+    with pytest.raises(ValueError, match="init_params must hold"):
+        D.refit_readout(m, w, xb, yb, init_params={"conv": p0["conv"]})
