@@ -44,3 +44,42 @@ def test_rejudge_rewrites_verdicts_from_the_stored_rows(tmp_path):
     assert on_disk["rows"] == rows  # measurements untouched
     tables = (tmp_path / "tables.md").read_text()
     assert "- MET: m / weight-edit (k=30)" in tables and "not exactly" in tables
+
+
+def _poison_row(defense, acc, asr, variant=None, budget=0.01):
+    return {"model": "m", "attack": "badnets", "poison_rate": 0.1, "k": None,
+            "defense": defense, "variant": variant, "budget": budget, "n_benign": 600,
+            "acc": acc, "asr": asr, "details": {}}
+
+
+def test_poisoning_verdict_judges_every_jaxpurify_variant():
+    rows = [_poison_row("none", 0.95, 0.99, budget=0.0),
+            _poison_row("ft", 0.95, 0.90), _poison_row("fp", 0.94, 0.92),
+            _poison_row("jaxpurify", 0.95, 0.85, "designed+code-ft"),
+            _poison_row("jaxpurify", 0.94, 0.02, "benign-readout"),
+            _poison_row("jaxpurify", 0.50, 0.00, "benign-row-space")]  # not judged
+    (t,) = backdoor._targets(rows, CLEAN)
+    assert t["met"] and t["variant"] == "benign-readout" and t["asr"] == 0.02
+    assert "designed+code-ft: ASR 85.0%" in t["reason"]
+    assert "benign-readout: ASR 2.0%, ACC drop 1.0 pt" in t["reason"]
+    assert "benign-row-space" not in t["reason"]
+    # low ASR bought with accuracy: missed, and the variant shown is the one within the ACC
+    # budget with the lowest ASR
+    rows[4] = _poison_row("jaxpurify", 0.90, 0.02, "benign-readout")
+    (t,) = backdoor._targets(rows, CLEAN)
+    assert not t["met"] and not t["asr_acc_met"] and t["variant"] == "designed+code-ft"
+    # better than FT/FP is part of the target: FT better on both ACC and ASR fails it, FT
+    # with equal ASR and lower ACC does not
+    rows[4] = _poison_row("jaxpurify", 0.94, 0.02, "benign-readout")
+    rows[1] = _poison_row("ft", 0.95, 0.01)
+    (t,) = backdoor._targets(rows, CLEAN)
+    assert t["asr_acc_met"] and not t["dominates_ft_fp"] and not t["met"]
+    rows[1] = _poison_row("ft", 0.93, 0.02)
+    (t,) = backdoor._targets(rows, CLEAN)
+    assert t["met"]
+
+
+def test_unknown_defense_is_refused_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown defenses \['bogus'\]"):
+        backdoor.run(out=tmp_path, quick=True, defenses=("ft", "bogus"))
+    assert not any(tmp_path.iterdir())
