@@ -10,8 +10,10 @@ parameterization ``W = A theta``) the experiment trains a clean network, then
 
 and evaluates the defenses on the deployed weights with a benign budget (a fraction of the
 training set, drawn from its clean images; never the test set): ``none``, ``jaxpurify`` (robust
-recovery in the designed subspace; with data, plus fine-tuning of the codes), ``ft``
-(fine-tuning), ``fp`` (fine-pruning) and ``anp`` (adversarial neuron pruning). ``acc`` is the
+recovery in the designed subspace; with data, plus fine-tuning of the codes; and the
+``benign-readout`` variant, the readout re-estimated from its init on the benign budget),
+``ft`` (fine-tuning), ``fp`` (fine-pruning) and ``anp`` (adversarial neuron pruning;
+``--set "defenses=('jaxpurify', 'ft', 'fp')"`` leaves it out). ``acc`` is the
 clean test accuracy, ``asr`` the fraction of triggered test images (true class != target)
 classified as the target. Writes ``metrics.json`` (``rows``, ``targets``), ``tables.md`` and
 ``backdoor.png``.
@@ -414,12 +416,22 @@ def _plot(rows, path: Path, dataset: str):
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
     colors = {"none": "k", "jaxpurify": "tab:red", "ft": "tab:blue", "fp": "tab:green",
               "anp": "tab:purple"}
+    markers = {None: "o", "designed": "x", "designed+code-ft": "o", "benign-readout": "^",
+               "benign-row-space": "s"}
     for ax, ((model, attack), rs) in zip(axes[0], groups.items(), strict=True):
         for d, c in colors.items():
-            pts = [(100 * r["asr"], 100 * r["acc"]) for r in rs
-                   if r["defense"] == d and r["acc"] is not None]
-            if pts:
-                ax.scatter(*zip(*pts, strict=True), c=c, label=d, s=18)
+            for variant, marker in markers.items():
+                pts = [(100 * r["asr"], 100 * r["acc"]) for r in rs if r["defense"] == d
+                       and r.get("variant") == variant and r["acc"] is not None]
+                if pts:
+                    ax.scatter(*zip(*pts, strict=True), c=c, marker=marker, s=18,
+                               label=d if variant is None else f"{d} {variant}")
+        nones = [100 * r["acc"] for r in rs if r["defense"] == "none"]
+        if attack != "weight-edit" and nones:  # the data-poisoning target, lowest undefended ACC
+            floor = min(nones) - 2
+            ax.fill_between([0, 5], floor, 100, color="0.85", zorder=0, lw=0)
+            ax.text(6, floor, "target: ASR < 5%,\nACC drop < 2 pt", fontsize=6, va="top",
+                    color="0.4")
         ax.set_title(f"{model} / {attack}", fontsize=9)
         ax.set_xlabel("ASR %")
         ax.set_ylabel("ACC %")
