@@ -288,12 +288,14 @@ def _write_tables(out: Path, rows, targets, dataset: str) -> str:
 def rejudge(out: Path | str) -> list[dict]:
     """Recompute the target verdicts of a finished run from its stored rows (no new
     measurement) with the current rules; rewrites ``targets`` in ``metrics.json`` and
-    ``tables.md``. ``python -m experiments.backdoor --rejudge DIR``."""
+    ``tables.md``, and redraws ``backdoor.png``. ``python -m experiments.backdoor --rejudge
+    DIR``."""
     out = Path(out)
     metrics = json.loads((out / "metrics.json").read_text())
     metrics["targets"] = _targets(metrics["rows"], metrics["clean"])
     write_metrics(out, metrics)
     _write_tables(out, metrics["rows"], metrics["targets"], metrics["dataset"])
+    _plot(metrics["rows"], out / "backdoor.png", metrics["dataset"])
     return metrics["targets"]
 
 
@@ -357,14 +359,15 @@ def _poisoning_targets(model, attack, rate, sel) -> list[dict]:
         return []
     none = [r for r in sel if r["defense"] == "none"][0]
 
+    def judge_one(jp, b):
+        # "better ACC at equal ASR": the baseline is not at least as good on both (and better
+        # on one); a baseline that leaves more of the backdoor in is not at equal ASR
+        return not (b["asr"] <= jp["asr"] and b["acc"] >= jp["acc"]
+                    and (b["asr"] < jp["asr"] or b["acc"] > jp["acc"]))
+
     def judge(jp):
         small = jp["asr"] < 0.05 and none["acc"] - jp["acc"] < 0.02
-        # "better ACC at equal ASR": no baseline is at least as good on both (and better on
-        # one); a baseline that leaves the backdoor in (higher ASR) is not at equal ASR
-        dominates = not any(
-            base[b]["asr"] <= jp["asr"] and base[b]["acc"] >= jp["acc"]
-            and (base[b]["asr"] < jp["asr"] or base[b]["acc"] > jp["acc"])
-            for b in ("ft", "fp") if b in base)
+        dominates = all(judge_one(jp, base[b]) for b in ("ft", "fp") if b in base)
         return small, dominates
 
     # the best variant: one that meets the target, else the lowest ASR among those within
@@ -383,9 +386,14 @@ def _poisoning_targets(model, attack, rate, sel) -> list[dict]:
             r["details"] else ""
         parts.append(f"{r['variant']}: ASR {100 * r['asr']:.1f}%, ACC drop {drop:.1f} pt "
                      f"({found}{_VARIANT_WHY[r['variant']]})")
-    reason = (f"at {jp['n_benign']} benign images, " + "; ".join(parts)
+    took = ("" if none["asr"] >= 0.05 else f"the attack did not take (undefended ASR "
+            f"{100 * none['asr']:.1f}%); ")
+    beaten = [b.upper() for b in ("ft", "fp") if b in base and not judge_one(jp, base[b])]
+    reason = (took + f"at {jp['n_benign']} benign images, " + "; ".join(parts)
               + f". FT ASR {_pct(base.get('ft'))}, FP {_pct(base.get('fp'))}, "
-              f"ANP {_pct(base.get('anp'))}")
+              f"ANP {_pct(base.get('anp'))}"
+              + (f"; {' and '.join(beaten)} better on both ACC and ASR than {jp['variant']}"
+                 if beaten else ""))
     return [{"model": model, "attack": attack, "poison_rate": rate,
              "target": "budget 1%: ASR < 5% with ACC drop < 2 pt, and neither FT nor FP "
                        "better on both ACC and ASR",
@@ -563,10 +571,14 @@ def run(*, name: str = "backdoor-mnist", quick: bool = False, out: Path, seed: i
     print()
     print(tables)
     for t in targets:
-        print(f"{'MET   ' if t['met'] else 'MISSED'} {t['model']}/{t['attack']} "
-              f"{'k=' + str(t['k']) if 'k' in t else 'rate=' + str(t['poison_rate'])}: "
-              f"{t['reason']}")
+        print(_verdict_line(t))
     return metrics
+
+
+def _verdict_line(t) -> str:
+    setting = f"k={t['k']}" if "k" in t else f"rate={t['poison_rate']}"
+    return (f"{'MET   ' if t['met'] else 'MISSED'} {t['model']}/{t['attack']} {setting}: "
+            f"{t['reason']}")
 
 
 def _print(rs):
@@ -588,4 +600,4 @@ if __name__ == "__main__":
     parser.add_argument("--rejudge", type=Path, required=True, metavar="DIR",
                         help="a folder written by `jaxpurify run backdoor-*`")
     for t in rejudge(parser.parse_args().rejudge):
-        print(f"{'MET   ' if t['met'] else 'MISSED'} {t['model']}/{t['attack']}: {t['reason']}")
+        print(_verdict_line(t))

@@ -44,6 +44,7 @@ def test_rejudge_rewrites_verdicts_from_the_stored_rows(tmp_path):
     assert on_disk["rows"] == rows  # measurements untouched
     tables = (tmp_path / "tables.md").read_text()
     assert "- MET: m / weight-edit (k=30)" in tables and "not exactly" in tables
+    assert (tmp_path / "backdoor.png").stat().st_size > 0
 
 
 def _poison_row(defense, acc, asr, variant=None, budget=0.01):
@@ -60,6 +61,7 @@ def test_poisoning_verdict_judges_every_jaxpurify_variant():
             _poison_row("jaxpurify", 0.50, 0.00, "benign-row-space")]  # not judged
     (t,) = backdoor._targets(rows, CLEAN)
     assert t["met"] and t["variant"] == "benign-readout" and t["asr"] == 0.02
+    assert "did not take" not in t["reason"]
     assert "designed+code-ft: ASR 85.0%" in t["reason"]
     assert "benign-readout: ASR 2.0%, ACC drop 1.0 pt" in t["reason"]
     assert "benign-row-space" not in t["reason"]
@@ -74,9 +76,14 @@ def test_poisoning_verdict_judges_every_jaxpurify_variant():
     rows[1] = _poison_row("ft", 0.95, 0.01)
     (t,) = backdoor._targets(rows, CLEAN)
     assert t["asr_acc_met"] and not t["dominates_ft_fp"] and not t["met"]
+    assert t["reason"].endswith("FT better on both ACC and ASR than benign-readout")
     rows[1] = _poison_row("ft", 0.93, 0.02)
     (t,) = backdoor._targets(rows, CLEAN)
     assert t["met"]
+    # an attack that did not implant is said so
+    rows[0] = _poison_row("none", 0.95, 0.03, budget=0.0)
+    (t,) = backdoor._targets(rows, CLEAN)
+    assert t["reason"].startswith("the attack did not take (undefended ASR 3.0%)")
 
 
 def test_unknown_defense_is_refused_before_anything_runs(tmp_path):
