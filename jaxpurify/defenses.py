@@ -541,14 +541,25 @@ def jaxpurify_defense(model, params, x_benign=None, y_benign=None, *, fine_tune_
     return p, DefenseInfo("jaxpurify", time.perf_counter() - t0, details)
 
 
-def _readout_layer(model) -> str:
+def _affine(q, h):
+    return h @ q["kernel"] + q["bias"] if "bias" in q else h @ q["kernel"]
+
+
+def _readout_view(model):
+    """``(layer, features(p, x), logits(layer_params, h))``: the readout's name, its input
+    features under the (frozen) deployed params, and the readout as a function of them."""
     from jaxpurify.models import DesignedOneHiddenLayerCNN, OneHiddenLayerCNN
 
-    if isinstance(model, (DesignedOneHiddenLayerCNN, OneHiddenLayerCNN)):
-        return "readout"
-    if hasattr(model, "layer_info"):
-        return model.layer_info()[-1].name
-    raise TypeError(f"no readout layer known for {type(model).__name__}")
+    if isinstance(model, DesignedOneHiddenLayerCNN):
+        model = model.plain_model()
+    if isinstance(model, OneHiddenLayerCNN):
+        return "readout", functools.partial(one_hidden_hidden, model.patch_size,
+                                            model.pool), _affine
+    if hasattr(model, "layer_info") and hasattr(model, "layer_inputs"):
+        layer = model.layer_info()[-1].name
+        return layer, lambda p, x: model.layer_inputs(p, x)[layer], _affine
+    raise TypeError(f"no readout layer known for {type(model).__name__}: use a one-hidden-layer "
+                    "CNN or a jaxpurify.multilayer.DesignedCNN")
 
 
 def refit_readout(model, params, x_benign, y_benign, *, init_params, steps: int = 300,
@@ -578,21 +589,23 @@ def refit_readout(model, params, x_benign, y_benign, *, init_params, steps: int 
     """
     t0 = time.perf_counter()
     x, y = _check_data(x_benign, y_benign)
-    layer = _readout_layer(model)
+    layer, features, readout = _readout_view(model)
     p, p0 = dict(_unwrap(params)), _unwrap(init_params)
     if layer not in p0 or (jax.tree_util.tree_structure(p0[layer])
                            != jax.tree_util.tree_structure(p[layer])):
         raise ValueError(f"init_params must hold the initial {layer!r} layer with the deployed "
                          "params' structure (plain params, e.g. model.materialize(init_codes))")
-    p[layer] = jax.tree_util.tree_map(jnp.asarray, p0[layer])
-    mask = {name: jax.tree_util.tree_map(lambda _, on=name == layer: on, v)
-            for name, v in p.items()}
+    # the other layers are frozen: their features are computed once, and only the readout,
+    # a function of them, is trained (the same minibatch SGD as training the whole network
+    # with everything else masked)
+    feats = jax.jit(features)
+    h = jnp.concatenate([feats(p, x[i:i + 1024]) for i in range(0, x.shape[0], 1024)])
     key = jax.random.PRNGKey(0) if key is None else key
-    out = train_masked(network(model).apply, p, x, y, steps=steps, batch_size=batch_size,
-                       optimizer=("sgd", float(learning_rate), float(momentum), 0.0), key=key,
-                       update_mask=mask)
-    out = jax.block_until_ready(out)
-    return out, DefenseInfo("jaxpurify", time.perf_counter() - t0, {
+    q = train_masked(readout, jax.tree_util.tree_map(jnp.asarray, p0[layer]), h, y,
+                     steps=steps, batch_size=batch_size, key=key,
+                     optimizer=("sgd", float(learning_rate), float(momentum), 0.0))
+    p[layer] = jax.block_until_ready(q)
+    return p, DefenseInfo("jaxpurify", time.perf_counter() - t0, {
         "variant": "benign-readout", "layer": layer, "steps": steps})
 
 

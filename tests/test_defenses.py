@@ -159,6 +159,12 @@ def test_defenses_accept_a_multilayer_designed_cnn(designed):
     assert info.details["layer"] == last and last != "conv1"
     np.testing.assert_array_equal(out["conv1"]["kernel"], bad["conv1"]["kernel"])
     assert _max_diff(out[last], w[last]) > 0
+    start = {**bad, last: w[last]}
+    mask = {k: jax.tree_util.tree_map(lambda _, on=k == last: on, v) for k, v in bad.items()}
+    full = D.train_masked(D.network(m).apply, start, jnp.asarray(x), jnp.asarray(y),
+                          optimizer=("sgd", 0.1, 0.9, 0.0), steps=5, batch_size=128,
+                          key=jax.random.PRNGKey(0), update_mask=mask)
+    assert _max_diff(out, full) < 1e-5  # frozen features computed once: same training
 
 
 def test_refit_readout_stays_in_the_benign_feature_span_from_init(designed):
@@ -186,3 +192,12 @@ def test_refit_readout_stays_in_the_benign_feature_span_from_init(designed):
     np.testing.assert_allclose(again["readout"]["kernel"], out["readout"]["kernel"], atol=1e-6)
     with pytest.raises(ValueError, match="init_params must hold"):
         D.refit_readout(m, w, xb, yb, init_params={"conv": p0["conv"]})
+    # the same as training the whole network from the reset readout with the rest masked
+    start = {**w, "readout": p0["readout"]}
+    mask = {"conv": jax.tree_util.tree_map(lambda _: False, w["conv"]),
+            "readout": jax.tree_util.tree_map(lambda _: True, w["readout"])}
+    full = D.train_masked(D.network(m).apply, start, jnp.asarray(xb), jnp.asarray(yb),
+                          optimizer=("sgd", 0.1, 0.9, 0.0), steps=40, batch_size=128,
+                          key=jax.random.PRNGKey(0), update_mask=mask)
+    np.testing.assert_allclose(out["readout"]["kernel"], full["readout"]["kernel"],
+                               rtol=1e-4, atol=1e-5)
