@@ -518,6 +518,7 @@ def run(*, name: str = "backdoor-mnist", quick: bool = False, out: Path, seed: i
             edited, mask = A.weight_edit(model.module, w_clean, xa, ya, target=TARGET,
                                          trigger=triggers["badnets"], k=k,
                                          steps=cfg["edit_steps"])
+            jax.block_until_ready(edited)  # dispatch is asynchronous: time the edit itself
             t_attack = time.perf_counter() - t
             per_layer = {"/".join(str(getattr(p, "key", p)) for p in path): int(np.sum(v))
                          for path, v in jax.tree_util.tree_leaves_with_path(mask) if np.any(v)}
