@@ -469,8 +469,8 @@ def run(*, name: str = "backdoor-mnist", quick: bool = False, out: Path, seed: i
                          f"choose from {list(DEFENSES)}")
     models = tuple(models or cfg["models"])
     budgets = tuple(budgets or cfg["budgets"])
-    rates = tuple(rates or cfg["rates"])
-    ks = tuple(ks or cfg["ks"])
+    rates = tuple(cfg["rates"] if rates is None else rates)  # () skips data poisoning
+    ks = tuple(cfg["ks"] if ks is None else ks)  # () skips the weight edit
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
