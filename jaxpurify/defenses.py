@@ -87,12 +87,16 @@ class Network(NamedTuple):
         last_conv: the layer fine-pruning prunes.
         channels: ``(params, x) -> (N, J)`` mean post-ReLU activation of each channel of
             ``last_conv`` per image (averaged over positions).
+        readout: the output layer (an affine map ``h @ kernel (+ bias)`` of its inputs).
+        readout_inputs: jitted ``(params, x) -> (N, F)``, the inputs ``h`` of ``readout``.
     """
 
     apply: Callable
     conv_layers: tuple
     last_conv: str
     channels: Callable
+    readout: str
+    readout_inputs: Callable
 
 
 def _unwrap(params):
@@ -112,7 +116,8 @@ def network(model) -> Network:
         def channels(p, x):
             return one_hidden_hidden(model.patch_size, "mean", p, x)
 
-        return Network(apply, ("conv",), "conv", channels)
+        hidden = jax.jit(functools.partial(one_hidden_hidden, model.patch_size, model.pool))
+        return Network(apply, ("conv",), "conv", channels, "readout", hidden)
     if hasattr(model, "layer_info") and hasattr(model, "layer_inputs"):
         infos = model.layer_info()
         convs = tuple(i.name for i in infos if i.kind == "conv")
@@ -125,7 +130,9 @@ def network(model) -> Network:
             h = model.layer_inputs(_unwrap(p), x)[nxt]
             return h.reshape(h.shape[0], -1, units).mean(axis=1)
 
-        return Network(apply, convs, convs[-1], channels)
+        last = infos[-1].name
+        inputs = jax.jit(lambda p, x: model.layer_inputs(_unwrap(p), x)[last])
+        return Network(apply, convs, convs[-1], channels, last, inputs)
     raise TypeError(f"no defense view for {type(model).__name__}: use OneHiddenLayerCNN, "
                     "DesignedOneHiddenLayerCNN or a jaxpurify.multilayer.DesignedCNN")
 
@@ -545,23 +552,6 @@ def _affine(q, h):
     return h @ q["kernel"] + q["bias"] if "bias" in q else h @ q["kernel"]
 
 
-def _readout_view(model):
-    """``(layer, features(p, x), logits(layer_params, h))``: the readout's name, its input
-    features under the (frozen) deployed params, and the readout as a function of them."""
-    from jaxpurify.models import DesignedOneHiddenLayerCNN, OneHiddenLayerCNN
-
-    if isinstance(model, DesignedOneHiddenLayerCNN):
-        model = model.plain_model()
-    if isinstance(model, OneHiddenLayerCNN):
-        return "readout", functools.partial(one_hidden_hidden, model.patch_size,
-                                            model.pool), _affine
-    if hasattr(model, "layer_info") and hasattr(model, "layer_inputs"):
-        layer = model.layer_info()[-1].name
-        return layer, lambda p, x: model.layer_inputs(p, x)[layer], _affine
-    raise TypeError(f"no readout layer known for {type(model).__name__}: use a one-hidden-layer "
-                    "CNN or a jaxpurify.multilayer.DesignedCNN")
-
-
 def refit_readout(model, params, x_benign, y_benign, *, init_params, steps: int = 300,
                   learning_rate: float = 0.1, momentum: float = 0.9, batch_size: int = 128,
                   key=None):
@@ -589,7 +579,8 @@ def refit_readout(model, params, x_benign, y_benign, *, init_params, steps: int 
     """
     t0 = time.perf_counter()
     x, y = _check_data(x_benign, y_benign)
-    layer, features, readout = _readout_view(model)
+    net = network(model)
+    layer = net.readout
     p, p0 = dict(_unwrap(params)), _unwrap(init_params)
     if layer not in p0 or (jax.tree_util.tree_structure(p0[layer])
                            != jax.tree_util.tree_structure(p[layer])):
@@ -598,10 +589,10 @@ def refit_readout(model, params, x_benign, y_benign, *, init_params, steps: int 
     # the other layers are frozen: their features are computed once, and only the readout,
     # a function of them, is trained (the same minibatch SGD as training the whole network
     # with everything else masked)
-    feats = jax.jit(features)
-    h = jnp.concatenate([feats(p, x[i:i + 1024]) for i in range(0, x.shape[0], 1024)])
+    h = jnp.concatenate([net.readout_inputs(p, x[i:i + 1024])
+                         for i in range(0, x.shape[0], 1024)])
     key = jax.random.PRNGKey(0) if key is None else key
-    q = train_masked(readout, jax.tree_util.tree_map(jnp.asarray, p0[layer]), h, y,
+    q = train_masked(_affine, jax.tree_util.tree_map(jnp.asarray, p0[layer]), h, y,
                      steps=steps, batch_size=batch_size, key=key,
                      optimizer=("sgd", float(learning_rate), float(momentum), 0.0))
     p[layer] = jax.block_until_ready(q)
