@@ -255,23 +255,30 @@ def _ce(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _edit(apply, steps, learning_rate, clean_weight, p, mask, x_bd, y_bd, x_clean, y_clean):
-    """Adam on the masked entries of ``L_bd + clean_weight L_clean`` (full batch)."""
-    tx = optax.adam(learning_rate)
+    """Adam on the masked entries of ``L_bd + clean_weight L_clean`` (full batch).
+
+    A Python loop over one jitted step, not a ``lax.scan``: XLA:CPU runs convolutions inside a
+    while loop about 30x slower (SmallVGG: ~25 s per step inside a scan).
+    """
+    config = (apply, learning_rate, clean_weight)
+    state = optax.adam(learning_rate).init(p)
+    for _ in range(steps):
+        p, state = _edit_step(config, p, state, mask, x_bd, y_bd, x_clean, y_clean)
+    return p
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _edit_step(config, q, state, mask, x_bd, y_bd, x_clean, y_clean):
+    apply, learning_rate, clean_weight = config
 
     def loss(q):
         return _ce(apply(q, x_bd), y_bd) + clean_weight * _ce(apply(q, x_clean), y_clean)
 
-    def step(carry, _):
-        q, state = carry
-        g = jax.tree_util.tree_map(lambda gi, m: jnp.where(m, gi, 0), jax.grad(loss)(q), mask)
-        upd, state = tx.update(g, state, q)
-        upd = jax.tree_util.tree_map(lambda u, m: jnp.where(m, u, 0), upd, mask)
-        return (optax.apply_updates(q, upd), state), None
-
-    (q, _), _ = jax.lax.scan(step, (p, tx.init(p)), None, length=steps)
-    return q
+    g = jax.tree_util.tree_map(lambda gi, m: jnp.where(m, gi, 0), jax.grad(loss)(q), mask)
+    upd, state = optax.adam(learning_rate).update(g, state, q)
+    upd = jax.tree_util.tree_map(lambda u, m: jnp.where(m, u, 0), upd, mask)
+    return optax.apply_updates(q, upd), state
 
 
 def saliency_mask(grads, k: int):
