@@ -90,3 +90,42 @@ def test_unknown_defense_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match=r"unknown defenses \['bogus'\]"):
         backdoor.run(out=tmp_path, quick=True, defenses=("ft", "bogus"))
     assert not any(tmp_path.iterdir())
+
+
+def test_probe_is_reported_in_the_poisoning_verdict():
+    rows = [_poison_row("none", 0.95, 0.99, budget=0.0),
+            _poison_row("ft", 0.95, 0.90), _poison_row("fp", 0.94, 0.92),
+            _poison_row("jaxpurify", 0.90, 0.02, "benign-readout")]
+    rows[0]["details"]["readout_probe"] = {"n": 60000, "steps": 3000, "acc": 0.94, "asr": 0.6}
+    (t,) = backdoor._targets(rows, CLEAN)
+    assert t["reason"].endswith("has ASR 60.0% at ACC 94.0%: the hidden features carry the "
+                                "trigger as evidence for the target class, so a readout's low "
+                                "ASR from few labels comes with under-fitting")
+    rows[0]["details"]["readout_probe"]["asr"] = 0.01  # a clean-label readout that is clean
+    (t,) = backdoor._targets(rows, CLEAN)
+    assert t["reason"].endswith("has ASR 1.0% at ACC 94.0%")
+
+
+def test_tiny_run_end_to_end(tmp_path):
+    """The whole experiment on 2000 real MNIST images: rows schema, the probe, the verdicts."""
+    import json
+
+    metrics = backdoor.run(out=tmp_path, quick=True, train_limit=2000, test_limit=500,
+                           steps=150, edit_steps=20, ks=(10,), budgets=(0.01,),
+                           defenses=("jaxpurify", "ft", "fp"), probe_steps=100)
+    rows = metrics["rows"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["rows"] == rows
+    assert (tmp_path / "backdoor.png").stat().st_size > 0
+    assert {r["attack"] for r in rows} == {"weight-edit", "badnets", "blended"}
+    for r in rows:
+        assert {"dataset", "model", "attack", "poison_rate", "defense", "budget", "acc", "asr",
+                "seconds"} <= set(r)
+        assert r["defense"] in ("none", "jaxpurify", "ft", "fp")
+        assert r["acc"] is None or 0.0 <= r["acc"] <= 1.0
+    none = [r for r in rows if r["defense"] == "none" and r["attack"] != "weight-edit"]
+    assert len(none) == 2
+    for r in none:
+        probe = r["details"]["readout_probe"]
+        assert probe["n"] == 2000 and probe["steps"] == 100 and 0.0 <= probe["asr"] <= 1.0
+    poison = [t for t in metrics["targets"] if t["attack"] != "weight-edit"]
+    assert len(poison) == 2 and all("a readout re-fit on all 2000" in t["reason"] for t in poison)
