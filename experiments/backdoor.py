@@ -357,9 +357,9 @@ _VARIANT_WHY = {
     "designed+code-ft": "the poisoned network is a valid designed network (the backdoor was "
                         "learned by training, inside range(A)), so recovery alone finds "
                         "nothing sparse to remove; what moves ASR is the fine-tuning of the codes",
-    "benign-readout": "the readout re-estimated from its init on the benign features: removes a "
-                      "target vote the triggered images taught the readout, not a trigger "
-                      "detector built into the hidden features",
+    "benign-readout": "the readout re-estimated from its init on the benign features: it keeps "
+                      "no vote that only triggered images taught, but relearns whatever "
+                      "target evidence the hidden features carry as the budget grows",
 }
 
 
