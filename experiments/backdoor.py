@@ -568,13 +568,14 @@ def run(*, name: str = "backdoor-mnist", quick: bool = False, out: Path, seed: i
                 ev = functools.partial(evaluate, trigger=attack)
                 rs = _defend(model, w_bd, benign, budgets, ev, key, init_params=init_plain,
                              row_space=True)
-                if cfg["probe_steps"]:
-                    rs[0]["details"]["readout_probe"] = _readout_probe(
-                        model, w_bd, x_tr, y_tr, ev, key, init_plain, cfg["probe_steps"])
                 for r in rs:
                     r.pop("_params", None)
                     if r["defense"] == "none":
                         r["seconds"] = t_train
+                        if cfg["probe_steps"]:
+                            r["details"]["readout_probe"] = _readout_probe(
+                                model, w_bd, x_tr, y_tr, ev, key, init_plain,
+                                cfg["probe_steps"])
                     rows.append({"dataset": dataset, "model": model_name, "attack": attack,
                                  "poison_rate": rate, "k": None, **r})
                 _print(rows[-len(rs):])

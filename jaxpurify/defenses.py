@@ -159,7 +159,7 @@ def train_masked(apply_fn: Callable, params, x, y, *, optimizer, steps: int, bat
     the compiled step is reused across calls with the same ``apply_fn`` and shapes).
 
     The steps run as a Python loop over one jitted step, not a ``lax.scan``: XLA:CPU runs
-    convolutions inside a while loop about 30x slower than the same step on its own
+    convolutions inside a while loop about 35x slower than the same step on its own
     (SmallVGG, 64-image SGD steps: 6.6 s vs 0.19 s each), and on an accelerator the loop's
     dispatch is asynchronous.
     """
