@@ -348,7 +348,8 @@ def _targets(rows, clean) -> list[dict]:
         else:
             for rate in sorted({r["poison_rate"] for r in rs}):
                 sel = [r for r in rs if r["poison_rate"] == rate]
-                out.extend(_poisoning_targets(model, attack, rate, sel))
+                out.extend(_poisoning_targets(model, attack, rate, sel,
+                                              ref.get(f"asr_{attack}")))
     return out
 
 
@@ -363,10 +364,12 @@ _VARIANT_WHY = {
 }
 
 
-def _poisoning_targets(model, attack, rate, sel) -> list[dict]:
+def _poisoning_targets(model, attack, rate, sel, clean_asr=None) -> list[dict]:
     """The data-poisoning verdict at the 1% budget: met when some jaxpurify variant has ASR
     < 5% with an ACC drop < 2 pt and neither FT nor FP beats it on both ACC and ASR; every
-    variant's numbers in the reason."""
+    variant's numbers in the reason. ``clean_asr`` (the clean network's ASR with the same
+    trigger, if known) is quoted beside the undefended and probe ASRs: a clean network
+    also sends some triggered images to the target."""
     at = [r for r in sel if r["budget"] == 0.01 and r["acc"] is not None]
     base = {r["defense"]: r for r in at if r["defense"] in ("ft", "fp", "anp")}
     variants = [r for r in at if r["defense"] == "jaxpurify" and r.get("variant") in _VARIANT_WHY]
@@ -401,15 +404,19 @@ def _poisoning_targets(model, attack, rate, sel) -> list[dict]:
             r["details"] else ""
         parts.append(f"{r['variant']}: ASR {100 * r['asr']:.1f}%, ACC drop {drop:.1f} pt "
                      f"({found}{_VARIANT_WHY[r['variant']]})")
-    took = ("" if none["asr"] >= 0.05 else f"the attack did not take (undefended ASR "
-            f"{100 * none['asr']:.1f}%); ")
+    at_clean = "" if clean_asr is None else f" (clean network: {100 * clean_asr:.1f}%)"
+    took = ("the attack did not take: " if none["asr"] < 0.05 else "") + \
+        f"undefended ASR {100 * none['asr']:.1f}%{at_clean}; "
     probe = none["details"].get("readout_probe")
+    # the probe says the features carry the trigger only where it is above both the target
+    # and what the clean network itself sends to the target
+    carries = probe is not None and probe["asr"] >= max(0.05, clean_asr or 0.0)
     probed = ("" if probe is None else
               f"; a readout re-fit on all {probe['n']} clean training labels (not a defense) "
               f"has ASR {100 * probe['asr']:.1f}% at ACC {100 * probe['acc']:.1f}%"
               + (": the hidden features carry the trigger as evidence for the target class, "
                  "so a readout's low ASR from few labels comes with under-fitting"
-                 if probe["asr"] >= 0.05 else ""))
+                 if carries else ""))
     beaten = [b.upper() for b in ("ft", "fp") if b in base and not judge_one(jp, base[b])]
     reason = (took + f"at {jp['n_benign']} benign images, " + "; ".join(parts)
               + f". FT ASR {_pct(base.get('ft'))}, FP {_pct(base.get('fp'))}, "
@@ -420,7 +427,8 @@ def _poisoning_targets(model, attack, rate, sel) -> list[dict]:
              "target": "budget 1%: ASR < 5% with ACC drop < 2 pt, and neither FT nor FP "
                        "better on both ACC and ASR",
              "variant": jp["variant"], "acc": jp["acc"], "asr": jp["asr"],
-             "acc_none": none["acc"], "asr_none": none["asr"], "met": bool(small and dominates),
+             "acc_none": none["acc"], "asr_none": none["asr"], "asr_clean": clean_asr,
+             "met": bool(small and dominates),
              "asr_acc_met": bool(small), "dominates_ft_fp": bool(dominates),
              "reason": reason}]
 

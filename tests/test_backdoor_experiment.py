@@ -61,7 +61,8 @@ def test_poisoning_verdict_judges_every_jaxpurify_variant():
             _poison_row("jaxpurify", 0.50, 0.00, "benign-row-space")]  # not judged
     (t,) = backdoor._targets(rows, CLEAN)
     assert t["met"] and t["variant"] == "benign-readout" and t["asr"] == 0.02
-    assert "did not take" not in t["reason"]
+    assert t["reason"].startswith("undefended ASR 99.0% (clean network: 1.0%); at 600 benign")
+    assert t["asr_clean"] == 0.01
     assert "designed+code-ft: ASR 85.0%" in t["reason"]
     assert "benign-readout: ASR 2.0%, ACC drop 1.0 pt" in t["reason"]
     assert "benign-row-space" not in t["reason"]
@@ -83,7 +84,8 @@ def test_poisoning_verdict_judges_every_jaxpurify_variant():
     # an attack that did not implant is said so
     rows[0] = _poison_row("none", 0.95, 0.03, budget=0.0)
     (t,) = backdoor._targets(rows, CLEAN)
-    assert t["reason"].startswith("the attack did not take (undefended ASR 3.0%)")
+    assert t["reason"].startswith("the attack did not take: undefended ASR 3.0% (clean "
+                                  "network: 1.0%); ")
 
 
 def test_unknown_defense_is_refused_before_anything_runs(tmp_path):
@@ -104,6 +106,10 @@ def test_probe_is_reported_in_the_poisoning_verdict():
     rows[0]["details"]["readout_probe"]["asr"] = 0.01  # a clean-label readout that is clean
     (t,) = backdoor._targets(rows, CLEAN)
     assert t["reason"].endswith("has ASR 1.0% at ACC 94.0%")
+    # above 5% but no higher than the clean network's own ASR: no claim about the features
+    rows[0]["details"]["readout_probe"]["asr"] = 0.06
+    (t,) = backdoor._targets(rows, {"m": {"acc": 0.95, "asr_badnets": 0.07}})
+    assert t["reason"].endswith("has ASR 6.0% at ACC 94.0%")
 
 
 def test_tiny_run_end_to_end(tmp_path):
