@@ -135,3 +135,6 @@ def test_tiny_run_end_to_end(tmp_path):
         assert probe["n"] == 2000 and probe["steps"] == 100 and 0.0 <= probe["asr"] <= 1.0
     poison = [t for t in metrics["targets"] if t["attack"] != "weight-edit"]
     assert len(poison) == 2 and all("a readout re-fit on all 2000" in t["reason"] for t in poison)
+    for t in poison:  # the clean network's ASR with the same trigger is the reference quoted
+        assert t["asr_clean"] == metrics["clean"]["one-hidden"][f"asr_{t['attack']}"]
+        assert f"(clean network: {100 * t['asr_clean']:.1f}%)" in t["reason"]
