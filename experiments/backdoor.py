@@ -16,7 +16,9 @@ recovery in the designed subspace; with data, plus fine-tuning of the codes; and
 ``--set "defenses=('jaxpurify', 'ft', 'fp')"`` leaves it out). ``acc`` is the
 clean test accuracy, ``asr`` the fraction of triggered test images (true class != target)
 classified as the target. Writes ``metrics.json`` (``rows``, ``targets``), ``tables.md`` and
-``backdoor.png``.
+``backdoor.png``. ``python -m experiments.backdoor --rejudge DIR`` re-derives a run's verdicts;
+``--merge OUT SRC [SRC ...]`` joins runs of one setting (e.g. one per poison rate, where a
+single run would not fit a session) into one table per dataset x model x attack.
 """
 
 from __future__ import annotations
@@ -312,6 +314,81 @@ def rejudge(out: Path | str) -> list[dict]:
     _write_tables(out, metrics["rows"], metrics["targets"], metrics["dataset"])
     _plot(metrics["rows"], out / "backdoor.png", metrics["dataset"])
     return metrics["targets"]
+
+
+def _row_key(r) -> tuple:
+    return (r["model"], r["attack"], r.get("poison_rate"), r.get("k"), r["defense"],
+            r.get("variant"), r["budget"])
+
+
+def merge(out: Path | str, sources, command: str | None = None) -> dict:
+    """Merge finished runs of one setting into ``out``: one table per dataset x model x
+    attack, verdicts recomputed from the stored rows (no new measurement).
+
+    The runs must share the dataset, the seed and the model configuration (keys one run
+    lacks, added to the experiment after it ran, are not compared), a model in
+    several runs must have the same clean network in each (same ACC and ASRs, i.e. the same
+    training), and no (model, attack, rate, k, defense, variant, budget) may appear twice.
+    Each source's command, wall time, timings, setup and environment are kept in ``runs``;
+    ``seconds`` is their sum. ``out`` may be one of the sources (all are read before
+    anything is written). ``python -m experiments.backdoor --merge OUT SRC [SRC ...]``.
+    """
+    runs = [json.loads((Path(s) / "metrics.json").read_text()) for s in sources]
+    if len(runs) < 2:
+        raise ValueError("merge needs at least two runs")
+    first = runs[0]
+    clean: dict[str, dict] = {}
+    for src, m in zip(sources, runs, strict=True):
+        for model, ref in m["clean"].items():
+            if clean.setdefault(model, ref) != ref:
+                raise ValueError(f"{src}: the clean {model} ({ref}) is not the one of the "
+                                 f"other runs ({clean[model]}); only runs of one training "
+                                 "setting can be merged")
+        for key in ("dataset", "seed"):
+            if m[key] != first[key]:
+                raise ValueError(f"{src}: {key} {m[key]!r} differs from {sources[0]}'s "
+                                 f"{first[key]!r}; only runs of one setting can be merged")
+        cfg, cfg0 = m["setup"]["model_config"], first["setup"]["model_config"]
+        # a key one run lacks was added to the experiment after that run: not compared
+        diff = sorted(k for k in set(cfg) & set(cfg0) if cfg[k] != cfg0[k])
+        if diff:
+            raise ValueError(f"{src}: model_config differs from {sources[0]}'s in {diff}")
+    attacks = {"weight-edit": 0, "badnets": 1, "blended": 2}
+    rows = sorted((r for m in runs for r in m["rows"]),  # stable: a run's defense order stays
+                  key=lambda r: (str(r["model"]), attacks.get(r["attack"], 3),
+                                 r.get("poison_rate") or 0.0, r.get("k") or 0))
+    seen: dict[tuple, int] = {}
+    for r in rows:
+        seen[_row_key(r)] = seen.get(_row_key(r), 0) + 1
+    twice = [k for k, c in seen.items() if c > 1]
+    if twice:
+        raise ValueError(f"rows measured in more than one run, e.g. {twice[0]}; merge runs "
+                         "that cover different rates, ks or models")
+
+    def union(key):
+        return sorted({v for m in runs for v in m["setup"][key]}, key=str)
+
+    setup = {**first["setup"], **{k: union(k) for k in (
+        "models", "budgets", "poison_rates", "weight_edit_k", "defenses")},
+        "model_config": {k: v for m in runs for k, v in m["setup"]["model_config"].items()}}
+    out = Path(out)
+    metrics = {
+        "experiment": first["experiment"], "dataset": first["dataset"], "quick": any(
+            m["quick"] for m in runs), "seed": first["seed"], "setup": setup,
+        "clean": clean, "rows": rows, "targets": _targets(rows, clean),
+        "reference": REFERENCE, "seconds": sum(m["seconds"] for m in runs),
+        "runs": [{k: m.get(k) for k in ("command", "seconds", "timings", "setup",
+                                        "environment")} for m in runs],
+        # the whole recipe: every run into its folder, then this merge
+        "command": command or " && ".join(
+            [f"{m['command']} --out {src}" for m, src in zip(runs, sources, strict=True)
+             if m.get("command")]
+            + ["python -m experiments.backdoor --merge " + " ".join(map(str, [out, *sources]))]),
+    }
+    write_metrics(out, metrics)
+    _write_tables(out, rows, metrics["targets"], metrics["dataset"])
+    _plot(rows, out / "backdoor.png", metrics["dataset"])
+    return metrics
 
 
 def _targets(rows, clean) -> list[dict]:
@@ -630,9 +707,20 @@ def _print(rs):
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m experiments.backdoor",
-                                     description="Re-derive the target verdicts of a run.")
-    parser.add_argument("--rejudge", type=Path, required=True, metavar="DIR",
-                        help="a folder written by `jaxpurify run backdoor-*`")
-    for t in rejudge(parser.parse_args().rejudge):
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.backdoor",
+        description="Re-derive the target verdicts of a run, or merge runs of one setting.")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--rejudge", type=Path, metavar="DIR",
+                       help="a folder written by `jaxpurify run backdoor-*`")
+    group.add_argument("--merge", type=Path, nargs="+", metavar=("OUT", "SRC"),
+                       help="write OUT from two or more run folders SRC (OUT may be one)")
+    args = parser.parse_args()
+    if args.merge:
+        if len(args.merge) < 3:
+            parser.error("--merge needs OUT and at least two SRC folders")
+        targets = merge(args.merge[0], args.merge[1:])["targets"]
+    else:
+        targets = rejudge(args.rejudge)
+    for t in targets:
         print(_verdict_line(t))

@@ -138,3 +138,56 @@ def test_tiny_run_end_to_end(tmp_path):
     for t in poison:  # the clean network's ASR with the same trigger is the reference quoted
         assert t["asr_clean"] == metrics["clean"]["one-hidden"][f"asr_{t['attack']}"]
         assert f"(clean network: {100 * t['asr_clean']:.1f}%)" in t["reason"]
+
+
+def _run_folder(path, rows, clean=CLEAN, **setup):
+    import json
+
+    path.mkdir()
+    base = {"models": ["m"], "budgets": [0.01], "poison_rates": [], "weight_edit_k": [],
+            "defenses": ["ft", "fp"], "model_config": {"steps": 10}}
+    (path / "metrics.json").write_text(json.dumps(
+        {"experiment": "backdoor-mnist", "dataset": "mnist", "quick": False, "seed": 0,
+         "setup": {**base, **setup}, "clean": clean, "rows": rows, "targets": [],
+         "seconds": 2.0, "command": f"run {path.name}"}))
+    return path
+
+
+def test_merge_makes_one_table_per_attack_and_rejudges(tmp_path):
+    import json
+
+    def poisoned(rate):
+        rs = [_poison_row("none", 0.95, 0.99, budget=0.0), _poison_row("ft", 0.95, 0.90),
+              _poison_row("fp", 0.94, 0.92),
+              _poison_row("jaxpurify", 0.94, 0.02, "benign-readout")]
+        return [{**r, "dataset": "mnist", "poison_rate": rate, "seconds": 1.0} for r in rs]
+
+    a = _run_folder(tmp_path / "a", poisoned(0.1), poison_rates=[0.1])
+    b = _run_folder(tmp_path / "b", poisoned(0.05), poison_rates=[0.05])
+    metrics = backdoor.merge(a, [a, b])  # the output may be one of the sources
+    assert len(metrics["rows"]) == 8 and metrics["setup"]["poison_rates"] == [0.05, 0.1]
+    assert [r["poison_rate"] for r in metrics["rows"]] == [0.05] * 4 + [0.1] * 4  # sorted
+    assert [r["defense"] for r in metrics["rows"][:4]] == ["none", "ft", "fp", "jaxpurify"]
+    assert [t["poison_rate"] for t in metrics["targets"]] == [0.05, 0.1]
+    assert all(t["met"] for t in metrics["targets"])  # judged again, not copied ([] above)
+    assert [r["command"] for r in metrics["runs"]] == ["run a", "run b"]
+    assert metrics["seconds"] == 4.0
+    assert metrics["command"] == (f"run a --out {a} && run b --out {b} && python -m "
+                                  f"experiments.backdoor --merge {a} {a} {b}")
+    assert json.loads((a / "metrics.json").read_text())["rows"] == metrics["rows"]
+    tables = (a / "tables.md").read_text()
+    assert tables.count("## mnist / m / badnets") == 1  # both rates in one table
+    assert "- MET: m / badnets (rate 0.05)" in tables
+    # refused: a run measured twice, another training of the same model, another config
+    with pytest.raises(ValueError, match="more than one run"):
+        backdoor.merge(tmp_path / "c", [a, b])
+    d = _run_folder(tmp_path / "d", poisoned(0.01), clean={"m": {"acc": 0.9}})
+    with pytest.raises(ValueError, match="the clean m"):
+        backdoor.merge(tmp_path / "e", [b, d])
+    f = _run_folder(tmp_path / "f", poisoned(0.01), model_config={"steps": 20})
+    with pytest.raises(ValueError, match=r"model_config differs .* \['steps'\]"):
+        backdoor.merge(tmp_path / "g", [b, f])
+    # a key that only the later run has (added to the experiment since) is not a conflict
+    h = _run_folder(tmp_path / "h", poisoned(0.01), model_config={"steps": 10, "probe": 5})
+    assert backdoor.merge(tmp_path / "i", [b, h])["setup"]["model_config"] == {
+        "steps": 10, "probe": 5}
