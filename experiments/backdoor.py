@@ -23,6 +23,7 @@ single run would not fit a session) into one table per dataset x model x attack.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import time
@@ -316,12 +317,7 @@ def rejudge(out: Path | str) -> list[dict]:
     return metrics["targets"]
 
 
-def _row_key(r) -> tuple:
-    return (r["model"], r["attack"], r.get("poison_rate"), r.get("k"), r["defense"],
-            r.get("variant"), r["budget"])
-
-
-def merge(out: Path | str, sources, command: str | None = None) -> dict:
+def merge(out: Path | str, sources) -> dict:
     """Merge finished runs of one setting into ``out``: one table per dataset x model x
     attack, verdicts recomputed from the stored rows (no new measurement).
 
@@ -357,9 +353,8 @@ def merge(out: Path | str, sources, command: str | None = None) -> dict:
     rows = sorted((r for m in runs for r in m["rows"]),  # stable: a run's defense order stays
                   key=lambda r: (str(r["model"]), attacks.get(r["attack"], 3),
                                  r.get("poison_rate") or 0.0, r.get("k") or 0))
-    seen: dict[tuple, int] = {}
-    for r in rows:
-        seen[_row_key(r)] = seen.get(_row_key(r), 0) + 1
+    seen = collections.Counter((r["model"], r["attack"], r.get("poison_rate"), r.get("k"),
+                                r["defense"], r.get("variant"), r["budget"]) for r in rows)
     twice = [k for k, c in seen.items() if c > 1]
     if twice:
         raise ValueError(f"rows measured in more than one run, e.g. {twice[0]}; merge runs "
@@ -380,7 +375,7 @@ def merge(out: Path | str, sources, command: str | None = None) -> dict:
         "runs": [{k: m.get(k) for k in ("command", "seconds", "timings", "setup",
                                         "environment")} for m in runs],
         # the whole recipe: every run into its folder, then this merge
-        "command": command or " && ".join(
+        "command": " && ".join(
             [f"{m['command']} --out {src}" for m, src in zip(runs, sources, strict=True)
              if m.get("command")]
             + ["python -m experiments.backdoor --merge " + " ".join(map(str, [out, *sources]))]),
