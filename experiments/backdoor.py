@@ -13,17 +13,18 @@ training set, drawn from its clean images; never the test set): ``none``, ``jaxp
 recovery in the designed subspace; with data, plus fine-tuning of the codes; and the
 ``benign-readout`` variant, the readout re-estimated from its init on the benign budget),
 ``ft`` (fine-tuning), ``fp`` (fine-pruning) and ``anp`` (adversarial neuron pruning;
-``--set "defenses=('jaxpurify', 'ft', 'fp')"`` leaves it out). ``acc`` is the
+``--set "defenses=('jaxpurify', 'ft', 'fp')"`` leaves it out; ``--set "attacks=('badnets',)"``
+runs one poisoning attack). ``acc`` is the
 clean test accuracy, ``asr`` the fraction of triggered test images (true class != target)
 classified as the target. Writes ``metrics.json`` (``rows``, ``targets``), ``tables.md`` and
 ``backdoor.png``. ``python -m experiments.backdoor --rejudge DIR`` re-derives a run's verdicts;
 ``--merge OUT SRC [SRC ...]`` joins runs of one setting (e.g. one per poison rate, where a
-single run would not fit a session) into one table per dataset x model x attack.
+single run would not fit a session, or one that adds a defense) into one table per
+dataset x model x attack.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 import json
 import time
@@ -43,6 +44,9 @@ TARGET = 0
 #: The defenses run with a benign budget (``--set "defenses=(...)"`` picks a subset).
 DEFENSES = ("jaxpurify", "ft", "fp", "anp")
 
+#: The data-poisoning attacks (``--set "attacks=(...)"`` picks a subset).
+DATA_ATTACKS = ("badnets", "blended")
+
 #: BackdoorBench (CIFAR-10, PreAct-ResNet18, BadNets 10 %, 5 % clean data), ACC/ASR in %.
 #: Quoted as a reference only: a different network, data budget and training recipe.
 REFERENCE = {
@@ -61,7 +65,7 @@ def _config(dataset: str, quick: bool) -> dict:
                "deep": "small-vgg", "train_limit": None, "test_limit": None, "steps": 6000,
                "deep_epochs": 10.0}
     cfg.update(anp_iterations=2000, edit_steps=300, edit_images=256, row_space=True,
-               defenses=DEFENSES, probe_steps=3000)
+               defenses=DEFENSES, attacks=DATA_ATTACKS, probe_steps=3000)
     if quick:
         # the benign row-space option is slow where it applies (CIFAR-10: 64 L1 problems of
         # 769 x 400 past their recovery threshold, ~10 min on 2 CPU cores): full run only
@@ -324,7 +328,9 @@ def merge(out: Path | str, sources) -> dict:
     The runs must share the dataset, the seed and the model configuration (keys one run
     lacks, added to the experiment after it ran, are not compared), a model in
     several runs must have the same clean network in each (same ACC and ASRs, i.e. the same
-    training), and no (model, attack, rate, k, defense, variant, budget) may appear twice.
+    training), and no (model, attack, rate, k, defense, variant, budget) may appear twice
+    except the budget-0 rows of a network that a run adding a defense trained again (kept
+    once where they agree; see :func:`_dedup_rows`).
     Each source's command, wall time, timings, setup and environment are kept in ``runs``;
     ``seconds`` is their sum. ``out`` may be one of the sources (all are read before
     anything is written). ``python -m experiments.backdoor --merge OUT SRC [SRC ...]``.
@@ -350,15 +356,9 @@ def merge(out: Path | str, sources) -> dict:
         if diff:
             raise ValueError(f"{src}: model_config differs from {sources[0]}'s in {diff}")
     attacks = {"weight-edit": 0, "badnets": 1, "blended": 2}
-    rows = sorted((r for m in runs for r in m["rows"]),  # stable: a run's defense order stays
+    rows = sorted(_dedup_rows(r for m in runs for r in m["rows"]),  # stable: defense order stays
                   key=lambda r: (str(r["model"]), attacks.get(r["attack"], 3),
                                  r.get("poison_rate") or 0.0, r.get("k") or 0))
-    seen = collections.Counter((r["model"], r["attack"], r.get("poison_rate"), r.get("k"),
-                                r["defense"], r.get("variant"), r["budget"]) for r in rows)
-    twice = [k for k, c in seen.items() if c > 1]
-    if twice:
-        raise ValueError(f"rows measured in more than one run, e.g. {twice[0]}; merge runs "
-                         "that cover different rates, ks or models")
 
     def union(key):
         return sorted({v for m in runs for v in m["setup"][key]}, key=str)
@@ -384,6 +384,34 @@ def merge(out: Path | str, sources) -> dict:
     _write_tables(out, rows, metrics["targets"], metrics["dataset"])
     _plot(rows, out / "backdoor.png", metrics["dataset"])
     return metrics
+
+
+def _dedup_rows(rows) -> list[dict]:
+    """The rows of several runs, each (model, attack, rate, k, defense, variant, budget) once.
+
+    A run that adds a defense to a setting trains the attacked network again, so its
+    budget-0 rows (``none`` and the data-free ``designed`` recovery) measure the same network
+    twice: they are kept once if ACC and ASR agree (the details of both are joined, the first
+    run's winning), and refused if they do not (another network, not the same setting). Any
+    other row measured twice is refused.
+    """
+    kept: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["model"], r["attack"], r.get("poison_rate"), r.get("k"), r["defense"],
+               r.get("variant"), r["budget"])
+        first = kept.setdefault(key, r)
+        if first is r:
+            continue
+        if r["budget"] != 0:
+            raise ValueError(f"rows measured in more than one run, e.g. {key}; merge runs "
+                             "that cover different rates, ks, defenses, budgets or models")
+        if (first["acc"], first["asr"]) != (r["acc"], r["asr"]):
+            raise ValueError(
+                f"{key}: the runs measured different networks (ACC/ASR {first['acc']}/"
+                f"{first['asr']} vs {r['acc']}/{r['asr']}); only runs of one training "
+                "setting can be merged")
+        kept[key] = {**first, "details": {**r["details"], **first["details"]}}
+    return list(kept.values())
 
 
 def _targets(rows, clean) -> list[dict]:
@@ -569,6 +597,9 @@ def run(*, name: str = "backdoor-mnist", quick: bool = False, out: Path, seed: i
     if set(cfg["defenses"]) - set(DEFENSES):
         raise ValueError(f"unknown defenses {sorted(set(cfg['defenses']) - set(DEFENSES))}; "
                          f"choose from {list(DEFENSES)}")
+    if set(cfg["attacks"]) - set(DATA_ATTACKS):
+        raise ValueError(f"unknown attacks {sorted(set(cfg['attacks']) - set(DATA_ATTACKS))}; "
+                         f"choose from {list(DATA_ATTACKS)} (the weight edit runs per ks)")
     models = tuple(models or cfg["models"])
     budgets = tuple(budgets or cfg["budgets"])
     rates = tuple(cfg["rates"] if rates is None else rates)  # () skips data poisoning
@@ -636,7 +667,7 @@ def run(*, name: str = "backdoor-mnist", quick: bool = False, out: Path, seed: i
                              "poison_rate": None, "k": k, **r})
             _print(rows[-len(rs):])
 
-        for attack in ("badnets", "blended"):
+        for attack in cfg["attacks"]:
             for rate in rates:
                 t = time.perf_counter()
                 poison = A.badnets if attack == "badnets" else A.blended

@@ -88,9 +88,11 @@ def test_poisoning_verdict_judges_every_jaxpurify_variant():
                                   "network: 1.0%); ")
 
 
-def test_unknown_defense_is_refused_before_anything_runs(tmp_path):
+def test_unknown_defense_or_attack_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match=r"unknown defenses \['bogus'\]"):
         backdoor.run(out=tmp_path, quick=True, defenses=("ft", "bogus"))
+    with pytest.raises(ValueError, match=r"unknown attacks \['weight-edit'\]"):
+        backdoor.run(out=tmp_path, quick=True, attacks=("badnets", "weight-edit"))
     assert not any(tmp_path.iterdir())
 
 
@@ -187,6 +189,19 @@ def test_merge_makes_one_table_per_attack_and_rejudges(tmp_path):
     f = _run_folder(tmp_path / "f", poisoned(0.01), model_config={"steps": 20})
     with pytest.raises(ValueError, match=r"model_config differs .* \['steps'\]"):
         backdoor.merge(tmp_path / "g", [b, f])
+    # a run that adds a defense retrains the attacked network: its undefended row is the same
+    # measurement, kept once with the details of both; a different network is refused
+    probe = {"n": 60000, "acc": 0.9, "asr": 0.5}
+    none = {**poisoned(0.05)[0], "details": {"readout_probe": probe}}
+    anp = {**poisoned(0.05)[1], "defense": "anp", "acc": 0.9, "asr": 0.03}
+    j = _run_folder(tmp_path / "j", [none, anp], poison_rates=[0.05], defenses=["anp"])
+    merged = backdoor.merge(tmp_path / "k", [b, j])
+    assert [r["defense"] for r in merged["rows"]] == ["none", "ft", "fp", "jaxpurify", "anp"]
+    assert merged["rows"][0]["details"] == {"readout_probe": probe}
+    assert merged["setup"]["defenses"] == ["anp", "fp", "ft"]
+    other = _run_folder(tmp_path / "l", [{**none, "asr": 0.98}, anp], poison_rates=[0.05])
+    with pytest.raises(ValueError, match="measured different networks"):
+        backdoor.merge(tmp_path / "m", [b, other])
     # a key that only the later run has (added to the experiment since) is not a conflict
     h = _run_folder(tmp_path / "h", poisoned(0.01), model_config={"steps": 10, "probe": 5})
     assert backdoor.merge(tmp_path / "i", [b, h])["setup"]["model_config"] == {
