@@ -14,7 +14,8 @@ recovery in the designed subspace; with data, plus fine-tuning of the codes; and
 ``benign-readout`` variant, the readout re-estimated from its init on the benign budget),
 ``ft`` (fine-tuning), ``fp`` (fine-pruning) and ``anp`` (adversarial neuron pruning;
 ``--set "defenses=('jaxpurify', 'ft', 'fp')"`` leaves it out; ``--set "attacks=('badnets',)"``
-runs one poisoning attack). ``acc`` is the
+runs one poisoning attack; ``--set "ft_learning_rates=(0.001,)"`` adds FT rows at other
+learning rates, variant ``lr=...``, a diagnostic that is not judged). ``acc`` is the
 clean test accuracy, ``asr`` the fraction of triggered test images (true class != target)
 classified as the target. Writes ``metrics.json`` (``rows``, ``targets``), ``tables.md`` and
 ``backdoor.png``. ``python -m experiments.backdoor --rejudge DIR`` re-derives a run's verdicts;
@@ -65,7 +66,8 @@ def _config(dataset: str, quick: bool) -> dict:
                "deep": "small-vgg", "train_limit": None, "test_limit": None, "steps": 6000,
                "deep_epochs": 10.0}
     cfg.update(anp_iterations=2000, edit_steps=300, edit_images=256, row_space=True,
-               defenses=DEFENSES, attacks=DATA_ATTACKS, probe_steps=3000)
+               defenses=DEFENSES, attacks=DATA_ATTACKS, probe_steps=3000,
+               ft_learning_rates=())
     if quick:
         # the benign row-space option is slow where it applies (CIFAR-10: 64 L1 problems of
         # 769 x 400 past their recovery threshold, ~10 min on 2 CPU cores): full run only
@@ -197,13 +199,19 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
                          "variant": "designed+code-ft" if name == "jaxpurify" else None,
                          "budget": budget, "n_benign": int(len(xb)), "acc": acc, "asr": asr,
                          "seconds": info.seconds, "details": _details(info)})
+        for lr in model.cfg["ft_learning_rates"]:  # a diagnostic beside the recipe's 0.01
+            q, info = D.fine_tune(m, params, xb, yb, key=key, learning_rate=lr)
+            acc, asr = evaluate(q)
+            rows.append({"defense": "ft", "variant": f"lr={lr:g}", "budget": budget,
+                         "n_benign": int(len(xb)), "acc": acc, "asr": asr,
+                         "seconds": info.seconds, "details": _details(info)})
         if "jaxpurify" in model.cfg["defenses"]:
             q, info = D.refit_readout(m, params, xb, yb, init_params=init_params, key=key)
             acc, asr = evaluate(q)
             rows.append({"defense": "jaxpurify", "variant": "benign-readout", "budget": budget,
                          "n_benign": int(len(xb)), "acc": acc, "asr": asr,
                          "seconds": info.seconds, "details": _details(info)})
-        if row_space and model.name == "one-hidden":
+        if row_space and model.name == "one-hidden" and "jaxpurify" in model.cfg["defenses"]:
             rank, rows_ = _patch_rank(m, xb)
             det = {"benign_patch_rank": f"{rank}/{rows_}"}
             if rank < rows_ and not model.cfg["row_space"]:
@@ -279,6 +287,8 @@ def _note(r) -> str:
                      f"certified={d.get('certified')}")
     if "exact_error" in d:
         parts.append(f"max|w-w_clean|={d['exact_error']:.1e}")
+    if r["defense"] == "ft" and r.get("variant"):
+        parts.append("diagnostic: the FT recipe at another SGD learning rate (not judged)")
     if r.get("variant") == "benign-readout":
         parts.append(f"{d.get('layer')} reset to its init, re-fit on the budget")
     if "num_pruned" in d:
@@ -471,7 +481,8 @@ def _poisoning_targets(model, attack, rate, sel, clean_asr=None) -> list[dict]:
     trigger, if known) is quoted beside the undefended and probe ASRs: a clean network
     also sends some triggered images to the target."""
     at = [r for r in sel if r["budget"] == 0.01 and r["acc"] is not None]
-    base = {r["defense"]: r for r in at if r["defense"] in ("ft", "fp", "anp")}
+    base = {r["defense"]: r for r in at  # the published recipes, not the diagnostic variants
+            if r["defense"] in ("ft", "fp", "anp") and r.get("variant") is None}
     variants = [r for r in at if r["defense"] == "jaxpurify" and r.get("variant") in _VARIANT_WHY]
     if not variants:
         return []
@@ -558,12 +569,12 @@ def _plot(rows, path: Path, dataset: str):
                "benign-row-space": "s"}
     for ax, ((model, attack), rs) in zip(axes[0], groups.items(), strict=True):
         for d, c in colors.items():
-            for variant, marker in markers.items():
+            for variant in sorted({r.get("variant") for r in rs if r["defense"] == d}, key=str):
                 pts = [(100 * r["asr"], 100 * r["acc"]) for r in rs if r["defense"] == d
                        and r.get("variant") == variant and r["acc"] is not None]
-                if pts:
-                    ax.scatter(*zip(*pts, strict=True), c=c, marker=marker, s=18,
-                               label=d if variant is None else f"{d} {variant}")
+                if pts:  # an unlisted variant (FT at another lr) gets a plus
+                    ax.scatter(*zip(*pts, strict=True), c=c, marker=markers.get(variant, "+"),
+                               s=18, label=d if variant is None else f"{d} {variant}")
         nones = [100 * r["acc"] for r in rs if r["defense"] == "none"]
         if attack != "weight-edit" and nones:  # the data-poisoning target, lowest undefended ACC
             floor = min(nones) - 2

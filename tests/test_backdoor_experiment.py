@@ -88,6 +88,18 @@ def test_poisoning_verdict_judges_every_jaxpurify_variant():
                                   "network: 1.0%); ")
 
 
+def test_ft_at_another_learning_rate_is_a_diagnostic_not_the_baseline(tmp_path):
+    rows = [_poison_row("none", 0.95, 0.99, budget=0.0), _poison_row("ft", 0.95, 0.90),
+            _poison_row("fp", 0.94, 0.92),
+            _poison_row("jaxpurify", 0.94, 0.02, "benign-readout"),
+            _poison_row("ft", 0.95, 0.01, "lr=0.001")]  # would beat jaxpurify if judged
+    (t,) = backdoor._targets(rows, CLEAN)
+    assert t["met"] and "FT ASR 90.0%" in t["reason"]
+    assert "diagnostic" in backdoor._note(rows[-1])
+    backdoor._plot(rows, tmp_path / "b.png", "mnist")  # an unlisted variant is drawn too
+    assert (tmp_path / "b.png").stat().st_size > 0
+
+
 def test_unknown_defense_or_attack_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match=r"unknown defenses \['bogus'\]"):
         backdoor.run(out=tmp_path, quick=True, defenses=("ft", "bogus"))
@@ -140,6 +152,16 @@ def test_tiny_run_end_to_end(tmp_path):
     for t in poison:  # the clean network's ASR with the same trigger is the reference quoted
         assert t["asr_clean"] == metrics["clean"]["one-hidden"][f"asr_{t['attack']}"]
         assert f"(clean network: {100 * t['asr_clean']:.1f}%)" in t["reason"]
+    # a second run adds a diagnostic FT learning rate to one attack: it retrains the same
+    # networks, so the merge keeps one undefended row each and the new FT rows
+    more = backdoor.run(out=tmp_path / "more", quick=True, train_limit=2000, test_limit=500,
+                        steps=150, edit_steps=20, ks=(), budgets=(0.01,), attacks=("badnets",),
+                        defenses=(), ft_learning_rates=(0.001,), probe_steps=100)
+    assert [(r["defense"], r["variant"]) for r in more["rows"]] == [
+        ("none", None), ("jaxpurify", "designed"), ("ft", "lr=0.001")]
+    merged = backdoor.merge(tmp_path / "merged", [tmp_path, tmp_path / "more"])
+    assert len(merged["rows"]) == len(rows) + 1
+    assert merged["targets"] == metrics["targets"]
 
 
 def _run_folder(path, rows, clean=CLEAN, **setup):
