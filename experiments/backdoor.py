@@ -338,9 +338,8 @@ def merge(out: Path | str, sources) -> dict:
     The runs must share the dataset, the seed and the model configuration (keys one run
     lacks, added to the experiment after it ran, are not compared), a model in
     several runs must have the same clean network in each (same ACC and ASRs, i.e. the same
-    training), and no (model, attack, rate, k, defense, variant, budget) may appear twice
-    except the budget-0 rows of a network that a run adding a defense trained again (kept
-    once where they agree; see :func:`_dedup_rows`).
+    training), and a (model, attack, rate, k, defense, variant, budget) row measured by
+    several runs must have the same ACC and ASR in each (kept once; see :func:`_dedup_rows`).
     Each source's command, wall time, timings, setup and environment are kept in ``runs``;
     ``seconds`` is their sum. ``out`` may be one of the sources (all are read before
     anything is written). ``python -m experiments.backdoor --merge OUT SRC [SRC ...]``.
@@ -371,23 +370,33 @@ def merge(out: Path | str, sources) -> dict:
                                  r.get("poison_rate") or 0.0, r.get("k") or 0))
 
     def union(key):
-        return sorted({v for m in runs for v in m["setup"][key]}, key=str)
+        values = set()
+        for m in runs:
+            if key in m["setup"]:
+                values |= set(m["setup"][key])
+            elif key == "defenses":  # a run from before the setting: the defenses it ran
+                values |= {r["defense"] for r in m["rows"] if r["budget"] > 0}
+        return sorted(values, key=str)
 
     setup = {**first["setup"], **{k: union(k) for k in (
         "models", "budgets", "poison_rates", "weight_edit_k", "defenses")},
         "model_config": {k: v for m in runs for k, v in m["setup"]["model_config"].items()}}
+    # the runs behind the sources (a merged source brings its own), each once
+    own = ("command", "seconds", "timings", "setup", "environment")
+    parts = list({json.dumps(r, sort_keys=True): r for m in runs for r in
+                  m.get("runs", [{k: m.get(k) for k in own}])}.values())
     out = Path(out)
     metrics = {
         "experiment": first["experiment"], "dataset": first["dataset"], "quick": any(
             m["quick"] for m in runs), "seed": first["seed"], "setup": setup,
         "clean": clean, "rows": rows, "targets": _targets(rows, clean),
-        "reference": REFERENCE, "seconds": sum(m["seconds"] for m in runs),
-        "runs": [{k: m.get(k) for k in ("command", "seconds", "timings", "setup",
-                                        "environment")} for m in runs],
-        # the whole recipe: every run into its folder, then this merge
+        "reference": REFERENCE, "seconds": sum(r["seconds"] for r in parts),
+        "runs": parts,
+        # the whole recipe: every run into its folder (a merged source: its own recipe), then
+        # this merge
         "command": " && ".join(
-            [f"{m['command']} --out {src}" for m, src in zip(runs, sources, strict=True)
-             if m.get("command")]
+            [m["command"] if "runs" in m else f"{m['command']} --out {src}"
+             for m, src in zip(runs, sources, strict=True) if m.get("command")]
             + ["python -m experiments.backdoor --merge " + " ".join(map(str, [out, *sources]))]),
     }
     write_metrics(out, metrics)
@@ -399,11 +408,12 @@ def merge(out: Path | str, sources) -> dict:
 def _dedup_rows(rows) -> list[dict]:
     """The rows of several runs, each (model, attack, rate, k, defense, variant, budget) once.
 
-    A run that adds a defense to a setting trains the attacked network again, so its
-    budget-0 rows (``none`` and the data-free ``designed`` recovery) measure the same network
-    twice: they are kept once if ACC and ASR agree (the details of both are joined, the first
-    run's winning), and refused if they do not (another network, not the same setting). Any
-    other row measured twice is refused.
+    The experiment is deterministic (seeded training, data order and defenses; measured: the
+    overlapping rows of two LeNet-5 runs agree to the last digit), so two runs that share a
+    setting measure the same row twice: e.g. a run that adds ANP trains the attacked network
+    again and re-measures its undefended row. Such a row is kept once if ACC and ASR agree
+    (the details of both joined, the first run's winning, its seconds kept), and refused if
+    they do not: then the runs are not of one setting.
     """
     kept: dict[tuple, dict] = {}
     for r in rows:
@@ -412,14 +422,11 @@ def _dedup_rows(rows) -> list[dict]:
         first = kept.setdefault(key, r)
         if first is r:
             continue
-        if r["budget"] != 0:
-            raise ValueError(f"rows measured in more than one run, e.g. {key}; merge runs "
-                             "that cover different rates, ks, defenses, budgets or models")
         if (first["acc"], first["asr"]) != (r["acc"], r["asr"]):
             raise ValueError(
-                f"{key}: the runs measured different networks (ACC/ASR {first['acc']}/"
-                f"{first['asr']} vs {r['acc']}/{r['asr']}); only runs of one training "
-                "setting can be merged")
+                f"{key} was measured in two runs with different results (ACC/ASR "
+                f"{first['acc']}/{first['asr']} vs {r['acc']}/{r['asr']}); only runs of one "
+                "setting (same data, seed, configuration and code) can be merged")
         kept[key] = {**first, "details": {**r["details"], **first["details"]}}
     return list(kept.values())
 

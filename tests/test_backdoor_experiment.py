@@ -202,9 +202,16 @@ def test_merge_makes_one_table_per_attack_and_rejudges(tmp_path):
     tables = (a / "tables.md").read_text()
     assert tables.count("## mnist / m / badnets") == 1  # both rates in one table
     assert "- MET: m / badnets (rate 0.05)" in tables
-    # refused: a run measured twice, another training of the same model, another config
-    with pytest.raises(ValueError, match="more than one run"):
-        backdoor.merge(tmp_path / "c", [a, b])
+    # the same rows measured twice (a merged folder and one of its runs) are kept once;
+    # refused: a row measured with other results, another clean model, another config
+    again = backdoor.merge(tmp_path / "c", [a, b])
+    assert again["rows"] == metrics["rows"]
+    assert again["runs"] == metrics["runs"] and again["seconds"] == 4.0  # b's run counted once
+    assert again["command"].startswith(f"run a --out {a} && run b --out {b} && python -m "
+                                       f"experiments.backdoor --merge {a} {a} {b} && ")
+    redone = _run_folder(tmp_path / "redone", [{**r, "asr": 0.5} for r in poisoned(0.05)])
+    with pytest.raises(ValueError, match="measured in two runs with different results"):
+        backdoor.merge(tmp_path / "c2", [b, redone])
     d = _run_folder(tmp_path / "d", poisoned(0.01), clean={"m": {"acc": 0.9}})
     with pytest.raises(ValueError, match="the clean m"):
         backdoor.merge(tmp_path / "e", [b, d])
@@ -212,7 +219,7 @@ def test_merge_makes_one_table_per_attack_and_rejudges(tmp_path):
     with pytest.raises(ValueError, match=r"model_config differs .* \['steps'\]"):
         backdoor.merge(tmp_path / "g", [b, f])
     # a run that adds a defense retrains the attacked network: its undefended row is the same
-    # measurement, kept once with the details of both; a different network is refused
+    # measurement, kept once with the details of both
     probe = {"n": 60000, "acc": 0.9, "asr": 0.5}
     none = {**poisoned(0.05)[0], "details": {"readout_probe": probe}}
     anp = {**poisoned(0.05)[1], "defense": "anp", "acc": 0.9, "asr": 0.03}
@@ -221,9 +228,6 @@ def test_merge_makes_one_table_per_attack_and_rejudges(tmp_path):
     assert [r["defense"] for r in merged["rows"]] == ["none", "ft", "fp", "jaxpurify", "anp"]
     assert merged["rows"][0]["details"] == {"readout_probe": probe}
     assert merged["setup"]["defenses"] == ["anp", "fp", "ft"]
-    other = _run_folder(tmp_path / "l", [{**none, "asr": 0.98}, anp], poison_rates=[0.05])
-    with pytest.raises(ValueError, match="measured different networks"):
-        backdoor.merge(tmp_path / "m", [b, other])
     # a key that only the later run has (added to the experiment since) is not a conflict
     h = _run_folder(tmp_path / "h", poisoned(0.01), model_config={"steps": 10, "probe": 5})
     assert backdoor.merge(tmp_path / "i", [b, h])["setup"]["model_config"] == {
