@@ -12,10 +12,12 @@ and evaluates the defenses on the deployed weights with a benign budget (a fract
 training set, drawn from its clean images; never the test set): ``none``, ``jaxpurify`` (robust
 recovery in the designed subspace; with data, plus fine-tuning of the codes; and the
 ``benign-readout`` variant, the readout re-estimated from its init on the benign budget),
-``ft`` (fine-tuning), ``fp`` (fine-pruning) and ``anp`` (adversarial neuron pruning;
-``--set "defenses=('jaxpurify', 'ft', 'fp')"`` leaves it out; ``--set "attacks=('badnets',)"``
-runs one poisoning attack; ``--set "ft_learning_rates=(0.001,)"`` adds FT rows at other
-learning rates, variant ``lr=...``, a diagnostic that is not judged). ``acc`` is the
+``ft`` (fine-tuning), ``fp`` (fine-pruning) and ``anp`` (adversarial neuron pruning: the
+reference's mask threshold 0.2, and variant ``benign-stop``, the same mask pruned as deep as
+benign accuracy allows). ``--set "defenses=('jaxpurify', 'ft', 'fp')"`` leaves ANP out;
+``--set "attacks=('badnets',)"`` runs one poisoning attack; ``--set
+"ft_learning_rates=(0.001,)"`` adds FT rows at other learning rates, variant ``lr=...``, a
+diagnostic that is not judged. ``acc`` is the
 clean test accuracy, ``asr`` the fraction of triggered test images (true class != target)
 classified as the target. Writes ``metrics.json`` (``rows``, ``targets``), ``tables.md`` and
 ``backdoor.png``. ``python -m experiments.backdoor --rejudge DIR`` re-derives a run's verdicts;
@@ -156,7 +158,7 @@ def _details(info: D.DefenseInfo) -> dict:
     d = info.details
     out = {}
     for key in ("steps", "ft_steps", "num_pruned", "channels", "val_size", "certified",
-                "fraction", "layer"):
+                "fraction", "layer", "threshold"):
         if key in d:
             out[key] = d[key]
     if "recovery" in d:
@@ -199,6 +201,13 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
                          "variant": "designed+code-ft" if name == "jaxpurify" else None,
                          "budget": budget, "n_benign": int(len(xb)), "acc": acc, "asr": asr,
                          "seconds": info.seconds, "details": _details(info)})
+            if name == "anp":  # the same mask, pruned by a benign-accuracy rule
+                q, info2 = D.anp_prune(m, params, info.details["mask"], xb, yb)
+                acc, asr = evaluate(q)
+                rows.append({"defense": "anp", "variant": "benign-stop", "budget": budget,
+                             "n_benign": int(len(xb)), "acc": acc, "asr": asr,
+                             "seconds": info.seconds + info2.seconds,
+                             "details": _details(info2)})
         for lr in model.cfg["ft_learning_rates"]:  # a diagnostic beside the recipe's 0.01
             q, info = D.fine_tune(m, params, xb, yb, key=key, learning_rate=lr)
             acc, asr = evaluate(q)
@@ -293,6 +302,12 @@ def _note(r) -> str:
         parts.append(f"{d.get('layer')} reset to its init, re-fit on the budget")
     if "num_pruned" in d:
         parts.append(f"pruned {d['num_pruned']}/{d.get('channels', '?')}")
+    if r.get("variant") == "benign-stop":
+        t = d.get("threshold")
+        parts.append("ANP's mask, " + ("nothing pruned: every threshold cost > 4 pt of benign "
+                                       "ACC" if t is None else f"threshold {t:g}: the largest "
+                                       "within 4 pt of the unpruned benign ACC") +
+                     "; seconds include the mask optimization")
     if "benign_patch_rank" in d:
         parts.append(f"benign patch rank {d['benign_patch_rank']}"
                      + ("" if r["acc"] is not None else
@@ -573,7 +588,7 @@ def _plot(rows, path: Path, dataset: str):
     colors = {"none": "k", "jaxpurify": "tab:red", "ft": "tab:blue", "fp": "tab:green",
               "anp": "tab:purple"}
     markers = {None: "o", "designed": "x", "designed+code-ft": "o", "benign-readout": "^",
-               "benign-row-space": "s"}
+               "benign-row-space": "s", "benign-stop": "v"}
     for ax, ((model, attack), rs) in zip(axes[0], groups.items(), strict=True):
         for d, c in colors.items():
             for variant in sorted({r.get("variant") for r in rs if r["defense"] == d}, key=str):

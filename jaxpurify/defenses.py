@@ -23,6 +23,7 @@ Each returns ``(params, DefenseInfo)``.
   with ``m_j < 0.2`` are pruned. The reference perturbs BatchNorm layers and pruning zeroes
   the BN scale (the BN shift stays); these networks have no BatchNorm, so the channel's
   convolution weights play the scale (zeroed when pruned) and its bias the shift (kept).
+  :func:`anp_prune` re-prunes with the same mask and a stopping rule on benign accuracy.
 * :func:`jaxpurify_defense`: robust recovery. The network was trained in the designed
   parameterization (every unit's ``[w; b] = A theta`` with seeded random ``A``), so a sparse
   edit of the deployed weights leaves ``range(A)`` and L1 regression removes it exactly,
@@ -57,6 +58,7 @@ __all__ = [
     "DefenseInfo",
     "Network",
     "anp",
+    "anp_prune",
     "channel_activations",
     "fine_prune",
     "fine_tune",
@@ -353,6 +355,58 @@ def anp(model, params, x_benign, y_benign, *, eps: float = 0.4, alpha: float = 0
         "mask": {k: v.tolist() for k, v in mask.items()}, "pruned": pruned,
         "num_pruned": int(sum(len(v) for v in pruned.values())),
         "channels": int(sum(v.size for v in mask.values()))})
+
+
+def anp_prune(model, params, mask, x_benign, y_benign, *, max_drop: float = 0.04,
+              pruning_max: float = 0.9, step: float = 0.05):
+    """ANP's mask ranking with a stopping rule on benign accuracy instead of the fixed threshold.
+
+    The reference prunes every channel with mask below 0.2, a value chosen for ResNet-18's
+    thousands of BatchNorm neurons; on a small network it can remove half of the channels.
+    Here the threshold steps through ``0, step, ..., pruning_max`` (the sweep of the reference
+    ``prune_neuron_cifar.py --pruning-by threshold``), pruning every channel with
+    ``mask <= threshold``, and stops before the first threshold whose accuracy on the benign
+    images falls more than ``max_drop`` below the unpruned network's (fine-pruning's 4-point
+    rule). The published sweep picks its point by the test ASR; this rule looks at benign data
+    only. The benign images are those the mask was optimized on (the whole budget, as in
+    :func:`anp`), so the accuracy it sees is optimistic.
+
+    Args:
+        model: the model, as for :func:`anp`.
+        params: the deployed params.
+        mask: ``{layer: (channels,)}`` mask values, e.g. ``anp(...)[1].details["mask"]``.
+        x_benign, y_benign: the benign budget.
+        max_drop: largest benign-accuracy drop allowed (a fraction).
+        pruning_max, step: the threshold sweep.
+
+    Returns:
+        ``(params, DefenseInfo)``; ``details["threshold"]`` is the chosen threshold (``None``
+        when even ``mask <= 0`` costs more than ``max_drop``) and ``details["pruned"]`` the
+        removed channels per layer.
+    """
+    t0 = time.perf_counter()
+    x, y = _check_data(x_benign, y_benign)
+    net = network(model)
+    p = _unwrap(params)
+    values = {name: np.asarray(mask[name]) for name in net.conv_layers}
+    base = accuracy(model, p, x, y)
+    chosen = (None, p, base, {name: [] for name in values})
+    for threshold in np.arange(0.0, pruning_max + step / 2, step):
+        pruned = {name: [int(i) for i in np.flatnonzero(v <= threshold)]
+                  for name, v in values.items()}
+        q = p
+        for name, channels in pruned.items():
+            q = prune_channels(q, name, channels, keep_bias=True)
+        acc = accuracy(model, q, x, y)
+        if acc < base - max_drop:
+            break
+        chosen = (float(round(threshold, 6)), q, acc, pruned)
+    threshold, q, acc, pruned = chosen
+    return q, DefenseInfo("anp", time.perf_counter() - t0, {
+        "threshold": threshold, "pruned": pruned,
+        "num_pruned": int(sum(len(v) for v in pruned.values())),
+        "channels": int(sum(v.size for v in values.values())),
+        "benign_acc_unpruned": base, "benign_acc_pruned": acc})
 
 
 def _anp_masks(apply_fn, layers, eps, alpha, learning_rate, momentum, iterations, batch_size,

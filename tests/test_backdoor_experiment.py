@@ -132,7 +132,8 @@ def test_tiny_run_end_to_end(tmp_path):
 
     metrics = backdoor.run(out=tmp_path, quick=True, train_limit=2000, test_limit=500,
                            steps=150, edit_steps=20, ks=(10,), budgets=(0.01,),
-                           defenses=("jaxpurify", "ft", "fp"), probe_steps=100)
+                           defenses=("jaxpurify", "ft", "fp"), probe_steps=100,
+                           anp_iterations=20)
     rows = metrics["rows"]
     assert json.loads((tmp_path / "metrics.json").read_text())["rows"] == rows
     assert (tmp_path / "backdoor.png").stat().st_size > 0
@@ -156,12 +157,21 @@ def test_tiny_run_end_to_end(tmp_path):
     # networks, so the merge keeps one undefended row each and the new FT rows
     more = backdoor.run(out=tmp_path / "more", quick=True, train_limit=2000, test_limit=500,
                         steps=150, edit_steps=20, ks=(), budgets=(0.01,), attacks=("badnets",),
-                        defenses=(), ft_learning_rates=(0.001,), probe_steps=100)
+                        defenses=("anp",), ft_learning_rates=(0.001,), probe_steps=100,
+                        anp_iterations=20)
     assert [(r["defense"], r["variant"]) for r in more["rows"]] == [
-        ("none", None), ("jaxpurify", "designed"), ("ft", "lr=0.001")]
+        ("none", None), ("jaxpurify", "designed"), ("anp", None), ("anp", "benign-stop"),
+        ("ft", "lr=0.001")]
+    anp, stop = more["rows"][2:4]
+    assert stop["seconds"] > anp["seconds"]  # the mask optimization is counted in both
+    assert stop["details"]["num_pruned"] <= 64 and "threshold" in stop["details"]
     merged = backdoor.merge(tmp_path / "merged", [tmp_path, tmp_path / "more"])
-    assert len(merged["rows"]) == len(rows) + 1
-    assert merged["targets"] == metrics["targets"]
+    assert len(merged["rows"]) == len(rows) + 3
+    judged = ("model", "attack", "poison_rate", "k", "variant", "acc", "asr", "met")
+    assert ([{k: t.get(k) for k in judged} for t in merged["targets"]]
+            == [{k: t.get(k) for k in judged} for t in metrics["targets"]])
+    badnets = [t for t in merged["targets"] if t["attack"] == "badnets"][0]
+    assert f"ANP {100 * anp['asr']:.1f}%" in badnets["reason"]  # now quoted beside FT and FP
 
 
 def _run_folder(path, rows, clean=CLEAN, **setup):

@@ -141,6 +141,31 @@ def test_anp_runs_and_prunes_by_mask_threshold(designed):
     np.testing.assert_array_equal(out["conv"]["bias"], w["conv"]["bias"])  # shift kept
 
 
+def test_anp_prune_stops_on_benign_accuracy(designed):
+    m, w, x, y, *_ = designed
+    xb, yb = x[:100], y[:100]
+    mask = {"conv": np.linspace(0.0, 1.0, 16)}  # channel j has mask j / 15
+    out, info = D.anp_prune(m, w, mask, xb, yb)
+    t = info.details["threshold"]
+    pruned = info.details["pruned"]["conv"]
+    assert pruned == [int(j) for j in np.flatnonzero(mask["conv"] <= t)]
+    k = np.asarray(out["conv"]["kernel"])
+    assert np.all(k[..., pruned] == 0) and np.all(k[..., len(pruned):] != 0)
+    np.testing.assert_array_equal(out["conv"]["bias"], w["conv"]["bias"])  # shift kept
+    base = A.accuracy(m, w, xb, yb)
+    assert info.details["benign_acc_unpruned"] == base
+    assert A.accuracy(m, out, xb, yb) >= base - 0.04  # the stopping rule holds
+    if t < 0.9:  # and the next threshold of the sweep would have broken it
+        nxt = [int(j) for j in np.flatnonzero(mask["conv"] <= t + 0.05)]
+        assert A.accuracy(m, D.prune_channels(w, "conv", nxt, keep_bias=True),
+                                xb, yb) < base - 0.04
+    # any drop allowed: the whole sweep, up to pruning_max; none allowed below base: nothing
+    everything = D.anp_prune(m, w, mask, xb, yb, max_drop=1.0)[1].details
+    assert everything["threshold"] == 0.9 and everything["num_pruned"] == 14
+    none, info = D.anp_prune(m, w, mask, xb, yb, max_drop=-1.0)
+    assert info.details["threshold"] is None and _max_diff(none, w) == 0
+
+
 def test_defenses_accept_a_multilayer_designed_cnn(designed):
     ml = pytest.importorskip("jaxpurify.multilayer")
     del designed  # its recovery compiled the solver for 16 rows of 17 x 5: conv1 reuses it
