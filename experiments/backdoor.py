@@ -584,7 +584,9 @@ def _plot(rows, path: Path, dataset: str):
     import matplotlib.pyplot as plt
 
     groups = _group(rows)
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
+    # 2.2 in on the right for the figure's legend
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups) + 2.2, 3.6),
+                             squeeze=False)
     colors = {"none": "k", "jaxpurify": "tab:red", "ft": "tab:blue", "fp": "tab:green",
               "anp": "tab:purple"}
     markers = {None: "o", "designed": "x", "designed+code-ft": "o", "benign-readout": "^",
@@ -606,9 +608,13 @@ def _plot(rows, path: Path, dataset: str):
         ax.set_title(f"{model} / {attack}", fontsize=9)
         ax.set_xlabel("ASR %")
         ax.set_ylabel("ACC %")
-    axes[0][0].legend(fontsize=7)
+    legend = {}  # every panel's entries once (a variant may be measured in one panel only)
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), fontsize=7, loc="center right")
     fig.suptitle(f"Backdoor removal on {dataset} (top left is best)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - 2.2 / fig.get_figwidth(), 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
