@@ -194,32 +194,26 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
     defenses = {k: v for k, v in defenses.items() if k in model.cfg["defenses"]}
     for budget in budgets:
         xb, yb = benign(budget)
+
+        def measured(defense, variant, q, info, seconds=None, xb=xb, budget=budget):
+            acc, asr = evaluate(q)
+            rows.append({"defense": defense, "variant": variant, "budget": budget,
+                         "n_benign": int(len(xb)), "acc": acc, "asr": asr,
+                         "seconds": info.seconds if seconds is None else seconds,
+                         "details": _details(info)})
+
         for name, fn in defenses.items():
             q, info = fn(m, params, xb, yb, key=key)
-            acc, asr = evaluate(q)
-            rows.append({"defense": name,
-                         "variant": "designed+code-ft" if name == "jaxpurify" else None,
-                         "budget": budget, "n_benign": int(len(xb)), "acc": acc, "asr": asr,
-                         "seconds": info.seconds, "details": _details(info)})
+            measured(name, "designed+code-ft" if name == "jaxpurify" else None, q, info)
             if name == "anp":  # the same mask, pruned by a benign-accuracy rule
-                q, info2 = D.anp_prune(m, params, info.details["mask"], xb, yb)
-                acc, asr = evaluate(q)
-                rows.append({"defense": "anp", "variant": "benign-stop", "budget": budget,
-                             "n_benign": int(len(xb)), "acc": acc, "asr": asr,
-                             "seconds": info.seconds + info2.seconds,
-                             "details": _details(info2)})
+                q, stop = D.anp_prune(m, params, info.details["mask"], xb, yb)
+                measured("anp", "benign-stop", q, stop, seconds=info.seconds + stop.seconds)
         for lr in model.cfg["ft_learning_rates"]:  # a diagnostic beside the recipe's 0.01
-            q, info = D.fine_tune(m, params, xb, yb, key=key, learning_rate=lr)
-            acc, asr = evaluate(q)
-            rows.append({"defense": "ft", "variant": f"lr={lr:g}", "budget": budget,
-                         "n_benign": int(len(xb)), "acc": acc, "asr": asr,
-                         "seconds": info.seconds, "details": _details(info)})
+            measured("ft", f"lr={lr:g}",
+                     *D.fine_tune(m, params, xb, yb, key=key, learning_rate=lr))
         if "jaxpurify" in model.cfg["defenses"]:
-            q, info = D.refit_readout(m, params, xb, yb, init_params=init_params, key=key)
-            acc, asr = evaluate(q)
-            rows.append({"defense": "jaxpurify", "variant": "benign-readout", "budget": budget,
-                         "n_benign": int(len(xb)), "acc": acc, "asr": asr,
-                         "seconds": info.seconds, "details": _details(info)})
+            measured("jaxpurify", "benign-readout",
+                     *D.refit_readout(m, params, xb, yb, init_params=init_params, key=key))
         if row_space and model.name == "one-hidden" and "jaxpurify" in model.cfg["defenses"]:
             rank, rows_ = _patch_rank(m, xb)
             det = {"benign_patch_rank": f"{rank}/{rows_}"}

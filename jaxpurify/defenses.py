@@ -395,6 +395,9 @@ def anp_prune(model, params, mask, x_benign, y_benign, *, max_drop: float = 0.04
     for threshold in np.arange(0.0, pruning_max + step / 2, step):
         pruned = {name: [int(i) for i in np.flatnonzero(v <= threshold)]
                   for name, v in values.items()}
+        if chosen[0] is not None and pruned == chosen[3]:  # no new channel: same network
+            chosen = (float(round(threshold, 6)), *chosen[1:])
+            continue
         q = p
         for name, channels in pruned.items():
             q = prune_channels(q, name, channels, keep_bias=True)
