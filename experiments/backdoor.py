@@ -11,7 +11,8 @@ parameterization ``W = A theta``) the experiment trains a clean network, then
 and evaluates the defenses on the deployed weights with a benign budget (a fraction of the
 training set, drawn from its clean images; never the test set): ``none``, ``jaxpurify`` (robust
 recovery in the designed subspace; with data, plus fine-tuning of the codes; and the
-``benign-readout`` variant, the readout re-estimated from its init on the benign budget),
+``benign-readout`` variant, the readout re-estimated from its init on the benign budget, and
+``designed-readout``, the same in the readout's designed subspace),
 ``ft`` (fine-tuning), ``fp`` (fine-pruning) and ``anp`` (adversarial neuron pruning: the
 reference's mask threshold 0.2, and variant ``benign-stop``, the same mask pruned as deep as
 benign accuracy allows). ``--set "defenses=('jaxpurify', 'ft', 'fp')"`` leaves ANP out;
@@ -158,7 +159,7 @@ def _details(info: D.DefenseInfo) -> dict:
     d = info.details
     out = {}
     for key in ("steps", "ft_steps", "num_pruned", "channels", "val_size", "certified",
-                "fraction", "layer", "threshold"):
+                "fraction", "layer", "threshold", "unknowns"):
         if key in d:
             out[key] = d[key]
     if "recovery" in d:
@@ -175,7 +176,8 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
 
     ``variant`` tells the jaxpurify rows apart: ``designed`` (recovery only, no data),
     ``designed+code-ft`` (recovery, then fine-tuning of the codes on the benign budget),
-    ``benign-readout`` (the readout re-estimated from its init ``init_params`` on the budget)
+    ``benign-readout`` (the readout re-estimated from its init ``init_params`` on the budget),
+    ``designed-readout`` (the same with the readout kept in ``range(A)``: only its codes)
     and, for the one-hidden-layer model with ``row_space`` when the benign patches leave
     redundancy, ``benign-row-space``.
     """
@@ -211,9 +213,12 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
         for lr in model.cfg["ft_learning_rates"]:  # a diagnostic beside the recipe's 0.01
             measured("ft", f"lr={lr:g}",
                      *D.fine_tune(m, params, xb, yb, key=key, learning_rate=lr))
-        if "jaxpurify" in model.cfg["defenses"]:
-            measured("jaxpurify", "benign-readout",
-                     *D.refit_readout(m, params, xb, yb, init_params=init_params, key=key))
+        if "jaxpurify" in model.cfg["defenses"]:  # the readout re-fit in both subspaces
+            for subspace, variant in (("plain", "benign-readout"),
+                                      ("designed", "designed-readout")):
+                measured("jaxpurify", variant,
+                         *D.refit_readout(m, params, xb, yb, init_params=init_params,
+                                          subspace=subspace, key=key))
         if row_space and model.name == "one-hidden" and "jaxpurify" in model.cfg["defenses"]:
             rank, rows_ = _patch_rank(m, xb)
             det = {"benign_patch_rank": f"{rank}/{rows_}"}
@@ -294,6 +299,9 @@ def _note(r) -> str:
         parts.append("diagnostic: the FT recipe at another SGD learning rate (not judged)")
     if r.get("variant") == "benign-readout":
         parts.append(f"{d.get('layer')} reset to its init, re-fit on the budget")
+    if r.get("variant") == "designed-readout":
+        parts.append(f"{d.get('layer')} codes reset to their init, re-fit on the budget "
+                     f"({d.get('unknowns')} unknowns)")
     if "num_pruned" in d:
         parts.append(f"pruned {d['num_pruned']}/{d.get('channels', '?')}")
     if r.get("variant") == "benign-stop":
@@ -487,6 +495,10 @@ _VARIANT_WHY = {
     "benign-readout": "the readout re-estimated from its init on the benign features: it keeps "
                       "no vote that only triggered images taught, but relearns whatever "
                       "target evidence the hidden features carry as the budget grows",
+    "designed-readout": "the readout's codes re-estimated from their init on the benign "
+                        "features: with code_dim unknowns per class the benign labels "
+                        "determine the readout, so it fits them and relearns the target vote "
+                        "the poisoned features carry",
 }
 
 
@@ -584,6 +596,7 @@ def _plot(rows, path: Path, dataset: str):
     colors = {"none": "k", "jaxpurify": "tab:red", "ft": "tab:blue", "fp": "tab:green",
               "anp": "tab:purple"}
     markers = {None: "o", "designed": "x", "designed+code-ft": "o", "benign-readout": "^",
+               "designed-readout": "D",
                "benign-row-space": "s", "benign-stop": "v"}
     for ax, ((model, attack), rs) in zip(axes[0], groups.items(), strict=True):
         for d, c in colors.items():

@@ -33,7 +33,8 @@ Each returns ``(params, DefenseInfo)``.
 * :func:`refit_readout`: the output-layer subspace taken from benign data. The readout is
   reset to its known initialization and trained again on the benign budget with the hidden
   layers frozen, so it ends in ``beta_0 + span{benign hidden features}``; a readout vote
-  that only triggered training images taught is not relearned.
+  that only triggered training images taught is not relearned. ``subspace="designed"``
+  re-estimates only the readout's codes (fewer unknowns, the network stays designed).
 """
 
 from __future__ import annotations
@@ -487,8 +488,8 @@ def _designed_layers(model, p):
 
             out[info.name] = (a[info.name], layer_vectors(p[info.name]), setter)
         return out
-    raise TypeError(f"jaxpurify_defense needs a designed model (DesignedOneHiddenLayerCNN or "
-                    f"a jaxpurify.multilayer.DesignedCNN); got {type(model).__name__}")
+    raise TypeError(f"the designed subspace needs a designed model (DesignedOneHiddenLayerCNN "
+                    f"or a jaxpurify.multilayer.DesignedCNN); got {type(model).__name__}")
 
 
 def _recover_rows(a, v, *, rtol, method, tol, max_iters):
@@ -619,9 +620,9 @@ def _affine(q, h):
     return h @ q["kernel"] + q["bias"] if "bias" in q else h @ q["kernel"]
 
 
-def refit_readout(model, params, x_benign, y_benign, *, init_params, steps: int = 300,
-                  learning_rate: float = 0.1, momentum: float = 0.9, batch_size: int = 128,
-                  key=None):
+def refit_readout(model, params, x_benign, y_benign, *, init_params, subspace: str = "plain",
+                  steps: int = 300, learning_rate: float = 0.1, momentum: float = 0.9,
+                  batch_size: int = 128, key=None):
     r"""The benign-readout option: re-estimate the output layer from its init on benign data.
 
     (S)GD with momentum on the cross-entropy moves the readout only along the hidden
@@ -638,14 +639,25 @@ def refit_readout(model, params, x_benign, y_benign, *, init_params, steps: int 
     on *all* clean training labels votes for the target on 24-65% of triggered images, so
     the low ASR at small budgets comes with an under-fit readout (see the README).
 
+    With ``subspace="designed"`` (a designed model) the readout stays in ``range(A)``: every
+    output unit's ``[beta_c; b_c] = A theta_c`` and only the codes are re-estimated, from
+    their init ``theta_0 = A^+ v_0``, the rest as above (the gradient in the codes is ``A^T``
+    times the plain one, so the readout ends in ``beta_0 + A A^T span{h(x) : x benign}``).
+    The network stays a valid designed network, and the readout has ``code_dim`` unknowns per
+    unit instead of ``fan_in + 1``: the benign labels determine it well, so it regains the
+    accuracy the plain refit loses, and with it whatever target vote the features carry.
+
     Args:
         model: a one-hidden-layer CNN (plain or designed) or a multi-layer designed CNN.
         params: the deployed plain params.
         init_params: the plain params at the known initialization (only the readout's are
             used), e.g. ``model.materialize(codes_at_init)``.
+        subspace: ``"plain"`` (every readout entry re-estimated) or ``"designed"`` (the
+            readout's codes; needs a designed model).
 
     Returns:
-        ``(plain params, DefenseInfo)`` with ``details["layer"]``, the re-estimated layer.
+        ``(plain params, DefenseInfo)`` with ``details["layer"]``, the re-estimated layer, and
+        ``details["unknowns"]``, the number of re-estimated parameters.
     """
     t0 = time.perf_counter()
     x, y = _check_data(x_benign, y_benign)
@@ -662,12 +674,33 @@ def refit_readout(model, params, x_benign, y_benign, *, init_params, steps: int 
     h = jnp.concatenate([net.readout_inputs(p, x[i:i + 1024])
                          for i in range(0, x.shape[0], 1024)])
     key = jax.random.PRNGKey(0) if key is None else key
-    q = train_masked(_affine, jax.tree_util.tree_map(jnp.asarray, p0[layer]), h, y,
-                     steps=steps, batch_size=batch_size, key=key,
-                     optimizer=("sgd", float(learning_rate), float(momentum), 0.0))
-    p[layer] = jax.block_until_ready(q)
+    sgd = ("sgd", float(learning_rate), float(momentum), 0.0)
+    if subspace == "plain":
+        q = train_masked(_affine, jax.tree_util.tree_map(jnp.asarray, p0[layer]), h, y,
+                         steps=steps, batch_size=batch_size, key=key, optimizer=sgd)
+        p[layer] = jax.block_until_ready(q)
+        unknowns = sum(v.size for v in jax.tree_util.tree_leaves(q))
+    elif subspace == "designed":
+        designed = _designed_layers(model, p)  # raises for a model without designs
+        if layer not in designed:
+            raise ValueError(f"subspace='designed' needs a designed {layer!r} layer; "
+                             f"{type(model).__name__} designs {sorted(designed)}")
+        a, _, setter = designed[layer]
+        theta0 = jnp.linalg.lstsq(a, _designed_layers(model, dict(p0))[layer][1].T)[0]
+        frozen = {k: v for k, v in p.items() if k == layer}  # the setter needs only this
+
+        def apply(theta, h):
+            return _affine(setter(frozen, (a @ theta).T)[layer], h)
+
+        theta = train_masked(apply, theta0, h, y, steps=steps, batch_size=batch_size, key=key,
+                             optimizer=sgd)
+        p = jax.block_until_ready(setter(p, (a @ theta).T))
+        unknowns = int(theta.size)
+    else:
+        raise ValueError(f"subspace must be 'plain' or 'designed', got {subspace!r}")
+    variant = "benign-readout" if subspace == "plain" else "designed-readout"
     return p, DefenseInfo("jaxpurify", time.perf_counter() - t0, {
-        "variant": "benign-readout", "layer": layer, "steps": steps})
+        "variant": variant, "layer": layer, "steps": steps, "unknowns": int(unknowns)})
 
 
 def row_space_defense(model, params, x_benign, *, init_params, method="admm"):

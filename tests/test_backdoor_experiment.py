@@ -148,8 +148,14 @@ def test_tiny_run_end_to_end(tmp_path):
     for r in none:
         probe = r["details"]["readout_probe"]
         assert probe["n"] == 2000 and probe["steps"] == 100 and 0.0 <= probe["asr"] <= 1.0
+    for setting in {(r["attack"], r["k"]) for r in rows}:  # the readout in both subspaces
+        ro = {r["variant"]: r["details"] for r in rows if (r["attack"], r["k"]) == setting
+              and r["variant"] in ("benign-readout", "designed-readout")}
+        assert ro["benign-readout"]["unknowns"] == 64 * 10  # every entry of the readout
+        assert ro["designed-readout"]["unknowns"] == 16 * 10  # its codes
     poison = [t for t in metrics["targets"] if t["attack"] != "weight-edit"]
     assert len(poison) == 2 and all("a readout re-fit on all 2000" in t["reason"] for t in poison)
+    assert all("designed-readout: ASR" in t["reason"] for t in poison)  # judged too
     for t in poison:  # the clean network's ASR with the same trigger is the reference quoted
         assert t["asr_clean"] == metrics["clean"]["one-hidden"][f"asr_{t['attack']}"]
         assert f"(clean network: {100 * t['asr_clean']:.1f}%)" in t["reason"]

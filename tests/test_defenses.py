@@ -226,3 +226,39 @@ def test_refit_readout_stays_in_the_benign_feature_span_from_init(designed):
                           key=jax.random.PRNGKey(0), update_mask=mask)
     np.testing.assert_allclose(out["readout"]["kernel"], full["readout"]["kernel"],
                                rtol=1e-4, atol=1e-5)
+
+
+def test_designed_readout_refit_trains_the_codes_and_stays_in_range_A(designed):
+    """subspace="designed": beta_c = A theta_c with theta from theta_0 by SGD on the benign
+    features, so beta - beta_0 lies in A A^T span{h(x_s)} and the network stays designed."""
+    m, w, x, y, *_ = designed
+    c0 = m.init(jax.random.PRNGKey(7), jnp.asarray(x[:1]))["params"]
+    p0 = m.materialize(c0)
+    xb, yb = x[:2], y[:2]  # 2 feature vectors: a 2-dim part of the 4-dim range(A)
+    out, info = D.refit_readout(m, w, xb, yb, init_params=p0, subspace="designed", steps=40,
+                                key=jax.random.PRNGKey(0))
+    _same_structure(out, w)
+    assert info.details["variant"] == "designed-readout"
+    assert info.details["unknowns"] == 4 * 3  # readout code 4 per class, 3 classes
+    np.testing.assert_array_equal(out["conv"]["kernel"], w["conv"]["kernel"])
+    a = np.asarray(m.designs(jnp.float64)["readout"])  # (16, 4)
+    h = np.asarray(D.network(m).channels(w, jnp.asarray(xb)), np.float64)  # (2, 16)
+    delta = np.asarray(out["readout"]["kernel"] - p0["readout"]["kernel"], np.float64)
+    q, _ = np.linalg.qr(a @ a.T @ h.T)  # basis of A A^T span{h}
+    assert np.linalg.norm(delta) > 1e-2
+    assert np.linalg.norm(delta - q @ (q.T @ delta)) < 1e-5 * np.linalg.norm(delta)
+    _, report = D.recover_designed(m, out)
+    assert report["readout"]["rows_off_subspace"] == 0  # still a valid designed network
+    # the same as training the designed model's readout codes, the filter codes frozen
+    codes = {"conv_code": D._codes(m, w)["conv_code"], "readout_code": c0["readout_code"]}
+    mask = {"conv_code": jax.tree_util.tree_map(lambda _: False, codes["conv_code"]),
+            "readout_code": jax.tree_util.tree_map(lambda _: True, codes["readout_code"])}
+    full = D.train_masked(lambda c, xb: m.apply({"params": c}, xb), codes, jnp.asarray(xb),
+                          jnp.asarray(yb), optimizer=("sgd", 0.1, 0.9, 0.0), steps=40,
+                          batch_size=128, key=jax.random.PRNGKey(0), update_mask=mask)
+    np.testing.assert_allclose(out["readout"]["kernel"],
+                               m.materialize(full)["readout"]["kernel"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="subspace must be"):
+        D.refit_readout(m, w, xb, yb, init_params=p0, subspace="row_space")
+    with pytest.raises(TypeError, match="needs a designed model"):
+        D.refit_readout(m.plain_model(), w, xb, yb, init_params=p0, subspace="designed")
