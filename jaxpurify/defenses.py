@@ -659,6 +659,8 @@ def refit_readout(model, params, x_benign, y_benign, *, init_params, subspace: s
         ``(plain params, DefenseInfo)`` with ``details["layer"]``, the re-estimated layer, and
         ``details["unknowns"]``, the number of re-estimated parameters.
     """
+    if subspace not in ("plain", "designed"):
+        raise ValueError(f"subspace must be 'plain' or 'designed', got {subspace!r}")
     t0 = time.perf_counter()
     x, y = _check_data(x_benign, y_benign)
     net = network(model)
@@ -680,27 +682,31 @@ def refit_readout(model, params, x_benign, y_benign, *, init_params, subspace: s
                          steps=steps, batch_size=batch_size, key=key, optimizer=sgd)
         p[layer] = jax.block_until_ready(q)
         unknowns = sum(v.size for v in jax.tree_util.tree_leaves(q))
-    elif subspace == "designed":
-        designed = _designed_layers(model, p)  # raises for a model without designs
-        if layer not in designed:
-            raise ValueError(f"subspace='designed' needs a designed {layer!r} layer; "
-                             f"{type(model).__name__} designs {sorted(designed)}")
-        a, _, setter = designed[layer]
-        theta0 = jnp.linalg.lstsq(a, _designed_layers(model, dict(p0))[layer][1].T)[0]
-        frozen = {k: v for k, v in p.items() if k == layer}  # the setter needs only this
-
-        def apply(theta, h):
-            return _affine(setter(frozen, (a @ theta).T)[layer], h)
-
-        theta = train_masked(apply, theta0, h, y, steps=steps, batch_size=batch_size, key=key,
-                             optimizer=sgd)
-        p = jax.block_until_ready(setter(p, (a @ theta).T))
-        unknowns = int(theta.size)
     else:
-        raise ValueError(f"subspace must be 'plain' or 'designed', got {subspace!r}")
+        p, unknowns = _refit_designed_readout(model, p, p0, layer, h, y, steps=steps,
+                                              batch_size=batch_size, key=key, optimizer=sgd)
     variant = "benign-readout" if subspace == "plain" else "designed-readout"
     return p, DefenseInfo("jaxpurify", time.perf_counter() - t0, {
         "variant": variant, "layer": layer, "steps": steps, "unknowns": int(unknowns)})
+
+
+@full_precision
+def _refit_designed_readout(model, p, p0, layer, h, y, **train):
+    """The readout's codes trained from their init on frozen features ``h`` (full precision:
+    the readout ``A theta`` must stay in ``range(A)`` on GPUs too)."""
+    designed = _designed_layers(model, p)  # raises for a model without designs
+    if layer not in designed:
+        raise ValueError(f"subspace='designed' needs a designed {layer!r} layer; "
+                         f"{type(model).__name__} designs {sorted(designed)}")
+    a, _, setter = designed[layer]
+    theta0 = jnp.linalg.lstsq(a, _designed_layers(model, dict(p0))[layer][1].T)[0]
+    frozen = {layer: p[layer]}  # all the setter reads
+
+    def apply(theta, h):
+        return _affine(setter(frozen, (a @ theta).T)[layer], h)
+
+    theta = train_masked(apply, theta0, h, y, **train)
+    return jax.block_until_ready(setter(p, (a @ theta).T)), int(theta.size)
 
 
 def row_space_defense(model, params, x_benign, *, init_params, method="admm"):
