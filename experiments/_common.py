@@ -63,7 +63,14 @@ def save_fig(fig, out: Path, name: str, dpi: int = 120) -> Path:
 
 
 def environment(t0: float | None = None) -> dict:
-    """A git-free stamp of where the numbers came from (and seconds since ``t0``)."""
+    """A git-free stamp of where the numbers came from (and seconds since ``t0``).
+
+    ``packages`` holds the installed versions of the libraries whose arithmetic the numbers
+    depend on: two runs of one deterministic setting can differ in the last digits when one
+    of them changed (e.g. an optimizer's update order), and this is how to tell.
+    """
+    from importlib import metadata
+
     import jax
 
     import jaxpurify
@@ -78,10 +85,21 @@ def environment(t0: float | None = None) -> dict:
         "cpu_count": os.cpu_count(),
         "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
+        "packages": {name: _version(metadata, name) for name in _PACKAGES},
     }
     if t0 is not None:
         stamp["seconds"] = time.perf_counter() - t0
     return stamp
+
+
+_PACKAGES = ("jaxlib", "flax", "optax", "chex", "numpy", "scipy", "ml_dtypes")
+
+
+def _version(metadata, name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def highs_l1(a: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, float]:

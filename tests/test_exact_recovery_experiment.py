@@ -31,6 +31,7 @@ def test_outputs_written(result):
     assert on_disk["all_exact_inside_region"] == metrics["all_exact_inside_region"]
     assert len(on_disk["rows"]) == 3
     assert "jax" in on_disk["environment"] and "seconds" in on_disk["environment"]
+    assert on_disk["environment"]["packages"]["optax"]  # the versions behind the arithmetic
 
 
 def test_exact_inside_the_region(result):
