@@ -24,7 +24,8 @@ classified as the target. Writes ``metrics.json`` (``rows``, ``targets``), ``tab
 ``backdoor.png``. ``python -m experiments.backdoor --rejudge DIR`` re-derives a run's verdicts;
 ``--merge OUT SRC [SRC ...]`` joins runs of one setting (e.g. one per poison rate, where a
 single run would not fit a session, or one that adds a defense) into one table per
-dataset x model x attack.
+dataset x model x attack; with ``--supersede`` a defense row re-measured by newer code
+replaces the old one (listed under ``superseded``).
 """
 
 from __future__ import annotations
@@ -348,7 +349,7 @@ def rejudge(out: Path | str) -> list[dict]:
     return metrics["targets"]
 
 
-def merge(out: Path | str, sources) -> dict:
+def merge(out: Path | str, sources, *, supersede: bool = False) -> dict:
     """Merge finished runs of one setting into ``out``: one table per dataset x model x
     attack, verdicts recomputed from the stored rows (no new measurement).
 
@@ -360,6 +361,13 @@ def merge(out: Path | str, sources) -> dict:
     Each source's command, wall time, timings, setup and environment are kept in ``runs``;
     ``seconds`` is their sum. ``out`` may be one of the sources (all are read before
     anything is written). ``python -m experiments.backdoor --merge OUT SRC [SRC ...]``.
+
+    With ``supersede`` (``--supersede``), a *defense* row that a later source measured with
+    other results replaces the earlier one instead of being refused: the way to bring rows
+    measured by older code up to date without re-running every defense. The undefended rows
+    and the clean networks must still agree (the same networks, re-measured), and every
+    replaced row is listed in ``superseded`` (its key, the old and the new ACC/ASR, which
+    source measured it), so nothing is replaced silently.
     """
     runs = [json.loads((Path(s) / "metrics.json").read_text()) for s in sources]
     if len(runs) < 2:
@@ -382,7 +390,11 @@ def merge(out: Path | str, sources) -> dict:
         if diff:
             raise ValueError(f"{src}: model_config differs from {sources[0]}'s in {diff}")
     attacks = {"weight-edit": 0, "badnets": 1, "blended": 2}
-    rows = sorted(_dedup_rows(r for m in runs for r in m["rows"]),  # stable: defense order stays
+    # rows earlier merges replaced (a merged source brings its own), each once
+    superseded = list({json.dumps(x, sort_keys=True): x for m in runs
+                       for x in m.get("superseded", [])}.values())
+    tagged = ((r, str(src)) for src, m in zip(sources, runs, strict=True) for r in m["rows"])
+    rows = sorted(_dedup_rows(tagged, superseded, supersede=supersede),  # stable order
                   key=lambda r: (str(r["model"]), attacks.get(r["attack"], 3),
                                  r.get("poison_rate") or 0.0, r.get("k") or 0))
 
@@ -408,13 +420,14 @@ def merge(out: Path | str, sources) -> dict:
             m["quick"] for m in runs), "seed": first["seed"], "setup": setup,
         "clean": clean, "rows": rows, "targets": _targets(rows, clean),
         "reference": REFERENCE, "seconds": sum(r["seconds"] for r in parts),
-        "runs": parts,
+        "runs": parts, **({"superseded": superseded} if superseded else {}),
         # the whole recipe: every run into its folder (a merged source: its own recipe), then
         # this merge
         "command": " && ".join(
             [m["command"] if "runs" in m else f"{m['command']} --out {src}"
              for m, src in zip(runs, sources, strict=True) if m.get("command")]
-            + ["python -m experiments.backdoor --merge " + " ".join(map(str, [out, *sources]))]),
+            + ["python -m experiments.backdoor --merge " + " ".join(map(str, [out, *sources]))
+               + (" --supersede" if supersede else "")]),
     }
     write_metrics(out, metrics)
     _write_tables(out, rows, metrics["targets"], metrics["dataset"])
@@ -422,7 +435,7 @@ def merge(out: Path | str, sources) -> dict:
     return metrics
 
 
-def _dedup_rows(rows) -> list[dict]:
+def _dedup_rows(tagged_rows, superseded: list, *, supersede: bool = False) -> list[dict]:
     """The rows of several runs, each (model, attack, rate, k, defense, variant, budget) once.
 
     The experiment is deterministic (seeded training, data order and defenses; measured: the
@@ -430,22 +443,43 @@ def _dedup_rows(rows) -> list[dict]:
     setting measure the same row twice: e.g. a run that adds ANP trains the attacked network
     again and re-measures its undefended row. Such a row is kept once if ACC and ASR agree
     (the details of both joined, the first run's winning, its seconds kept), and refused if
-    they do not: then the runs are not of one setting.
+    they do not: then the runs are not of one setting (or of one code). ``tagged_rows`` are
+    ``(row, source)`` pairs in source order; ``superseded`` holds the rows earlier merges
+    replaced (an old measurement of one of them is dropped, not refused). With
+    ``supersede``, a defense row measured again with other results is replaced by the later
+    measurement and appended to ``superseded``; an undefended row that differs is refused
+    either way (another network).
     """
+    # measurements already replaced by an earlier merge: (key, old ACC/ASR) -> new ACC/ASR
+    stale = {(tuple(x["row"][k] for k in _ROW_KEY), tuple(x["was"])): tuple(x["now"])
+             for x in superseded or []}
     kept: dict[tuple, dict] = {}
-    for r in rows:
+    for r, src in tagged_rows:
         key = (r["model"], r["attack"], r.get("poison_rate"), r.get("k"), r["defense"],
                r.get("variant"), r["budget"])
         first = kept.setdefault(key, r)
         if first is r:
             continue
-        if (first["acc"], first["asr"]) != (r["acc"], r["asr"]):
+        if stale.get((key, (r["acc"], r["asr"]))) == (first["acc"], first["asr"]):
+            continue  # the old measurement of a row on record as superseded
+        if (first["acc"], first["asr"]) == (r["acc"], r["asr"]):
+            kept[key] = {**first, "details": {**r["details"], **first["details"]}}
+        elif supersede and r["defense"] != "none":
+            superseded.append({"row": dict(zip(_ROW_KEY, key, strict=True)),
+                               "was": [first["acc"], first["asr"]],
+                               "now": [r["acc"], r["asr"]], "source": src})
+            kept[key] = r
+        else:
             raise ValueError(
                 f"{key} was measured in two runs with different results (ACC/ASR "
                 f"{first['acc']}/{first['asr']} vs {r['acc']}/{r['asr']}); only runs of one "
-                "setting (same data, seed, configuration and code) can be merged")
-        kept[key] = {**first, "details": {**r["details"], **first["details"]}}
+                "setting (same data, seed, configuration and code) can be merged"
+                + ("" if r["defense"] == "none" else
+                   " (--supersede: rows re-measured by newer code replace the old ones)"))
     return list(kept.values())
+
+
+_ROW_KEY = ("model", "attack", "poison_rate", "k", "defense", "variant", "budget")
 
 
 def _targets(rows, clean) -> list[dict]:
@@ -787,11 +821,19 @@ if __name__ == "__main__":
                        help="a folder written by `jaxpurify run backdoor-*`")
     group.add_argument("--merge", type=Path, nargs="+", metavar=("OUT", "SRC"),
                        help="write OUT from two or more run folders SRC (OUT may be one)")
+    parser.add_argument("--supersede", action="store_true",
+                        help="with --merge: a defense row a later SRC measured with other "
+                             "results replaces the earlier one (listed in `superseded`)")
     args = parser.parse_args()
+    if args.supersede and not args.merge:
+        parser.error("--supersede goes with --merge")
     if args.merge:
         if len(args.merge) < 3:
             parser.error("--merge needs OUT and at least two SRC folders")
-        targets = merge(args.merge[0], args.merge[1:])["targets"]
+        metrics = merge(args.merge[0], args.merge[1:], supersede=args.supersede)
+        targets = metrics["targets"]
+        for x in metrics.get("superseded", []):
+            print(f"superseded {x['row']}: ACC/ASR {x['was']} -> {x['now']} ({x['source']})")
     else:
         targets = rejudge(args.rejudge)
     for t in targets:

@@ -228,6 +228,24 @@ def test_merge_makes_one_table_per_attack_and_rejudges(tmp_path):
     redone = _run_folder(tmp_path / "redone", [{**r, "asr": 0.5} for r in poisoned(0.05)])
     with pytest.raises(ValueError, match="measured in two runs with different results"):
         backdoor.merge(tmp_path / "c2", [b, redone])
+    # --supersede: defense rows re-measured by newer code replace the old ones, on record;
+    # an undefended row that differs is another network and is refused all the same
+    with pytest.raises(ValueError, match="measured in two runs with different results"):
+        backdoor.merge(tmp_path / "c2", [b, redone], supersede=True)
+    newer = [{**r, "asr": 0.5} if r["defense"] == "ft" else r for r in poisoned(0.05)]
+    newer = _run_folder(tmp_path / "newer", newer)
+    fresh = backdoor.merge(tmp_path / "c3", [b, newer], supersede=True)
+    assert [(r["defense"], r["asr"]) for r in fresh["rows"]] == [
+        ("none", 0.99), ("ft", 0.5), ("fp", 0.92), ("jaxpurify", 0.02)]
+    assert fresh["superseded"] == [{
+        "row": {"model": "m", "attack": "badnets", "poison_rate": 0.05, "k": None,
+                "defense": "ft", "variant": None, "budget": 0.01},
+        "was": [0.95, 0.9], "now": [0.95, 0.5], "source": str(newer)}]
+    assert fresh["command"].endswith(f"--merge {tmp_path / 'c3'} {b} {newer} --supersede")
+    assert backdoor.merge(tmp_path / "c4", [tmp_path / "c3", b, newer],  # kept on re-merge
+                          supersede=True)["superseded"] == fresh["superseded"]
+    assert backdoor.merge(tmp_path / "c5", [tmp_path / "c3", b])["rows"] == fresh["rows"]
+    assert "superseded" not in metrics
     d = _run_folder(tmp_path / "d", poisoned(0.01), clean={"m": {"acc": 0.9}})
     with pytest.raises(ValueError, match="the clean m"):
         backdoor.merge(tmp_path / "e", [b, d])
