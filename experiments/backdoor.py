@@ -530,10 +530,22 @@ _VARIANT_WHY = {
                       "no vote that only triggered images taught, but relearns whatever "
                       "target evidence the hidden features carry as the budget grows",
     "designed-readout": "the readout's codes re-estimated from their init on the benign "
-                        "features: with code_dim unknowns per class the benign labels "
-                        "determine the readout, so it fits them and relearns the target vote "
-                        "the poisoned features carry",
+                        "features",
 }
+
+
+def _why(r) -> str:
+    """Why a jaxpurify variant's row came out as it did (the verdict's reason)."""
+    why = _VARIANT_WHY[r["variant"]]
+    unknowns = r["details"].get("unknowns")
+    if r["variant"] != "designed-readout" or unknowns is None:
+        return why
+    counts = f" ({unknowns} unknowns, {r['n_benign']} benign labels)"
+    if unknowns <= r["n_benign"]:
+        return (why + counts + ": the benign labels determine the readout, so it fits them "
+                "and relearns the target vote the poisoned features carry")
+    return (why + counts + ": more unknowns than labels, so the budget does not determine "
+            "this readout either, and it loses accuracy like the plain one")
 
 
 def _poisoning_targets(model, attack, rate, sel, clean_asr=None) -> list[dict]:
@@ -576,7 +588,7 @@ def _poisoning_targets(model, attack, rate, sel, clean_asr=None) -> list[dict]:
         found = f"recovery found {off} unit vectors off range(A); " if "recovery" in \
             r["details"] else ""
         parts.append(f"{r['variant']}: ASR {100 * r['asr']:.1f}%, ACC drop {drop:.1f} pt "
-                     f"({found}{_VARIANT_WHY[r['variant']]})")
+                     f"({found}{_why(r)})")
     at_clean = "" if clean_asr is None else f" (clean network: {100 * clean_asr:.1f}%)"
     took = ("the attack did not take: " if none["asr"] < 0.05 else "") + \
         f"undefended ASR {100 * none['asr']:.1f}%{at_clean}; "

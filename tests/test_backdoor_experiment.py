@@ -78,6 +78,13 @@ def test_poisoning_verdict_judges_every_jaxpurify_variant():
     (t,) = backdoor._targets(rows, CLEAN)
     assert t["asr_acc_met"] and not t["dominates_ft_fp"] and not t["met"]
     assert t["reason"].endswith("FT better on both ACC and ASR than benign-readout")
+    # the designed readout's reason says whether the budget's labels determine it
+    for unknowns, says in ((160, "the benign labels determine the readout"),
+                           (5130, "more unknowns than labels")):
+        ro = {**_poison_row("jaxpurify", 0.93, 0.9, "designed-readout"),
+              "details": {"unknowns": unknowns}}
+        (t,) = backdoor._targets([*rows, ro], CLEAN)
+        assert f"({unknowns} unknowns, 600 benign labels): {says}" in t["reason"]
     rows[1] = _poison_row("ft", 0.93, 0.02)
     (t,) = backdoor._targets(rows, CLEAN)
     assert t["met"]
