@@ -435,6 +435,10 @@ def merge(out: Path | str, sources, *, supersede: bool = False) -> dict:
     return metrics
 
 
+#: what identifies a row: a merge keeps one row per key
+_ROW_KEY = ("model", "attack", "poison_rate", "k", "defense", "variant", "budget")
+
+
 def _dedup_rows(tagged_rows, superseded: list, *, supersede: bool = False) -> list[dict]:
     """The rows of several runs, each (model, attack, rate, k, defense, variant, budget) once.
 
@@ -452,11 +456,10 @@ def _dedup_rows(tagged_rows, superseded: list, *, supersede: bool = False) -> li
     """
     # measurements already replaced by an earlier merge: (key, old ACC/ASR) -> new ACC/ASR
     stale = {(tuple(x["row"][k] for k in _ROW_KEY), tuple(x["was"])): tuple(x["now"])
-             for x in superseded or []}
+             for x in superseded}
     kept: dict[tuple, dict] = {}
     for r, src in tagged_rows:
-        key = (r["model"], r["attack"], r.get("poison_rate"), r.get("k"), r["defense"],
-               r.get("variant"), r["budget"])
+        key = tuple(r.get(k) for k in _ROW_KEY)
         first = kept.setdefault(key, r)
         if first is r:
             continue
@@ -477,9 +480,6 @@ def _dedup_rows(tagged_rows, superseded: list, *, supersede: bool = False) -> li
                 + ("" if r["defense"] == "none" else
                    " (--supersede: rows re-measured by newer code replace the old ones)"))
     return list(kept.values())
-
-
-_ROW_KEY = ("model", "attack", "poison_rate", "k", "defense", "variant", "budget")
 
 
 def _targets(rows, clean) -> list[dict]:
