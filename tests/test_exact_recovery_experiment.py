@@ -6,10 +6,6 @@ import pytest
 
 exact_recovery = pytest.importorskip("experiments.exact_recovery")
 
-# One xdist worker runs this whole module, so its module-scoped fixture is built once
-# (pyproject: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_exact_recovery_experiment")
-
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):

@@ -12,10 +12,6 @@ from jaxpurify.data import DataNotFoundError
 
 multilayer = pytest.importorskip("experiments.multilayer")
 
-# One xdist worker runs this whole module, so its module-scoped fixture is built once
-# (pyproject: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_multilayer_experiment")
-
 TINY = {"epochs": 0.5, "limit_train": 512, "limit_test": 300, "fractions": (0.0, 0.1),
         "laws": ("gaussian",), "row_space_sizes": (1,), "highs_sample": 1,
         "highs_max_rows": 200}

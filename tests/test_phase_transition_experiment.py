@@ -12,10 +12,6 @@ import pytest
 
 PT = pytest.importorskip("experiments.phase_transition")
 
-# One xdist worker runs this whole module, so its module-scoped fixture is built once
-# (pyproject: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_phase_transition_experiment")
-
 ROOT = Path(__file__).resolve().parents[1]
 # m = 24, ratio 2 (n = 12): the Donoho-Tanner critical fraction is 0.19; 5% is far below it
 # and 60% far above. (One ratio column = one solver compilation: keeps the test short.)

@@ -14,10 +14,6 @@ import pytest
 
 from experiments import real_data
 
-# One xdist worker runs this whole module, so its module-scoped fixture is built once
-# (pyproject: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_real_data_experiment")
-
 ROW_KEYS = {
     "dataset": str, "model": str, "subspace": str, "noise": str, "fraction": float,
     "acc_clean": float, "acc_contaminated": float, "acc_purified": float,
