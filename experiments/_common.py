@@ -69,8 +69,6 @@ def environment(t0: float | None = None) -> dict:
     depend on: two runs of one deterministic setting can differ in the last digits when one
     of them changed (e.g. an optimizer's update order), and this is how to tell.
     """
-    from importlib import metadata
-
     import jax
 
     import jaxpurify
@@ -85,7 +83,7 @@ def environment(t0: float | None = None) -> dict:
         "cpu_count": os.cpu_count(),
         "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
-        "packages": {name: _version(metadata, name) for name in _PACKAGES},
+        "packages": {name: _version(name) for name in _PACKAGES},
     }
     if t0 is not None:
         stamp["seconds"] = time.perf_counter() - t0
@@ -95,7 +93,10 @@ def environment(t0: float | None = None) -> dict:
 _PACKAGES = ("jaxlib", "flax", "optax", "chex", "numpy", "scipy", "ml_dtypes")
 
 
-def _version(metadata, name: str) -> str | None:
+def _version(name: str) -> str | None:
+    """The installed version of distribution ``name`` (None when it is not installed)."""
+    from importlib import metadata
+
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:

@@ -391,8 +391,7 @@ def merge(out: Path | str, sources, *, supersede: bool = False) -> dict:
             raise ValueError(f"{src}: model_config differs from {sources[0]}'s in {diff}")
     attacks = {"weight-edit": 0, "badnets": 1, "blended": 2}
     # rows earlier merges replaced (a merged source brings its own), each once
-    superseded = list({json.dumps(x, sort_keys=True): x for m in runs
-                       for x in m.get("superseded", [])}.values())
+    superseded = _each_once(x for m in runs for x in m.get("superseded", []))
     tagged = ((r, str(src)) for src, m in zip(sources, runs, strict=True) for r in m["rows"])
     rows = sorted(_dedup_rows(tagged, superseded, supersede=supersede),  # stable order
                   key=lambda r: (str(r["model"]), attacks.get(r["attack"], 3),
@@ -412,8 +411,7 @@ def merge(out: Path | str, sources, *, supersede: bool = False) -> dict:
         "model_config": {k: v for m in runs for k, v in m["setup"]["model_config"].items()}}
     # the runs behind the sources (a merged source brings its own), each once
     own = ("command", "seconds", "timings", "setup", "environment")
-    parts = list({json.dumps(r, sort_keys=True): r for m in runs for r in
-                  m.get("runs", [{k: m.get(k) for k in own}])}.values())
+    parts = _each_once(r for m in runs for r in m.get("runs", [{k: m.get(k) for k in own}]))
     out = Path(out)
     metrics = {
         "experiment": first["experiment"], "dataset": first["dataset"], "quick": any(
@@ -433,6 +431,11 @@ def merge(out: Path | str, sources, *, supersede: bool = False) -> dict:
     _write_tables(out, rows, metrics["targets"], metrics["dataset"])
     _plot(rows, out / "backdoor.png", metrics["dataset"])
     return metrics
+
+
+def _each_once(records) -> list[dict]:
+    """``records`` without repeats (equal as JSON), in first-seen order."""
+    return list({json.dumps(r, sort_keys=True): r for r in records}.values())
 
 
 #: what identifies a row: a merge keeps one row per key
