@@ -63,11 +63,13 @@ def save_fig(fig, out: Path, name: str, dpi: int = 120) -> Path:
 
 
 def environment(t0: float | None = None) -> dict:
-    """A git-free stamp of where the numbers came from (and seconds since ``t0``).
+    """A stamp of where the numbers came from (and seconds since ``t0``).
 
     ``packages`` holds the installed versions of the libraries whose arithmetic the numbers
-    depend on: two runs of one deterministic setting can differ in the last digits when one
-    of them changed (e.g. an optimizer's update order), and this is how to tell.
+    depend on, and ``source`` the git commit of the code that ran (with ``dirty`` when the
+    library or the experiments had uncommitted changes; ``None`` outside a git checkout,
+    e.g. an installed wheel): two runs of one deterministic setting can differ in the last
+    digits when either changed (e.g. an optimizer's update order), and this is how to tell.
     """
     import jax
 
@@ -84,6 +86,7 @@ def environment(t0: float | None = None) -> dict:
         "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
         "packages": {name: _version(name) for name in _PACKAGES},
+        "source": _source_revision(),
     }
     if t0 is not None:
         stamp["seconds"] = time.perf_counter() - t0
@@ -91,6 +94,24 @@ def environment(t0: float | None = None) -> dict:
 
 
 _PACKAGES = ("jaxlib", "flax", "optax", "chex", "numpy", "scipy", "ml_dtypes")
+
+
+def _source_revision() -> dict | None:
+    """The git commit of this checkout and whether its code differs from it (None: no git)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--", "jaxpurify", "experiments")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": bool(changed)}
 
 
 def _version(name: str) -> str | None:

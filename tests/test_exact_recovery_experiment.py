@@ -1,6 +1,7 @@
 """experiments/exact_recovery.py on a reduced setting: exact inside the region, refused past it."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +29,11 @@ def test_outputs_written(result):
     assert len(on_disk["rows"]) == 3
     assert "jax" in on_disk["environment"] and "seconds" in on_disk["environment"]
     assert on_disk["environment"]["packages"]["optax"]  # the versions behind the arithmetic
+    source = on_disk["environment"]["source"]  # the code behind it, when run from a checkout
+    if (Path(__file__).resolve().parents[1] / ".git").exists():
+        assert len(source["commit"]) == 40 and isinstance(source["dirty"], bool)
+    else:
+        assert source is None
 
 
 def test_exact_inside_the_region(result):
