@@ -18,7 +18,8 @@ reference's mask threshold 0.2, and variant ``benign-stop``, the same mask prune
 benign accuracy allows). ``--set "defenses=('jaxpurify', 'ft', 'fp')"`` leaves ANP out;
 ``--set "attacks=('badnets',)"`` runs one poisoning attack; ``--set
 "ft_learning_rates=(0.001,)"`` adds FT rows at other learning rates, variant ``lr=...``, a
-diagnostic that is not judged. ``acc`` is the
+diagnostic that is not judged; ``--set "joint=('readout',)"`` codes the one-hidden CNN's
+readout as a whole (``DesignedOneHiddenLayerCNN(joint_layers=...)``). ``acc`` is the
 clean test accuracy, ``asr`` the fraction of triggered test images (true class != target)
 classified as the target. Writes ``metrics.json`` (``rows``, ``targets``), ``tables.md`` and
 ``backdoor.png``. ``python -m experiments.backdoor --rejudge DIR`` re-derives a run's verdicts;
@@ -69,7 +70,7 @@ def _config(dataset: str, quick: bool) -> dict:
         cfg = {"patch": 16, "filters": 64, "filter_code": 193, "readout_code": 16,
                "deep": "small-vgg", "train_limit": None, "test_limit": None, "steps": 6000,
                "deep_epochs": 10.0}
-    cfg.update(anp_iterations=2000, edit_steps=300, edit_images=256, row_space=True,
+    cfg.update(anp_iterations=2000, edit_steps=300, edit_images=256, row_space=True, joint=(),
                defenses=DEFENSES, attacks=DATA_ATTACKS, probe_steps=3000,
                ft_learning_rates=())
     if quick:
@@ -107,7 +108,8 @@ class _Model:
         if name == "one-hidden":
             self.module = DesignedOneHiddenLayerCNN(
                 cfg["filters"], cfg["patch"], shape[-1], cfg["filter_code"],
-                cfg["readout_code"], num_classes=10, pool="mean")
+                cfg["readout_code"], num_classes=10, pool="mean",
+                joint_layers=tuple(cfg["joint"]))
         else:
             from jaxpurify import multilayer
 
@@ -374,12 +376,7 @@ def merge(out: Path | str, sources, *, supersede: bool = False) -> dict:
         raise ValueError("merge needs at least two runs")
     first = runs[0]
     clean: dict[str, dict] = {}
-    for src, m in zip(sources, runs, strict=True):
-        for model, ref in m["clean"].items():
-            if clean.setdefault(model, ref) != ref:
-                raise ValueError(f"{src}: the clean {model} ({ref}) is not the one of the "
-                                 f"other runs ({clean[model]}); only runs of one training "
-                                 "setting can be merged")
+    for src, m in zip(sources, runs, strict=True):  # the setting first: it explains a network
         for key in ("dataset", "seed"):
             if m[key] != first[key]:
                 raise ValueError(f"{src}: {key} {m[key]!r} differs from {sources[0]}'s "
@@ -389,6 +386,11 @@ def merge(out: Path | str, sources, *, supersede: bool = False) -> dict:
         diff = sorted(k for k in set(cfg) & set(cfg0) if cfg[k] != cfg0[k])
         if diff:
             raise ValueError(f"{src}: model_config differs from {sources[0]}'s in {diff}")
+        for model, ref in m["clean"].items():
+            if clean.setdefault(model, ref) != ref:
+                raise ValueError(f"{src}: the clean {model} ({ref}) is not the one of the "
+                                 f"other runs ({clean[model]}); only runs of one training "
+                                 "setting can be merged")
     attacks = {"weight-edit": 0, "badnets": 1, "blended": 2}
     # rows earlier merges replaced (a merged source brings its own), each once
     superseded = _each_once(x for m in runs for x in m.get("superseded", []))
@@ -792,8 +794,9 @@ def run(*, name: str = "backdoor-mnist", quick: bool = False, out: Path, seed: i
         "setup": {"train_size": n, "test_size": int(len(y_te)), "target": TARGET,
                   "models": list(models), "budgets": list(budgets), "poison_rates": list(rates),
                   "weight_edit_k": list(ks), "defenses": list(cfg["defenses"]),
-                  "model_config": {k: v for k, v in cfg.items()
-                                                             if not isinstance(v, tuple)}},
+                  "model_config": {**{k: v for k, v in cfg.items()
+                                      if not isinstance(v, tuple)},
+                                   "joint": list(cfg["joint"])}},
         "clean": clean, "rows": rows, "targets": targets, "reference": REFERENCE,
         "timings": timings, "seconds": time.perf_counter() - t_all,
     }

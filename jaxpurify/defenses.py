@@ -469,10 +469,17 @@ def _designed_layers(model, p):
     from jaxpurify.models import DesignedOneHiddenLayerCNN
 
     if isinstance(model, DesignedOneHiddenLayerCNN):
-        dtype = p["conv"]["kernel"].dtype
-        a = model.designs(dtype)
-        return {"conv": (a["conv"], S.filter_vectors(p), S.with_filter_vectors),
-                "readout": (a["readout"], S.readout_vectors(p), S.with_readout_vectors)}
+        a = model.designs(p["conv"]["kernel"].dtype)
+        out = {}
+        for name, get, put in (("conv", S.filter_vectors, S.with_filter_vectors),
+                               ("readout", S.readout_vectors, S.with_readout_vectors)):
+            v = get(p)
+            if name in model.joint_layers:  # the whole layer is one vector
+                def put(q, w, put=put, shape=v.shape):
+                    return put(q, w.reshape(shape))
+                v = v.reshape(1, -1)
+            out[name] = (a[name], v, put)
+        return out
     if hasattr(model, "layer_info") and hasattr(model, "designs"):
         from jaxpurify.multilayer import layer_vectors, with_layer_vectors
 
@@ -565,11 +572,12 @@ def _codes(model, p):
     """Code params of recovered plain params (exact: every layer is in ``range(A)``)."""
     from jaxpurify.models import DesignedOneHiddenLayerCNN
 
-    layers = _designed_layers(model, p)
     if isinstance(model, DesignedOneHiddenLayerCNN):
-        (aw, vw, _), (ab, vb, _) = layers["conv"], layers["readout"]
-        return {"conv_code": jnp.linalg.lstsq(aw, vw.T)[0],
-                "readout_code": jnp.linalg.lstsq(ab, vb.T)[0]}
+        from jaxpurify import subspaces as S
+
+        a = model.designs(p["conv"]["kernel"].dtype)
+        return {"conv_code": model.codes("conv", S.filter_vectors(p), a["conv"]),
+                "readout_code": model.codes("readout", S.readout_vectors(p), a["readout"])}
     from jaxpurify.multilayer import layer_vectors
 
     a_all = model.designs(jax.tree_util.tree_leaves(p)[0].dtype)

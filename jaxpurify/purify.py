@@ -276,7 +276,7 @@ def purify(model, params, *, init_params=None, inputs=None, subspace: str = "row
             vectors = S.filter_vectors(p).reshape(1, -1)
         else:
             problem = S.designed(designs, p)["conv"]
-            vectors = S.filter_vectors(p)
+            vectors = S.filter_vectors(p).reshape(problem.offset.shape)  # joint: one row
         recovered, sol, nonfinite, erased = _solve(problem, vectors, method=method, tol=tol,
                                                        max_iters=max_iters, check_every=check_every)
         shape = S.filter_vectors(p).shape
@@ -293,11 +293,12 @@ def purify(model, params, *, init_params=None, inputs=None, subspace: str = "row
             problem = S.readout_row_space(model, p0, p0, inputs)._replace(source="lazy")
         else:
             problem = S.designed(designs, p)["readout"]
-        vectors = S.readout_vectors(p)
+        shape = S.readout_vectors(p).shape
+        vectors = S.readout_vectors(p).reshape(problem.offset.shape)
         recovered, sol, nonfinite, erased = _solve(problem, vectors, method=method, tol=tol,
                                                        max_iters=max_iters, check_every=check_every)
-        out = S.with_readout_vectors(out, recovered)
-        masks = {"kernel": np.asarray((_deviates(vectors, recovered) | erased).T)}
+        out = S.with_readout_vectors(out, recovered.reshape(shape))
+        masks = {"kernel": np.asarray((_deviates(vectors, recovered) | erased).reshape(shape).T)}
         reports["readout"] = _layer_report(problem, sol, nonfinite, masks, vectors.size)
 
     report = PurifyReport(reports, time.perf_counter() - t0)

@@ -194,17 +194,26 @@ def filter_lazy(model: OneHiddenLayerCNN, init_params, inputs) -> LayerProblem:
 
 
 def designed(designs: dict, params) -> dict[str, LayerProblem]:
-    """Problems for a network trained in the code parameterization (no offset)."""
+    """Problems for a network trained in the code parameterization (no offset).
+
+    A design with one row per entry of a unit vector codes each unit (one problem per unit);
+    one with a row per entry of the whole layer codes the layer as one vector (``vec`` of the
+    unit vectors, unit after unit: ``DesignedOneHiddenLayerCNN(joint_layers=...)``), and the
+    problem's ``offset`` then has a single row.
+    """
     out = {}
-    if "conv" in designs:
-        v = filter_vectors(params)
-        out["conv"] = LayerProblem("conv", "designed", jnp.asarray(designs["conv"], v.dtype),
-                                   jnp.zeros_like(v))
-    if "readout" in designs:
-        v = readout_vectors(params)
-        out["readout"] = LayerProblem("readout", "designed",
-                                      jnp.asarray(designs["readout"], v.dtype),
-                                      jnp.zeros_like(v))
+    for name, vectors in (("conv", filter_vectors), ("readout", readout_vectors)):
+        if name not in designs:
+            continue
+        v = vectors(params)
+        a = jnp.asarray(designs[name], v.dtype)
+        m = a.shape[-2]
+        if m == v.size and m != v.shape[1]:
+            v = v.reshape(1, -1)
+        elif m != v.shape[1]:
+            raise ValueError(f"the {name!r} design has {m} rows; the layer has {v.shape[1]} "
+                             f"entries per unit and {v.size} in all (one of these is needed)")
+        out[name] = LayerProblem(name, "designed", a, jnp.zeros_like(v))
     return out
 
 

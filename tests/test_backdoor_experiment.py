@@ -185,6 +185,20 @@ def test_tiny_run_end_to_end(tmp_path):
             == [{k: t.get(k) for k in judged} for t in metrics["targets"]])
     badnets = [t for t in merged["targets"] if t["attack"] == "badnets"][0]
     assert f"ANP {100 * anp['asr']:.1f}%" in badnets["reason"]  # now quoted beside FT and FP
+    # the readout coded as a whole: recovery solves one vector of all 640 readout entries,
+    # and the run is another network, which a merge with the per-column one refuses
+    joint = backdoor.run(out=tmp_path / "joint", quick=True, train_limit=2000, test_limit=500,
+                         steps=150, edit_steps=20, ks=(10,), rates=(), budgets=(0.01,),
+                         defenses=("jaxpurify",), joint=("readout",), probe_steps=100,
+                         anp_iterations=20)
+    assert joint["setup"]["model_config"]["joint"] == ["readout"]
+    assert metrics["setup"]["model_config"]["joint"] == []
+    designed = [r for r in joint["rows"] if r["variant"] == "designed"][0]
+    readout = designed["details"]["recovery"]["readout"]
+    assert readout["rows_off_subspace"] == 1 and readout["certified"]
+    assert readout["max_row_fraction"] == readout["num_corrupted"] / 640
+    with pytest.raises(ValueError, match=r"model_config differs .* \['joint'\]"):
+        backdoor.merge(tmp_path / "mixed", [tmp_path, tmp_path / "joint"])
 
 
 def _run_folder(path, rows, clean=CLEAN, **setup):

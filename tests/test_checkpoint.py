@@ -22,9 +22,10 @@ def _plain(dtype=jnp.float64, **kw):
     return model, p0, p, x
 
 
-def _designed():
+def _designed(joint_layers=()):
     model = DesignedOneHiddenLayerCNN(8, 4, in_channels=1, filter_code_dim=5, readout_code_dim=3,
-                                      num_classes=2, design_seed=3, param_dtype=jnp.float64)
+                                      num_classes=2, design_seed=3, param_dtype=jnp.float64,
+                                      joint_layers=joint_layers)
     code = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 8, 8, 1)))["params"]
     return model, code
 
@@ -65,12 +66,14 @@ def test_round_trip_plain(tmp_path, dtype):
     assert sorted(os.listdir(tmp_path)) == ["ck"]
 
 
-def test_round_trip_designed_deployed_and_code(tmp_path):
-    model, code = _designed()
+@pytest.mark.parametrize("joint_layers", [(), ("readout",)])
+def test_round_trip_designed_deployed_and_code(tmp_path, joint_layers):
+    model, code = _designed(joint_layers)
     deployed = model.materialize(code)
     C.save_model(tmp_path / "deployed", model, deployed)
     ck = C.load_checkpoint(tmp_path / "deployed")
     assert type(ck.model) is OneHiddenLayerCNN and ck.design == model
+    assert ck.design.designs()["readout"].shape == model.designs()["readout"].shape
     _assert_tree_equal(ck.params, jax.tree_util.tree_map(np.asarray, deployed))
     x = jax.random.normal(jax.random.PRNGKey(2), (3, 8, 8, 1))
     np.testing.assert_allclose(ck.model.apply({"params": ck.params}, x),

@@ -262,3 +262,30 @@ def test_designed_readout_refit_trains_the_codes_and_stays_in_range_A(designed):
         D.refit_readout(m, w, xb, yb, init_params=p0, subspace="row_space")
     with pytest.raises(TypeError, match="needs a designed model"):
         D.refit_readout(m.plain_model(), w, xb, yb, init_params=p0, subspace="designed")
+
+
+def test_joint_readout_design_recovers_a_concentrated_edit(designed):
+    """10 of a readout column's 16 entries edited: past the per-column threshold (the
+    per-unit design is not certified), 10 of 48 entries of a readout coded as a whole
+    (``joint_layers``) is not. The code round trip, code fine-tuning and the designed readout
+    refit work on the one-vector layer too."""
+    _, _, x, y, *_ = designed
+    per_unit, joint = (DesignedOneHiddenLayerCNN(16, 4, 1, 5, 4, num_classes=3, pool="mean",
+                                                 joint_layers=layers)
+                       for layers in ((), ("readout",)))
+    for m, recovered in ((per_unit, False), (joint, True)):
+        codes = m.init(jax.random.PRNGKey(0), jnp.asarray(x[:1]))["params"]
+        w = m.materialize(codes)
+        bad = {**w, "readout": {"kernel": w["readout"]["kernel"].at[:10, 0].add(2.0)}}
+        out, report = D.recover_designed(m, bad)
+        assert report["readout"]["certified"] is recovered
+        assert (_max_diff(out, w) < 1e-6) is recovered
+    assert report["readout"]["rows"] == 1 and report["readout"]["num_corrupted"] == 10
+    assert _max_diff(D._codes(joint, w), codes) < 1e-6
+    out, info = D.jaxpurify_defense(joint, bad, x[:50], y[:50], key=jax.random.PRNGKey(0))
+    assert info.details["certified"] and _max_diff(out, w) > 0  # fine-tuned from w ...
+    assert all(r["rows_off_subspace"] == 0 for r in D.recover_designed(joint, out)[1].values())
+    out, info = D.refit_readout(joint, w, x[:20], y[:20], init_params=w, subspace="designed",
+                                steps=20, key=jax.random.PRNGKey(0))
+    assert info.details["unknowns"] == 4 * 3 and _max_diff(out, w) > 0
+    assert D.recover_designed(joint, out)[1]["readout"]["rows_off_subspace"] == 0

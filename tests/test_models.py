@@ -155,3 +155,31 @@ def test_bad_image_sizes_raise(shape):
         _colour_model().init(jax.random.PRNGKey(0), x)
     with pytest.raises(ValueError):
         _colour_model().apply({"params": _colour_params()}, x)
+
+
+@pytest.mark.parametrize("joint", [("readout",), ("conv", "readout")])
+def test_joint_layers_code_the_whole_layer(joint):
+    """``vec(layer) = A theta`` with one (units * rows) x (units * r) design; the codes keep
+    their shape, the materialized weights are the same function, and ``codes`` inverts it."""
+    dm = DesignedOneHiddenLayerCNN(6, (4, 8), in_channels=3, filter_code_dim=5,
+                                   readout_code_dim=3, num_classes=3, param_dtype=F64,
+                                   joint_layers=joint)
+    codes = init(dm, jax.random.PRNGKey(3), X3)
+    assert codes["conv_code"].shape == (5, 6) and codes["readout_code"].shape == (3, 3)
+    designs, per_unit = dm.designs(F64), _designed().designs(F64)
+    shapes = {"conv": (6 * 97, 6 * 5), "readout": (3 * 6, 3 * 3)}
+    for name in ("conv", "readout"):
+        assert designs[name].shape == (shapes[name] if name in joint else
+                                       per_unit[name].shape)
+    plain = dm.materialize(codes)
+    np.testing.assert_allclose(dm.plain_model().apply({"params": plain}, X3),
+                               dm.apply({"params": codes}, X3), rtol=1e-12, atol=1e-13)
+    # unit after unit: the readout's columns (classes) stacked are A_beta phi
+    beta = np.asarray(plain["readout"]["kernel"])
+    np.testing.assert_allclose(beta.T.reshape(-1),
+                               designs["readout"] @ np.asarray(codes["readout_code"]).T.reshape(-1),
+                               atol=1e-14)
+    np.testing.assert_allclose(dm.codes("readout", beta.T, designs["readout"]),
+                               codes["readout_code"], atol=1e-12)
+    with pytest.raises(ValueError, match="joint_layers: unknown layers"):
+        DesignedOneHiddenLayerCNN(6, 4, 1, 5, 3, joint_layers=("dense",)).designs()

@@ -15,11 +15,15 @@ import pytest
 
 from jaxpurify import subspaces as S
 from jaxpurify.contamination import bit_flips, sparse_gross_errors
+from jaxpurify.models import DesignedOneHiddenLayerCNN
 from jaxpurify.purify import PurifyReport, purify
 from tests.one_hidden_helpers import (
+    PATCH,
+    J,
     designed_model,
     designed_trained,
     fast_compiles,  # noqa: F401 (autouse fixture)
+    init,
     joint,
     lazy_setup,
     lazy_trained,
@@ -128,6 +132,30 @@ def test_designed_recovers_exactly():
     again, _ = purify(dm.plain_model(), dirty, subspace="designed",
                       designs=dm.designs(jnp.float64))
     _assert_exact(again, recovered, dm.plain_model(), s.x)
+
+
+def test_joint_readout_survives_edits_concentrated_in_one_column():
+    """Edits filling 3/4 of one readout column: past the per-column threshold, so the
+    per-unit design cannot recover it; coded as a whole (``joint_layers``) the same edits are
+    3/40 of the layer's entries and recovery is exact."""
+    s = setup()
+    kw = dict(filter_code_dim=16, readout_code_dim=4, num_classes=10, pool="mean",
+              param_dtype=jnp.float64)
+    for layers, exact in (((), False), (("readout",), True)):
+        dm = DesignedOneHiddenLayerCNN(J, PATCH, 1, joint_layers=layers, **kw)
+        clean = dm.materialize(init(dm, s.key, s.x))
+        beta = clean["readout"]["kernel"]  # (J, 10)
+        edited = np.zeros(beta.shape, bool)
+        edited[: 3 * J // 4, 0] = True
+        dirty = {**clean, "readout": {"kernel": jnp.where(edited, beta + 5.0, beta)}}
+        recovered, report = purify(dm, dirty, subspace="designed")
+        assert report.layers["readout"].ratio == pytest.approx(J / 4)
+        if exact:
+            _assert_exact(recovered, clean, dm.plain_model(), s.x)
+            np.testing.assert_array_equal(report.layers["readout"].corrupted["kernel"], edited)
+            assert report.ok
+        else:
+            assert rel_err(recovered["readout"]["kernel"], beta) > 1e-3
 
 
 @pytest.mark.parametrize("law", ["sign_flip", "heavy_tailed", "constant"])

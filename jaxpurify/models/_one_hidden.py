@@ -13,6 +13,9 @@ sum-pooled hidden unit ``j``. Two parameterizations:
   its bias is ``[W_j; b_j] = A_W theta_j`` and each readout column ``beta_c = A_beta phi_c``,
   with ``A_W`` (``(d+1) x r_W``) and ``A_beta`` (``J x r_beta``) fixed, seeded random matrices;
   only ``theta`` and ``phi`` are trained. The network is then recoverable at any data size.
+  A layer named in ``joint_layers`` is coded as a whole instead, ``vec(layer) = A theta``
+  with one ``(units * rows) x (units * r)`` design: recovery then tolerates a fraction of the
+  *layer's* entries, wherever they are, instead of a fraction of each unit's.
 """
 
 from __future__ import annotations
@@ -115,6 +118,13 @@ class DesignedOneHiddenLayerCNN(nn.Module):
         filter_code_dim: ``r_W``, columns of ``A_W`` (unknowns per filter).
         readout_code_dim: ``r_beta``, columns of ``A_beta``.
         design_seed: seed of ``A_W`` and ``A_beta``.
+        joint_layers: layers (``"conv"``, ``"readout"``) coded as a whole: the layer's
+            entries, unit after unit (``vec`` of :func:`~jaxpurify.subspaces.filter_vectors`
+            or :func:`~jaxpurify.subspaces.readout_vectors`), are ``A theta`` with ``A`` of
+            ``(units * rows) x (units * r)``. Same number of unknowns; the Donoho-Tanner
+            threshold then bounds the corrupted fraction of the whole layer, not of each
+            unit, so an attacker who puts all its edits into one unit (e.g. the target
+            class's readout column) no longer defeats recovery by concentrating them.
     """
 
     num_filters: int
@@ -126,20 +136,48 @@ class DesignedOneHiddenLayerCNN(nn.Module):
     pool: str = "sum"
     design_seed: int = 0
     param_dtype: jnp.dtype = jnp.float32
+    joint_layers: tuple[str, ...] = ()
 
     @property
     def filter_size(self) -> int:
         ph, pw = _pair(self.patch_size)
         return ph * pw * self.in_channels
 
+    def _layer_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """``{layer: (rows per unit, code entries per unit, units)}``."""
+        unknown = set(self.joint_layers) - {"conv", "readout"}
+        if unknown:
+            raise ValueError(f"joint_layers: unknown layers {sorted(unknown)}; choose from "
+                             "('conv', 'readout')")
+        return {"conv": (self.filter_size + 1, self.filter_code_dim, self.num_filters),
+                "readout": (self.num_filters, self.readout_code_dim, self.num_classes)}
+
     def designs(self, dtype=jnp.float32) -> dict[str, jax.Array]:
-        """``{"conv": A_W ((d+1) x r_W), "readout": A_beta (J x r_beta)}``."""
-        return {
-            "conv": design_matrix(self.design_seed, self.filter_size + 1, self.filter_code_dim,
-                                  dtype),
-            "readout": design_matrix(self.design_seed + 1, self.num_filters,
-                                     self.readout_code_dim, dtype),
-        }
+        """``{"conv": A_W ((d+1) x r_W), "readout": A_beta (J x r_beta)}``.
+
+        A layer in ``joint_layers`` gets one ``(units * rows) x (units * r)`` design instead.
+        """
+        out = {}
+        for seed, (name, (rows, r, units)) in enumerate(self._layer_shapes().items(),
+                                                          start=self.design_seed):
+            if name in self.joint_layers:
+                rows, r = units * rows, units * r
+            out[name] = design_matrix(seed, rows, r, dtype)
+        return out
+
+    def weights(self, name: str, code: jax.Array, design: jax.Array) -> jax.Array:
+        """A layer's ``(rows, units)`` weights from its ``(r, units)`` code and design."""
+        if name in self.joint_layers:
+            return (design @ code.T.reshape(-1)).reshape(code.shape[1], -1).T
+        return design @ code
+
+    def codes(self, name: str, vectors: jax.Array, design: jax.Array) -> jax.Array:
+        """The ``(r, units)`` code of a layer's unit ``vectors`` (``(units, rows)``) in
+        ``range(design)``: the least-squares inverse of :meth:`weights`."""
+        if name in self.joint_layers:
+            units = vectors.shape[0]
+            return jnp.linalg.lstsq(design, vectors.reshape(-1))[0].reshape(units, -1).T
+        return jnp.linalg.lstsq(design, vectors.T)[0]
 
     def setup(self):
         d = self.filter_size
@@ -151,13 +189,13 @@ class DesignedOneHiddenLayerCNN(nn.Module):
 
     def hidden(self, x: jax.Array) -> jax.Array:
         theta = self.conv_code.astype(x.dtype)
-        wb = self.designs(x.dtype)["conv"] @ theta  # (d+1, J): filters with their biases
+        wb = self.weights("conv", theta, self.designs(x.dtype)["conv"])  # (d+1, J): with biases
         z = nn.relu(extract_patches(x, self.patch_size) @ wb[:-1] + wb[-1])
         return z.mean(axis=1) if self.pool == "mean" else z.sum(axis=1)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         phi = self.readout_code.astype(x.dtype)
-        return self.hidden(x) @ (self.designs(x.dtype)["readout"] @ phi)
+        return self.hidden(x) @ self.weights("readout", phi, self.designs(x.dtype)["readout"])
 
     def plain_model(self) -> OneHiddenLayerCNN:
         """The deployed network: same function, plain filter/readout parameters."""
@@ -175,8 +213,8 @@ class DesignedOneHiddenLayerCNN(nn.Module):
         params = params.get("params", params)
         dtype = params["conv_code"].dtype
         designs = self.designs(dtype)
-        wb = designs["conv"] @ params["conv_code"]
+        wb = self.weights("conv", params["conv_code"], designs["conv"])
         ph, pw = _pair(self.patch_size)
         kernel = wb[:-1].reshape(ph, pw, self.in_channels, self.num_filters)
-        beta = designs["readout"] @ params["readout_code"]
+        beta = self.weights("readout", params["readout_code"], designs["readout"])
         return {"conv": {"kernel": kernel, "bias": wb[-1]}, "readout": {"kernel": beta}}
