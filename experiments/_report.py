@@ -106,9 +106,11 @@ def _headline(m: dict) -> list[str]:
             for k2, v2 in v.items():
                 if _is_scalar(v2) and not isinstance(v2, str):
                     items.append((f"{k}.{k2}", v2))
-                elif isinstance(v2, dict):
-                    items += [(f"{k}.{k2}.{k3}", v3) for k3, v3 in v2.items()
-                              if _is_scalar(v3) and not isinstance(v3, str)]
+                elif isinstance(v2, dict):  # a list of scalars there is a setting: shown
+                    items += [(f"{k}.{k2}.{k3}", ", ".join(map(str, v3)) or None
+                               if isinstance(v3, list) else v3) for k3, v3 in v2.items()
+                              if (_is_scalar(v3) and not isinstance(v3, str))
+                              or (isinstance(v3, list) and all(map(_is_scalar, v3)))]
     if not items:
         return []
     return _table(["quantity", "value"], [[k, fmt(v, k.rsplit(".", 1)[-1])]

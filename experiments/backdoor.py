@@ -424,7 +424,8 @@ def merge(out: Path | str, sources, *, supersede: bool = False) -> dict:
         # the whole recipe: every run into its folder (a merged source: its own recipe), then
         # this merge
         "command": " && ".join(
-            [m["command"] if "runs" in m else f"{m['command']} --out {src}"
+            [m["command"] if "runs" in m or " --out " in m["command"]
+             else f"{m['command']} --out {src}"  # recorded before commands kept their --out
              for m, src in zip(runs, sources, strict=True) if m.get("command")]
             + ["python -m experiments.backdoor --merge " + " ".join(map(str, [out, *sources]))
                + (" --supersede" if supersede else "")]),

@@ -120,6 +120,7 @@ def _record_command(path: Path, args) -> None:
     words += ["--seed", str(args.seed)] if args.seed else []
     for item in args.settings:
         words += ["--set", item]
+    words += ["--out", str(args.out)] if getattr(args, "out", None) else []
     metrics = json.loads(path.read_text())
     metrics["command"] = " ".join(_shell_word(w) for w in words)
     path.write_text(json.dumps(metrics, indent=2))

@@ -236,6 +236,12 @@ def test_merge_makes_one_table_per_attack_and_rejudges(tmp_path):
     assert metrics["command"] == (f"run a --out {a} && run b --out {b} && python -m "
                                   f"experiments.backdoor --merge {a} {a} {b}")
     assert json.loads((a / "metrics.json").read_text())["rows"] == metrics["rows"]
+    c = _run_folder(tmp_path / "c", poisoned(0.05), poison_rates=[0.05])
+    recorded = json.loads((c / "metrics.json").read_text())
+    (c / "metrics.json").write_text(json.dumps({**recorded, "command": f"run c --out {c}"}))
+    assert backdoor.merge(tmp_path / "ac", [a, c])["command"].startswith(  # its --out kept once
+        f"run a --out {a} && run b --out {b} && python -m experiments.backdoor --merge {a} {a} "
+        f"{b} && run c --out {c} && python -m experiments.backdoor --merge ")
     tables = (a / "tables.md").read_text()
     assert tables.count("## mnist / m / badnets") == 1  # both rates in one table
     assert "- MET: m / badnets (rate 0.05)" in tables

@@ -279,6 +279,10 @@ def test_run_records_its_command_in_the_metrics(tmp_path):
     assert metrics["command"] == ("jaxpurify run multilayer-cifar10 --seed 3 "
                                   '--set "codes=a b/codes.npz"')
     assert metrics["rows"] == [] and np.isnan(metrics["x"])
+    args.out = "results/a b"  # where it wrote is part of the recipe
+    cli._record_command(tmp_path / "metrics.json", args)
+    assert json.loads((tmp_path / "metrics.json").read_text())["command"].endswith(
+        '--set "codes=a b/codes.npz" --out "results/a b"')
 
 
 @pytest.mark.parametrize("word", ["run", "models=('one-hidden',)", "a b", 'x"y', "$HOME", "it's"])
