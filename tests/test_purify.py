@@ -158,6 +158,22 @@ def test_joint_readout_survives_edits_concentrated_in_one_column():
             assert rel_err(recovered["readout"]["kernel"], beta) > 1e-3
 
 
+def test_joint_layers_recover_sparse_errors_exactly():
+    """Both layers coded as a whole (one 2080 x 512 and one 320 x 40 problem): 10% of every
+    entry grossly corrupted comes back exactly, with the corrupted entries flagged."""
+    s = setup()
+    dm = DesignedOneHiddenLayerCNN(J, PATCH, 1, filter_code_dim=16, readout_code_dim=4,
+                                   num_classes=10, pool="mean", param_dtype=jnp.float64,
+                                   joint_layers=("conv", "readout"))
+    clean = dm.materialize(init(dm, s.key, s.x))
+    dirty, mask = _contaminate(clean)
+    recovered, report = purify(dm, dirty, subspace="designed")
+    _assert_exact(recovered, clean, dm.plain_model(), s.x)
+    _assert_masks(report, mask)
+    assert report.ok
+    assert report.layers["conv"].ratio == pytest.approx(65 / 16)
+
+
 @pytest.mark.parametrize("law", ["sign_flip", "heavy_tailed", "constant"])
 def test_other_error_laws(law):
     s = setup()
