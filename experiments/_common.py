@@ -66,10 +66,11 @@ def environment(t0: float | None = None) -> dict:
     """A stamp of where the numbers came from (and seconds since ``t0``).
 
     ``packages`` holds the installed versions of the libraries whose arithmetic the numbers
-    depend on, and ``source`` the git commit of the code that ran (with ``dirty`` when the
-    library or the experiments had uncommitted changes; ``None`` outside a git checkout,
-    e.g. an installed wheel): two runs of one deterministic setting can differ in the last
-    digits when either changed (e.g. an optimizer's update order), and this is how to tell.
+    depend on, and ``source`` the git commit of the code that ran, read when this module is
+    imported (``dirty`` when the library or the experiments had uncommitted changes; ``None``
+    outside a git checkout, e.g. an installed wheel): two runs of one deterministic setting
+    can differ in the last digits when either changed (e.g. an optimizer's update order), and
+    this is how to tell.
     """
     import jax
 
@@ -86,7 +87,7 @@ def environment(t0: float | None = None) -> dict:
         "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
         "packages": {name: _version(name) for name in _PACKAGES},
-        "source": _source_revision(),
+        "source": _SOURCE,
     }
     if t0 is not None:
         stamp["seconds"] = time.perf_counter() - t0
@@ -112,6 +113,11 @@ def _source_revision() -> dict | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": commit, "dirty": bool(changed)}
+
+
+#: read when the experiments are imported, i.e. when their code and the library's is loaded:
+#: a commit made while a long run is going does not describe that run
+_SOURCE = _source_revision()
 
 
 def _version(name: str) -> str | None:
