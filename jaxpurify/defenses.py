@@ -475,9 +475,9 @@ def _designed_layers(model, p):
                                ("readout", S.readout_vectors, S.with_readout_vectors)):
             v = get(p)
             if name in model.joint_layers:  # the whole layer is one vector
-                def put(q, w, put=put, shape=v.shape):
+                def put_layer(q, w, put=put, shape=v.shape):
                     return put(q, w.reshape(shape))
-                v = v.reshape(1, -1)
+                v, put = v.reshape(1, -1), put_layer
             out[name] = (a[name], v, put)
         return out
     if hasattr(model, "layer_info") and hasattr(model, "designs"):

@@ -325,6 +325,9 @@ def test_bad_options_raise(clean):
         purify(s.student, clean, init_params=s.p0, inputs=s.x, layers=("conv", "dense"))
     with pytest.raises(ValueError, match="designs"):
         purify(s.student, clean, subspace="designed")
+    a = designed_model().designs(jnp.float64)  # per filter: 65 rows; per layer: 32 * 65
+    with pytest.raises(ValueError, match="'conv' design has 64 rows; the layer has 65 entries"):
+        purify(s.student, clean, subspace="designed", designs={**a, "conv": a["conv"][:-1]})
     with pytest.raises(ValueError, match="'conv' and 'readout'"):
         purify(s.student, {"conv": clean["conv"]}, init_params=s.p0, inputs=s.x)
 
