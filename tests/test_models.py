@@ -19,6 +19,7 @@ from jaxpurify.models import (
     design_matrix,
     extract_patches,
 )
+from jaxpurify.models._one_hidden import _cached_normals
 from tests.one_hidden_helpers import (
     fast_compiles,  # noqa: F401 (autouse fixture)
     init,
@@ -183,3 +184,17 @@ def test_joint_layers_code_the_whole_layer(joint):
                                codes["readout_code"], atol=1e-12)
     with pytest.raises(ValueError, match="joint_layers: unknown layers"):
         DesignedOneHiddenLayerCNN(6, 4, 1, 5, 3, joint_layers=("dense",)).designs()
+
+
+def test_whole_layer_designs_are_drawn_once_and_can_be_large():
+    """A jointly coded MNIST conv layer (64 filters of 14 x 14 + 1): 12608 x 3072, whose shape
+    id passes 2**32 (``fold_in`` takes uint32); drawn once per process, the same numbers as
+    :func:`design_matrix`, a different matrix from the per-filter one's seed stream."""
+    dm = DesignedOneHiddenLayerCNN(64, 14, 1, 48, 16, num_classes=10, joint_layers=("conv",))
+    a = dm.designs(jnp.float32)["conv"]
+    assert a.shape == (64 * 197, 64 * 48) and bool(jnp.all(jnp.isfinite(a)))
+    np.testing.assert_array_equal(a, design_matrix(0, 64 * 197, 64 * 48))
+    hits = _cached_normals.cache_info().hits
+    np.testing.assert_allclose(dm.designs(jnp.float64)["conv"], a, rtol=1e-6)  # no new draw
+    assert _cached_normals.cache_info().hits == hits + 1
+    assert abs(float(a.var()) * 64 * 48 - 1) < 0.01
