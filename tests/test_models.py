@@ -189,7 +189,7 @@ def test_joint_layers_code_the_whole_layer(joint):
 def test_whole_layer_designs_are_drawn_once_and_can_be_large():
     """A jointly coded MNIST conv layer (64 filters of 14 x 14 + 1): 12608 x 3072, whose shape
     id passes 2**32 (``fold_in`` takes uint32); drawn once per process, the same numbers as
-    :func:`design_matrix`, a different matrix from the per-filter one's seed stream."""
+    :func:`design_matrix`, scaled like every design."""
     dm = DesignedOneHiddenLayerCNN(64, 14, 1, 48, 16, num_classes=10, joint_layers=("conv",))
     a = dm.designs(jnp.float32)["conv"]
     assert a.shape == (64 * 197, 64 * 48) and bool(jnp.all(jnp.isfinite(a)))
