@@ -19,7 +19,8 @@ benign accuracy allows). ``--set "defenses=('jaxpurify', 'ft', 'fp')"`` leaves A
 ``--set "attacks=('badnets',)"`` runs one poisoning attack; ``--set
 "ft_learning_rates=(0.001,)"`` adds FT rows at other learning rates, variant ``lr=...``, a
 diagnostic that is not judged; ``--set "joint=('readout',)"`` codes the one-hidden CNN's
-readout as a whole (``DesignedOneHiddenLayerCNN(joint_layers=...)``). ``acc`` is the
+readout as a whole (``DesignedOneHiddenLayerCNN(joint_layers=...)``; a deep model's layers
+by name, e.g. ``('conv1', 'fc3')`` for LeNet-5). ``acc`` is the
 clean test accuracy, ``asr`` the fraction of triggered test images (true class != target)
 classified as the target. Writes ``metrics.json`` (``rows``, ``targets``), ``tables.md`` and
 ``backdoor.png``. ``python -m experiments.backdoor --rejudge DIR`` re-derives a run's verdicts;
@@ -105,15 +106,17 @@ class _Model:
 
         self.name = name
         self.cfg = cfg
-        if name == "one-hidden":
+        if name == "one-hidden":  # of the layers coded as a whole, the ones this model has
             self.module = DesignedOneHiddenLayerCNN(
                 cfg["filters"], cfg["patch"], shape[-1], cfg["filter_code"],
                 cfg["readout_code"], num_classes=10, pool="mean",
-                joint_layers=tuple(cfg["joint"]))
+                joint_layers=tuple(j for j in cfg["joint"] if j in ("conv", "readout")))
         else:
             from jaxpurify import multilayer
 
-            self.module = multilayer.LeNet5() if name == "lenet5" else multilayer.SmallVGG()
+            cls = multilayer.LeNet5 if name == "lenet5" else multilayer.SmallVGG
+            names = {i.name for i in cls().layer_info()}
+            self.module = cls(joint_layers=tuple(j for j in cfg["joint"] if j in names))
         self.shape = shape
 
     def init(self, seed: int):
@@ -699,6 +702,11 @@ def run(*, name: str = "backdoor-mnist", quick: bool = False, out: Path, seed: i
         raise ValueError(f"unknown attacks {sorted(set(cfg['attacks']) - set(DATA_ATTACKS))}; "
                          f"choose from {list(DATA_ATTACKS)} (the weight edit runs per ks)")
     models = tuple(models or cfg["models"])
+    deep = [i.name for i in _Model(cfg["deep"], dataset, cfg, (1, 1, 1)).module.layer_info()]
+    unknown = set(cfg["joint"]) - {"conv", "readout", *deep}
+    if unknown:
+        raise ValueError(f"joint: unknown layers {sorted(unknown)}; the one-hidden CNN has "
+                         f"['conv', 'readout'], {cfg['deep']} {deep}")
     budgets = tuple(budgets or cfg["budgets"])
     rates = tuple(cfg["rates"] if rates is None else rates)  # () skips data poisoning
     ks = tuple(cfg["ks"] if ks is None else ks)  # () skips the weight edit

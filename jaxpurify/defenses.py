@@ -489,11 +489,13 @@ def _designed_layers(model, p):
         for info in model.layer_info():
             if not info.designed:
                 continue
+            problem = model.problem_info(info)  # a jointly coded layer: one vector
 
-            def setter(q, v, name=info.name):
-                return {**q, name: with_layer_vectors(q[name], v)}
+            def setter(q, v, name=info.name, shape=(info.units, info.rows)):
+                return {**q, name: with_layer_vectors(q[name], v.reshape(shape))}
 
-            out[info.name] = (a[info.name], layer_vectors(p[info.name]), setter)
+            vectors = layer_vectors(p[info.name]).reshape(problem.units, problem.rows)
+            out[info.name] = (a[info.name], vectors, setter)
         return out
     raise TypeError(f"the designed subspace needs a designed model (DesignedOneHiddenLayerCNN "
                     f"or a jaxpurify.multilayer.DesignedCNN); got {type(model).__name__}")
@@ -581,7 +583,7 @@ def _codes(model, p):
     from jaxpurify.multilayer import layer_vectors
 
     a_all = model.designs(jax.tree_util.tree_leaves(p)[0].dtype)
-    return {info.name: jnp.linalg.lstsq(a_all[info.name], layer_vectors(p[info.name]).T)[0]
+    return {info.name: model.layer_codes(info, layer_vectors(p[info.name]), a_all[info.name])
             for info in model.layer_info()}
 
 

@@ -213,6 +213,11 @@ class DesignedCNN(nn.Module):
         design_seed: layer ``l`` (0-based) uses ``design_matrix(design_seed + l, ...)``.
         plain_last: keep the last layer plain (identity design, not purified).
         param_dtype: dtype of the codes (float64 for exactness studies).
+        joint_layers: names of designed layers coded as a whole: the layer's unit vectors,
+            unit after unit, are ``A_l theta`` with ``A_l`` of ``(units (fan_in + 1)) x
+            (units r)`` (same unknowns). Recovery then solves one problem per layer and the
+            Donoho-Tanner threshold bounds the corrupted fraction of the layer, not of each
+            unit (see :class:`~jaxpurify.models.DesignedOneHiddenLayerCNN`).
     """
 
     layers: tuple = ()
@@ -221,13 +226,41 @@ class DesignedCNN(nn.Module):
     design_seed: int = 0
     plain_last: bool = False
     param_dtype: Any = jnp.float32
+    joint_layers: tuple = ()
 
     # -- static structure (usable on an unbound module)
 
     def layer_info(self) -> tuple[LayerInfo, ...]:
         """One :class:`LayerInfo` per layer, in order."""
         ratio = tuple(self.ratio) if isinstance(self.ratio, Sequence) else self.ratio
-        return _layer_infos(tuple(self.layers), tuple(self.input_shape), ratio, self.plain_last)
+        infos = _layer_infos(tuple(self.layers), tuple(self.input_shape), ratio,
+                             self.plain_last)
+        unknown = set(self.joint_layers) - {i.name for i in infos if i.designed}
+        if unknown:
+            raise ValueError(f"joint_layers: {sorted(unknown)} are not designed layers of this "
+                             f"model; choose from {[i.name for i in infos if i.designed]}")
+        return infos
+
+    def problem_info(self, info: LayerInfo) -> LayerInfo:
+        """The recovery problems of a layer: ``info`` itself, or for a layer in
+        ``joint_layers`` one unit of ``units (fan_in + 1)`` rows and ``units r`` unknowns."""
+        if info.name not in self.joint_layers:
+            return info
+        return info._replace(fan_in=info.units * info.rows - 1, units=1,
+                             code_dim=info.units * info.code_dim)
+
+    def layer_weights(self, info: LayerInfo, code: jax.Array, design: jax.Array) -> jax.Array:
+        """A layer's unit vectors ``(units, fan_in + 1)`` from its ``(r, units)`` code."""
+        if info.name in self.joint_layers:
+            return (design @ code.T.reshape(-1)).reshape(info.units, info.rows)
+        return (design @ code).T
+
+    def layer_codes(self, info: LayerInfo, vectors: jax.Array, design: jax.Array) -> jax.Array:
+        """The ``(r, units)`` code of unit vectors in ``range(design)`` (least squares: the
+        inverse of :meth:`layer_weights`)."""
+        if info.name in self.joint_layers:
+            return jnp.linalg.lstsq(design, vectors.reshape(-1))[0].reshape(info.units, -1).T
+        return jnp.linalg.lstsq(design, vectors.T)[0]
 
     @property
     def num_classes(self) -> int:
@@ -240,7 +273,7 @@ class DesignedCNN(nn.Module):
         the float32 and float64 designs hold the same numbers.
         """
         dtype = self.param_dtype if dtype is None else dtype
-        infos = self.layer_info()
+        infos = [self.problem_info(info) for info in self.layer_info()]
         drawn = _designs_np(tuple((self.design_seed + i, info.rows, info.code_dim)
                                   for i, info in enumerate(infos) if info.designed))[::-1]
         out = {}
@@ -285,8 +318,8 @@ class DesignedCNN(nn.Module):
         designs = self.designs(dtype)
         out = {}
         for info in infos:
-            wb = designs[info.name] @ jnp.asarray(p[info.name], dtype)
-            out[info.name] = {"kernel": wb[:-1].reshape(info.kernel_shape), "bias": wb[-1]}
+            v = self.layer_weights(info, jnp.asarray(p[info.name], dtype), designs[info.name])
+            out[info.name] = {"kernel": v[:, :-1].T.reshape(info.kernel_shape), "bias": v[:, -1]}
         return out
 
     def apply_plain(self, plain: dict, x: jax.Array, *, check: bool = True) -> jax.Array:
@@ -432,7 +465,8 @@ class LayerPurifyReport(NamedTuple):
 
     Attributes:
         layer: layer name.
-        units, rows, code_dim: ``B`` problems of ``rows x code_dim`` (``rows = fan_in + 1``).
+        units, rows, code_dim: ``B`` problems of ``rows x code_dim`` (``rows = fan_in + 1``;
+            a layer in ``joint_layers``: one problem of the whole layer).
         ratio: ``rows / code_dim``.
         critical_fraction: Donoho-Tanner threshold (Gaussian designs, large size) at
             ``ratio``; small layers break earlier (finite-size effects).
@@ -584,7 +618,7 @@ def purify_layers(model: DesignedCNN, contaminated, *, method="admm", tol: float
         raise ValueError(f"screen must be > 1 or None, got {screen}")
 
     pad_to: dict = {}
-    for i in infos:
+    for i in map(model.problem_info, infos):
         if i.name in layers and i.designed:
             pad_to[(i.rows, i.code_dim)] = max(pad_to.get((i.rows, i.code_dim), 0), i.units)
     out = {k: dict(v) for k, v in plain.items()}
@@ -594,7 +628,8 @@ def purify_layers(model: DesignedCNN, contaminated, *, method="admm", tol: float
         if info.name not in layers or not info.designed:
             reports[info.name] = _skipped_report(info, t0)
             continue
-        vectors = layer_vectors(plain[info.name])
+        problem = model.problem_info(info)  # a jointly coded layer: one vector
+        vectors = layer_vectors(plain[info.name]).reshape(problem.units, problem.rows)
         dtype = _solve_dtype(vectors.dtype)
         vectors = vectors.astype(dtype)
         nonfinite = ~jnp.isfinite(vectors)
@@ -608,13 +643,14 @@ def purify_layers(model: DesignedCNN, contaminated, *, method="admm", tol: float
                 clean_v = jnp.where(screened, 0.0, clean_v)
         a = model.designs(dtype)[info.name]
         res = _solve_layer(a, clean_v, method=method, tol=tol, max_iters=max_iters,
-                           pad_to=pad_to[(info.rows, info.code_dim)])
-        flagged = np.asarray(~res.interpolated | nonfinite | screened)
-        out[info.name] = with_layer_vectors(plain[info.name], res.recovered)
+                           pad_to=pad_to[(problem.rows, problem.code_dim)])
+        shape = (info.units, info.rows)
+        flagged = np.asarray(~res.interpolated | nonfinite | screened).reshape(shape)
+        out[info.name] = with_layer_vectors(plain[info.name], res.recovered.reshape(shape))
         jax.block_until_ready(out[info.name])
         masks = {"kernel": flagged[:, :-1].T.reshape(info.kernel_shape),
                  "bias": flagged[:, -1].copy()}
-        reports[info.name] = _layer_report(info, res, masks, int(np.sum(nonfinite)),
+        reports[info.name] = _layer_report(problem, res, masks, int(np.sum(nonfinite)),
                                            int(np.sum(screened & ~nonfinite)), t0)
     return out, MultiLayerReport(reports, time.perf_counter() - t_all)
 

@@ -112,6 +112,8 @@ def test_unknown_defense_or_attack_is_refused_before_anything_runs(tmp_path):
         backdoor.run(out=tmp_path, quick=True, defenses=("ft", "bogus"))
     with pytest.raises(ValueError, match=r"unknown attacks \['weight-edit'\]"):
         backdoor.run(out=tmp_path, quick=True, attacks=("badnets", "weight-edit"))
+    with pytest.raises(ValueError, match=r"joint: unknown layers \['fc9'\]; .* lenet5 \['conv1'"):
+        backdoor.run(out=tmp_path, quick=True, joint=("readout", "fc3", "fc9"))
     assert not any(tmp_path.iterdir())
 
 

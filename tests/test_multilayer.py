@@ -155,6 +155,37 @@ def test_purify_layers_nonfinite_and_huge_entries():
             np.testing.assert_array_equal(report.layers[name].corrupted[leaf], mask[name][leaf])
 
 
+def test_joint_layer_recovers_edits_concentrated_in_one_unit():
+    """60 of fc1's first unit's 91 entries edited: past the per-unit threshold; with fc1
+    coded as a whole (``joint_layers``: one 910 x 230 problem) they are 60 of 910 entries
+    and recovery is exact, float64, with every edited entry flagged."""
+    from jaxpurify import defenses
+
+    edited = {name: {"kernel": np.zeros(info.kernel_shape, bool),
+                     "bias": np.zeros(info.units, bool)} for name, info in
+              ((i.name, i) for i in tiny().layer_info())}
+    edited["fc1"]["kernel"][:60, 0] = True
+    for joint, exact in (((), False), (("fc1",), True)):
+        model = tiny(joint_layers=joint)
+        codes = init(model, seed=3)
+        clean = model.materialize(codes)
+        np.testing.assert_allclose(model.apply({"params": codes}, jnp.ones((2, 28, 28, 1))),
+                                   model.apply_plain(clean, jnp.ones((2, 28, 28, 1))),
+                                   rtol=1e-12)
+        dirty = jax.tree_util.tree_map(lambda w, e: jnp.where(e, w + 1.0, w), clean, edited)
+        recovered, report = purify_layers(model, dirty)
+        fc1 = report.layers["fc1"]
+        assert fc1.certified is exact
+        assert (rel_err(recovered["fc1"]["kernel"], clean["fc1"]["kernel"]) <= 1e-10) is exact
+    assert (fc1.units, fc1.rows, fc1.code_dim) == (1, 910, 230) and report.ok
+    np.testing.assert_array_equal(fc1.corrupted["kernel"], edited["fc1"]["kernel"])
+    assert report.layers["conv1"].units == 10  # the other layers stay per unit
+    back = defenses._codes(model, clean)  # the code round trip of the one-vector layer
+    assert max(float(jnp.max(jnp.abs(back[k] - codes[k]))) for k in codes) < 1e-10
+    with pytest.raises(ValueError, match="joint_layers: \\['fc9'\\] are not designed"):
+        tiny(joint_layers=("fc9",)).layer_info()
+
+
 def test_purify_layers_bad_inputs():
     model = tiny()
     params = init(model)
