@@ -7,7 +7,6 @@ sample, in one process.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from pathlib import Path
@@ -18,21 +17,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from instances import make_instances  # noqa: E402
 from peers import highs_l1  # noqa: E402
+from timing import best_ms  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 import jaxpurify as jp  # noqa: E402
 
 SETTINGS = [("heavy_tailed", 0.3), ("heavy_tailed", 0.1), ("gaussian", 0.3)]
-
-
-def _best_ms(fn, repeats=3):
-    jax.block_until_ready(fn())  # compile (all bucket shapes of this batch)
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
 
 
 def main(m=400, n=100, batch=64, highs_sample=8):
@@ -42,7 +32,7 @@ def main(m=400, n=100, batch=64, highs_sample=8):
         a, y = jnp.asarray(inst.A), jnp.asarray(inst.Y)
         row = {}
         for compact in (True, False):
-            ms = _best_ms(lambda a=a, y=y, c=compact: jp.l1_regression(a, y, throw=False,
+            ms = best_ms(lambda a=a, y=y, c=compact: jp.l1_regression(a, y, throw=False,
                                                                         compact=c))
             row[compact] = ms / batch
         t0 = time.perf_counter()

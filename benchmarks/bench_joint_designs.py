@@ -12,8 +12,8 @@ column and as a whole.
 
 from __future__ import annotations
 
-import math
-import time
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,9 @@ import optax
 
 from jaxpurify import defenses
 from jaxpurify.models import DesignedOneHiddenLayerCNN, design_matrix
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import best_ms  # noqa: E402
 
 
 class _DrawnEveryStep(DesignedOneHiddenLayerCNN):
@@ -34,16 +37,6 @@ class _DrawnEveryStep(DesignedOneHiddenLayerCNN):
                 rows, r = units * rows, units * r
             out[name] = design_matrix(seed, rows, r, dtype)
         return out
-
-
-def _best_ms(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
 
 
 def _step_ms(model, x, y, steps: int = 10) -> float:
@@ -65,7 +58,7 @@ def _step_ms(model, x, y, steps: int = 10) -> float:
             p, s = step(p, s)
         return p
 
-    return _best_ms(run, 3) / steps
+    return best_ms(run, 3) / steps
 
 
 def main():
@@ -86,7 +79,7 @@ def main():
         clean = model.materialize(model.init(jax.random.PRNGKey(1), x[:1])["params"])
         beta = clean["readout"]["kernel"]
         dirty = {**clean, "readout": {"kernel": beta.at[:30, 0].add(1.0)}}
-        ms = _best_ms(lambda m=model, d=dirty: defenses.recover_designed(m, d)[0], 3)
+        ms = best_ms(lambda m=model, d=dirty: defenses.recover_designed(m, d)[0], 3)
         _, report = defenses.recover_designed(model, dirty)
         r = report["readout"]
         print(f"  joint={joint!s:22s} {ms:8.1f}  certified={r['certified']}  "

@@ -98,6 +98,19 @@ def _load(dataset: str, cfg: dict):
     return ds, mean, std
 
 
+def _deep_class(name: str):
+    from jaxpurify import multilayer
+
+    return multilayer.LeNet5 if name == "lenet5" else multilayer.SmallVGG
+
+
+def _layer_names(name: str) -> tuple[str, ...]:
+    """The layers of a model (what ``joint`` may name)."""
+    if name == "one-hidden":
+        return ("conv", "readout")
+    return tuple(i.name for i in _deep_class(name)().layer_info())
+
+
 class _Model:
     """A designed model with its training routine; the deployed params are plain."""
 
@@ -106,17 +119,13 @@ class _Model:
 
         self.name = name
         self.cfg = cfg
-        if name == "one-hidden":  # of the layers coded as a whole, the ones this model has
+        joint = tuple(j for j in cfg["joint"] if j in _layer_names(name))  # this model's
+        if name == "one-hidden":
             self.module = DesignedOneHiddenLayerCNN(
                 cfg["filters"], cfg["patch"], shape[-1], cfg["filter_code"],
-                cfg["readout_code"], num_classes=10, pool="mean",
-                joint_layers=tuple(j for j in cfg["joint"] if j in ("conv", "readout")))
+                cfg["readout_code"], num_classes=10, pool="mean", joint_layers=joint)
         else:
-            from jaxpurify import multilayer
-
-            cls = multilayer.LeNet5 if name == "lenet5" else multilayer.SmallVGG
-            names = {i.name for i in cls().layer_info()}
-            self.module = cls(joint_layers=tuple(j for j in cfg["joint"] if j in names))
+            self.module = _deep_class(name)(joint_layers=joint)
         self.shape = shape
 
     def init(self, seed: int):
@@ -702,11 +711,11 @@ def run(*, name: str = "backdoor-mnist", quick: bool = False, out: Path, seed: i
         raise ValueError(f"unknown attacks {sorted(set(cfg['attacks']) - set(DATA_ATTACKS))}; "
                          f"choose from {list(DATA_ATTACKS)} (the weight edit runs per ks)")
     models = tuple(models or cfg["models"])
-    deep = [i.name for i in _Model(cfg["deep"], dataset, cfg, (1, 1, 1)).module.layer_info()]
-    unknown = set(cfg["joint"]) - {"conv", "readout", *deep}
+    unknown = set(cfg["joint"]) - {*_layer_names("one-hidden"), *_layer_names(cfg["deep"])}
     if unknown:
         raise ValueError(f"joint: unknown layers {sorted(unknown)}; the one-hidden CNN has "
-                         f"['conv', 'readout'], {cfg['deep']} {deep}")
+                         f"{list(_layer_names('one-hidden'))}, {cfg['deep']} "
+                         f"{list(_layer_names(cfg['deep']))}")
     budgets = tuple(budgets or cfg["budgets"])
     rates = tuple(cfg["rates"] if rates is None else rates)  # () skips data poisoning
     ks = tuple(cfg["ks"] if ks is None else ks)  # () skips the weight edit

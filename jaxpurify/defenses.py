@@ -464,41 +464,36 @@ def _anp_step(config, mask, state, p, x, y, keys, t):
 
 
 def _designed_layers(model, p):
-    """``{name: (A, vectors (units, rows), setter)}`` for every designed layer."""
+    """``{name: (A, vectors, setter)}`` for every designed layer: ``vectors`` has one row per
+    recovery problem (a unit, or the whole layer when it is coded as a whole: the rows of
+    ``A`` say which) and ``setter(params, vectors)`` puts such rows back."""
     from jaxpurify import subspaces as S
     from jaxpurify.models import DesignedOneHiddenLayerCNN
 
     if isinstance(model, DesignedOneHiddenLayerCNN):
         a = model.designs(p["conv"]["kernel"].dtype)
-        out = {}
-        for name, get, put in (("conv", S.filter_vectors, S.with_filter_vectors),
-                               ("readout", S.readout_vectors, S.with_readout_vectors)):
-            v = get(p)
-            if name in model.joint_layers:  # the whole layer is one vector
-                def put_layer(q, w, put=put, shape=v.shape):
-                    return put(q, w.reshape(shape))
-                v, put = v.reshape(1, -1), put_layer
-            out[name] = (a[name], v, put)
-        return out
-    if hasattr(model, "layer_info") and hasattr(model, "designs"):
+        units = {"conv": (S.filter_vectors(p), S.with_filter_vectors),
+                 "readout": (S.readout_vectors(p), S.with_readout_vectors)}
+    elif hasattr(model, "layer_info") and hasattr(model, "designs"):
         from jaxpurify.multilayer import layer_vectors, with_layer_vectors
 
-        first = model.layer_info()[0].name
-        a = model.designs(p[first]["kernel"].dtype)
-        out = {}
-        for info in model.layer_info():
-            if not info.designed:
-                continue
-            problem = model.problem_info(info)  # a jointly coded layer: one vector
+        def put(q, v, name):
+            return {**q, name: with_layer_vectors(q[name], v)}
 
-            def setter(q, v, name=info.name, shape=(info.units, info.rows)):
-                return {**q, name: with_layer_vectors(q[name], v.reshape(shape))}
+        a = model.designs(p[model.layer_info()[0].name]["kernel"].dtype)
+        units = {i.name: (layer_vectors(p[i.name]), functools.partial(put, name=i.name))
+                 for i in model.layer_info() if i.designed}
+    else:
+        raise TypeError(f"the designed subspace needs a designed model "
+                        f"(DesignedOneHiddenLayerCNN or a jaxpurify.multilayer.DesignedCNN); "
+                        f"got {type(model).__name__}")
 
-            vectors = layer_vectors(p[info.name]).reshape(problem.units, problem.rows)
-            out[info.name] = (a[info.name], vectors, setter)
-        return out
-    raise TypeError(f"the designed subspace needs a designed model (DesignedOneHiddenLayerCNN "
-                    f"or a jaxpurify.multilayer.DesignedCNN); got {type(model).__name__}")
+    def setter(q, v, put, shape):
+        return put(q, v.reshape(shape))
+
+    return {name: (a[name], v.reshape(-1, a[name].shape[0]),
+                   functools.partial(setter, put=put, shape=v.shape))
+            for name, (v, put) in units.items()}
 
 
 def _recover_rows(a, v, *, rtol, method, tol, max_iters):

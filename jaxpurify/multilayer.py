@@ -38,7 +38,7 @@ import numpy as np
 import optax
 
 from jaxpurify._precision import full_precision
-from jaxpurify.models._one_hidden import design_matrix
+from jaxpurify.models._one_hidden import cached_designs, unit_codes, unit_vectors
 from jaxpurify.phase_transition import critical_fraction
 from jaxpurify.recovery import RESULTS, l1_regression
 from jaxpurify.recovery._solve import default_tol
@@ -168,24 +168,6 @@ def _layer_infos(layers, input_shape, ratio, plain_last) -> tuple[LayerInfo, ...
     return tuple(infos)
 
 
-_DESIGNS: dict = {}
-
-
-def _designs_np(specs: tuple) -> list[np.ndarray]:
-    """``design_matrix(seed, rows, cols, float32)`` for each ``(seed, rows, cols)`` in
-    ``specs``, as cached read-only numpy arrays (constants under ``jit``); the missing ones
-    are drawn together in one compiled call, once per process."""
-    missing = tuple(s for s in dict.fromkeys(specs) if s not in _DESIGNS)
-    if missing:
-        with jax.ensure_compile_time_eval():
-            drawn = jax.jit(lambda: [design_matrix(*s, jnp.float32) for s in missing])()
-        for s, a in zip(missing, drawn, strict=True):
-            a = np.array(a)
-            a.setflags(write=False)
-            _DESIGNS[s] = a
-    return [_DESIGNS[s] for s in specs]
-
-
 def _unwrap(params):
     if isinstance(params, dict) and set(params) == {"params"}:
         return params["params"]
@@ -251,16 +233,12 @@ class DesignedCNN(nn.Module):
 
     def layer_weights(self, info: LayerInfo, code: jax.Array, design: jax.Array) -> jax.Array:
         """A layer's unit vectors ``(units, fan_in + 1)`` from its ``(r, units)`` code."""
-        if info.name in self.joint_layers:
-            return (design @ code.T.reshape(-1)).reshape(info.units, info.rows)
-        return (design @ code).T
+        return unit_vectors(design, code, info.name in self.joint_layers)
 
     def layer_codes(self, info: LayerInfo, vectors: jax.Array, design: jax.Array) -> jax.Array:
         """The ``(r, units)`` code of unit vectors in ``range(design)`` (least squares: the
         inverse of :meth:`layer_weights`)."""
-        if info.name in self.joint_layers:
-            return jnp.linalg.lstsq(design, vectors.reshape(-1))[0].reshape(info.units, -1).T
-        return jnp.linalg.lstsq(design, vectors.T)[0]
+        return unit_codes(design, vectors, info.name in self.joint_layers)
 
     @property
     def num_classes(self) -> int:
@@ -274,7 +252,7 @@ class DesignedCNN(nn.Module):
         """
         dtype = self.param_dtype if dtype is None else dtype
         infos = [self.problem_info(info) for info in self.layer_info()]
-        drawn = _designs_np(tuple((self.design_seed + i, info.rows, info.code_dim)
+        drawn = cached_designs(tuple((self.design_seed + i, info.rows, info.code_dim)
                                   for i, info in enumerate(infos) if info.designed))[::-1]
         out = {}
         for info in infos:

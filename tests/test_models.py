@@ -19,7 +19,7 @@ from jaxpurify.models import (
     design_matrix,
     extract_patches,
 )
-from jaxpurify.models._one_hidden import _cached_normals
+from jaxpurify.models._one_hidden import _DESIGNS
 from tests.one_hidden_helpers import (
     fast_compiles,  # noqa: F401 (autouse fixture)
     init,
@@ -188,13 +188,14 @@ def test_joint_layers_code_the_whole_layer(joint):
 
 def test_whole_layer_designs_are_drawn_once_and_can_be_large():
     """A jointly coded MNIST conv layer (64 filters of 14 x 14 + 1): 12608 x 3072, whose shape
-    id passes 2**32 (``fold_in`` takes uint32); drawn once per process, the same numbers as
-    :func:`design_matrix`, scaled like every design."""
+    id passes 2**32 (``fold_in`` takes uint32); drawn once per process (the cache the
+    multilayer designs use), :func:`design_matrix`'s numbers, scaled like every design."""
     dm = DesignedOneHiddenLayerCNN(64, 14, 1, 48, 16, num_classes=10, joint_layers=("conv",))
     a = dm.designs(jnp.float32)["conv"]
     assert a.shape == (64 * 197, 64 * 48) and bool(jnp.all(jnp.isfinite(a)))
-    np.testing.assert_array_equal(a, design_matrix(0, 64 * 197, 64 * 48))
-    hits = _cached_normals.cache_info().hits
+    # drawn by one compiled call, like the multilayer designs: design_matrix up to rounding
+    np.testing.assert_allclose(a, design_matrix(0, 64 * 197, 64 * 48), rtol=1e-6, atol=1e-8)
+    drawn = dict(_DESIGNS)
     np.testing.assert_allclose(dm.designs(jnp.float64)["conv"], a, rtol=1e-6)  # no new draw
-    assert _cached_normals.cache_info().hits == hits + 1
+    assert _DESIGNS == drawn and _DESIGNS[(0, 64 * 197, 64 * 48)] is drawn[(0, 64 * 197, 64 * 48)]
     assert abs(float(a.var()) * 64 * 48 - 1) < 0.01

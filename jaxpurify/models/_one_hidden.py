@@ -20,7 +20,6 @@ sum-pooled hidden unit ``j``. Two parameterizations:
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
@@ -106,26 +105,48 @@ def design_matrix(seed: int, rows: int, cols: int, dtype=jnp.float32) -> jax.Arr
     rebuild it. The entries are always drawn in float32 and then cast, so every ``dtype``
     (and the x64 setting) gives the same matrix up to rounding.
     """
-    return _normals(seed, rows, cols).astype(dtype) / math.sqrt(cols)
-
-
-def _normals(seed: int, rows: int, cols: int) -> jax.Array:
     shape_id = rows * 1_000_003 + cols
     key = jax.random.fold_in(jax.random.PRNGKey(seed), shape_id % 2**32)
     if shape_id >= 2**32:  # a whole-layer design: its high bits too (fold_in takes uint32)
         key = jax.random.fold_in(key, shape_id >> 32)
-    return jax.random.normal(key, (rows, cols), jnp.float32)
+    return jax.random.normal(key, (rows, cols), jnp.float32).astype(dtype) / math.sqrt(cols)
 
 
-@functools.lru_cache(maxsize=8)
-def _cached_normals(seed: int, rows: int, cols: int) -> np.ndarray:
-    """:func:`_normals` drawn once per process, as a read-only constant: a whole-layer design
-    drawn inside every traced training step costs far more than the step itself (12608 x
-    3072 for a jointly coded MNIST conv layer: 340 ms a step instead of under 1 ms)."""
-    with jax.ensure_compile_time_eval():
-        a = np.array(jax.jit(_normals, static_argnums=(0, 1, 2))(seed, rows, cols))
-    a.setflags(write=False)
-    return a
+_DESIGNS: dict = {}
+
+
+def cached_designs(specs: tuple) -> list[np.ndarray]:
+    """``design_matrix(seed, rows, cols, float32)`` for each ``(seed, rows, cols)`` in
+    ``specs``, as cached read-only numpy arrays (constants under ``jit``); the missing ones
+    are drawn together in one compiled call, once per process. Large designs must come from
+    here: drawn inside every traced training step, a whole-layer design costs far more than
+    the step (``benchmarks/bench_joint_designs.py``)."""
+    missing = tuple(s for s in dict.fromkeys(specs) if s not in _DESIGNS)
+    if missing:
+        with jax.ensure_compile_time_eval():
+            drawn = jax.jit(lambda: [design_matrix(*s, jnp.float32) for s in missing])()
+        for s, a in zip(missing, drawn, strict=True):
+            a = np.array(a)
+            a.setflags(write=False)
+            _DESIGNS[s] = a
+    return [_DESIGNS[s] for s in specs]
+
+
+def unit_vectors(design: jax.Array, code: jax.Array, joint: bool) -> jax.Array:
+    """A designed layer's unit vectors ``(units, rows)`` from its ``(r, units)`` code: per
+    unit ``design @ code``, or for a layer coded as a whole ``vec = design @ vec(code)``,
+    unit after unit."""
+    if joint:
+        return (design @ code.T.reshape(-1)).reshape(code.shape[1], -1)
+    return (design @ code).T
+
+
+def unit_codes(design: jax.Array, vectors: jax.Array, joint: bool) -> jax.Array:
+    """The ``(r, units)`` code of unit vectors in ``range(design)`` (least squares): the
+    inverse of :func:`unit_vectors`."""
+    if joint:
+        return jnp.linalg.lstsq(design, vectors.reshape(-1))[0].reshape(len(vectors), -1).T
+    return jnp.linalg.lstsq(design, vectors.T)[0]
 
 
 class DesignedOneHiddenLayerCNN(nn.Module):
@@ -181,25 +202,20 @@ class DesignedOneHiddenLayerCNN(nn.Module):
         for seed, (name, (rows, r, units)) in enumerate(self._layer_shapes().items(),
                                                           start=self.design_seed):
             if name in self.joint_layers:  # large: drawn once (per-unit designs as they were)
-                raw = _cached_normals(seed, units * rows, units * r)
-                out[name] = jnp.asarray(raw, dtype) / math.sqrt(units * r)
+                out[name] = jnp.asarray(cached_designs(((seed, units * rows, units * r),))[0],
+                                        dtype)
             else:
                 out[name] = design_matrix(seed, rows, r, dtype)
         return out
 
     def weights(self, name: str, code: jax.Array, design: jax.Array) -> jax.Array:
         """A layer's ``(rows, units)`` weights from its ``(r, units)`` code and design."""
-        if name in self.joint_layers:
-            return (design @ code.T.reshape(-1)).reshape(code.shape[1], -1).T
-        return design @ code
+        return unit_vectors(design, code, name in self.joint_layers).T
 
     def codes(self, name: str, vectors: jax.Array, design: jax.Array) -> jax.Array:
         """The ``(r, units)`` code of a layer's unit ``vectors`` (``(units, rows)``) in
         ``range(design)``: the least-squares inverse of :meth:`weights`."""
-        if name in self.joint_layers:
-            units = vectors.shape[0]
-            return jnp.linalg.lstsq(design, vectors.reshape(-1))[0].reshape(units, -1).T
-        return jnp.linalg.lstsq(design, vectors.T)[0]
+        return unit_codes(design, vectors, name in self.joint_layers)
 
     def setup(self):
         d = self.filter_size
