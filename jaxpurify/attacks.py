@@ -20,6 +20,11 @@ Weight editing (:func:`weight_edit`): an attacker with the deployed weights and 
 edits only ``k`` entries, chosen by gradient saliency of the backdoor loss and then optimized
 (with the rest frozen) to make the trigger work while keeping clean accuracy.
 
+Subspace-aware weight editing (:func:`subspace_edit`): an attacker who also knows the
+subspace recovery projects onto (here read off the deployed weights: a layer's units span it)
+plants a backdoor *inside* it on a few units, then writes only the entries that carry most of
+each unit's change. L1 recovery then prefers the attacker's network to the clean one.
+
 Metrics: :func:`accuracy` and :func:`attack_success_rate` (fraction of triggered test images
 whose true class is not ``target`` that are classified as ``target``).
 """
@@ -46,6 +51,8 @@ __all__ = [
     "poison_mask",
     "predict",
     "saliency_mask",
+    "subspace_edit",
+    "unit_range",
     "weight_edit",
 ]
 
@@ -336,3 +343,176 @@ def weight_edit(model, params, x_clean, y_clean, *, target: int, trigger, k: int
     # Entries outside the mask are returned bit-identical (no float round trip).
     edited = jax.tree_util.tree_map(lambda e, o, m: jnp.where(m, e, o), edited, p, mask)
     return edited, mask
+
+
+# --------------------------------------------------------------- subspace-aware weight editing
+
+
+def unit_range(vectors, *, rtol: float = 1e-5) -> jax.Array:
+    """Orthonormal basis ``(rows, rank)`` of the span of a layer's unit vectors ``(units, rows)``.
+
+    What a white-box attacker learns about ``range(A)`` from the deployed weights alone: in a
+    designed layer with more units than code entries (``units >= r``) it is ``range(A)``
+    itself, otherwise a subspace of it. ``rank`` counts singular values above ``rtol`` times
+    the largest.
+    """
+    v = np.asarray(vectors, np.float64)
+    _, s, vt = np.linalg.svd(v, full_matrices=False)
+    rank = int(np.sum(s > rtol * s[0])) if s.size and s[0] > 0 else 0
+    if rank == 0:
+        raise ValueError("the layer's unit vectors are all zero: no subspace to read off")
+    return jnp.asarray(vt[:rank].T, jnp.asarray(vectors).dtype)
+
+
+def _concentrated_support(delta: np.ndarray, concentration: float) -> np.ndarray:
+    """Boolean mask of the fewest entries of ``delta`` holding ``concentration`` of its L1."""
+    mag = np.abs(delta)
+    order = np.argsort(-mag, kind="stable")
+    share = np.cumsum(mag[order]) / mag.sum()
+    count = min(int(np.searchsorted(share, concentration)) + 1, delta.size)
+    keep = np.zeros(delta.size, bool)
+    keep[order[:count]] = True
+    return keep
+
+
+def subspace_edit(model, params, x_clean, y_clean, *, target: int, trigger, filters: int = 2,
+                  concentration: float = 0.75, steps: int = 500, learning_rate: float = 1e-2,
+                  clean_weight: float = 1.0, l1_weight: float = 1e-3, rtol: float = 1e-5,
+                  designs: dict | None = None):
+    r"""A weight edit aimed at robust recovery, by an attacker who knows its subspace.
+
+    Per-unit L1 recovery of a unit ``w_c = w + e`` returns ``w + A theta_hat`` with
+    ``theta_hat = argmin ||e - A theta||_1``. For an edit that is the restriction
+    ``e = (A delta)_S`` of an in-range change to a support ``S`` holding a share
+    ``c = ||(A delta)_S||_1 / ||A delta||_1 > 1/2`` of its L1 mass,
+
+    .. math:: \|e - A\delta\|_1 = (1 - c)\,\|A\delta\|_1 < c\,\|A\delta\|_1 = \|e\|_1,
+
+    so the clean unit (``theta = 0``) is *not* the L1 solution: recovery moves the unit towards
+    the attacker's ``w + A delta``, whatever the corrupted fraction ``|S| / rows`` says about
+    typical supports (Donoho-Tanner). With ``c`` near 1 the solution is ``delta`` itself,
+    which interpolates ``|S|`` rows: more than the unknowns once ``|S| > r``, so the
+    interpolation certificate of :func:`jaxpurify.purify` accepts it.
+
+    The attack, on a one-hidden-layer CNN (plain or designed; deployed params):
+
+    1. ``range(A)`` per layer from the deployed units (:func:`unit_range` of the filters with
+       biases, and of the readout columns): no design seed needed. An attacker who also
+       knows the designs (``designs``, e.g. a public ``design_seed``) uses them instead; a
+       layer coded as a whole (``joint_layers``: the design has a row per layer entry, and
+       one layer vector does not reveal its range) is then attacked as one unit.
+    2. Units: the target class's readout column and the ``filters`` filters whose in-range
+       backdoor gradient is largest (every entry of a layer attacked as a whole).
+    3. In-range change ``A delta`` on those units, ``delta`` by Adam (full batch, ``steps``) on
+       :math:`L_{bd} + \text{clean\_weight}\,L_{clean} + \text{l1\_weight}\sum_u\|A\delta_u\|_1`
+       (the L1 term concentrates each unit's change on fewer entries).
+    4. Per unit, write only the fewest entries holding ``concentration`` of ``|A delta_u|``.
+
+    Args:
+        model: a :class:`~jaxpurify.models.OneHiddenLayerCNN` or
+            :class:`~jaxpurify.models.DesignedOneHiddenLayerCNN` (deployed plain params).
+        params: deployed params (plain dict or ``{"params": ...}``).
+        x_clean, y_clean: the attacker's clean images and labels.
+        target: target class; trigger: callable ``x -> triggered x`` or a kind name.
+        filters: conv filters to edit (besides the target's readout column).
+        concentration: share of each unit's L1 change written, in ``(1/2, 1]``.
+        steps, learning_rate, clean_weight: the in-range optimization.
+        l1_weight: weight of the L1 term on the weight-space change.
+        rtol: rank tolerance of :func:`unit_range`.
+        designs: ``{"conv": A_W, "readout": A_beta}`` known to the attacker (either may be
+            left out); each has a row per unit entry or, for a layer coded as a whole, a row
+            per layer entry (unit after unit, as :func:`jaxpurify.subspaces.filter_vectors`
+            and :func:`~jaxpurify.subspaces.readout_vectors` order them).
+
+    Returns:
+        ``(edited params, mask)`` as :func:`weight_edit` (plain params; ``mask`` ``True`` at the
+        written entries, every other entry bit-identical).
+
+    Raises:
+        ValueError: not a one-hidden-layer CNN, ``concentration`` outside ``(1/2, 1]``,
+            ``filters`` outside ``[0, J]``, a design of neither size, or no attacker image
+            outside the target class.
+    """
+    from jaxpurify import subspaces as S
+    from jaxpurify.models import DesignedOneHiddenLayerCNN, OneHiddenLayerCNN
+
+    if not isinstance(model, (OneHiddenLayerCNN, DesignedOneHiddenLayerCNN)):
+        raise ValueError("subspace_edit attacks a one-hidden-layer CNN; got "
+                         f"{type(model).__name__}")
+    if not 0.5 < concentration <= 1.0:
+        raise ValueError(f"concentration must be in (1/2, 1] (below 1/2 recovery removes the "
+                         f"edit), got {concentration}")
+    p = _unwrap(params)
+    units = {"conv": S.filter_vectors(p), "readout": S.readout_vectors(p)}
+    if not 0 <= filters <= units["conv"].shape[0]:
+        raise ValueError(f"filters must be in [0, {units['conv'].shape[0]}], got {filters}")
+    apply = logits_fn(model)
+    trig = _as_trigger(trigger)
+    x_clean, y_clean = jnp.asarray(x_clean), jnp.asarray(y_clean)
+    keep = np.asarray(y_clean) != target
+    if not keep.any():
+        raise ValueError("the attacker's data has no image outside the target class")
+    x_bd = trig(x_clean[keep])
+    y_bd = jnp.full((x_bd.shape[0],), target, y_clean.dtype)
+    whole = {}
+    for name, v in units.items():
+        a = None if designs is None else designs.get(name)
+        whole[name] = a is not None and a.shape[0] == v.size
+        if a is not None and a.shape[0] not in (v.shape[1], v.size):
+            raise ValueError(f"designs[{name!r}] has {a.shape[0]} rows; the layer has "
+                             f"{v.shape[1]} entries per unit and {v.size} in all")
+        if whole[name]:
+            units[name] = v.reshape(1, -1)
+    bases = {name: (unit_range(v, rtol=rtol) if designs is None or designs.get(name) is None
+                    else unit_range(np.asarray(designs[name]).T, rtol=rtol).astype(v.dtype))
+             for name, v in units.items()}
+
+    shapes = {"conv": S.filter_vectors(p).shape, "readout": S.readout_vectors(p).shape}
+
+    def put(vectors):  # layer views (per unit, or one row per whole layer) -> params
+        q = S.with_filter_vectors(p, vectors["conv"].reshape(shapes["conv"]))
+        return S.with_readout_vectors(q, vectors["readout"].reshape(shapes["readout"]))
+
+    def edited_params(coef, on):
+        change = {n: on[n][:, None] * (coef[n] @ bases[n].T) for n in units}
+        return put({n: units[n] + change[n] for n in units}), change
+
+    def loss(coef, on):
+        q, change = edited_params(coef, on)
+        l1 = sum(jnp.abs(c).sum() for c in change.values())
+        return (_ce(apply(q, x_bd), y_bd) + clean_weight * _ce(apply(q, x_clean), y_clean)
+                + l1_weight * l1)
+
+    coef = {n: jnp.zeros((v.shape[0], bases[n].shape[1]), v.dtype) for n, v in units.items()}
+    grad = jax.grad(loss)(coef, {n: jnp.ones(v.shape[0], v.dtype) for n, v in units.items()})
+    salient = np.argsort(-np.linalg.norm(np.asarray(grad["conv"]), axis=1), kind="stable")
+    on = {"conv": jnp.zeros(units["conv"].shape[0]).at[salient[:filters]].set(1.0),
+          "readout": jnp.zeros(units["readout"].shape[0]).at[target].set(1.0)}
+    on = {n: jnp.ones(1) if whole[n] else v for n, v in on.items()}
+    opt = optax.adam(learning_rate)
+
+    @jax.jit
+    def step(coef, state):
+        g = jax.grad(loss)(coef, on)
+        upd, state = opt.update(g, state, coef)
+        return optax.apply_updates(coef, upd), state
+
+    state = opt.init(coef)
+    for _ in range(int(steps)):  # a Python loop over one jitted step, as in weight_edit
+        coef, state = step(coef, state)
+    _, change = edited_params(coef, on)
+    written = {}
+    for n, v in units.items():
+        delta = np.asarray(change[n])
+        mask = np.zeros(delta.shape, bool)
+        for u in np.flatnonzero(np.asarray(on[n])):
+            if np.any(delta[u]):
+                mask[u] = _concentrated_support(delta[u], concentration)
+        written[n] = jnp.where(jnp.asarray(mask), v + change[n], v), mask
+    edited = put({n: w for n, (w, _) in written.items()})
+    masks = jax.tree_util.tree_map(lambda m: np.asarray(m, bool),
+                                   put({n: jnp.asarray(m, jnp.float32)
+                                        for n, (_, m) in written.items()}))
+    # Entries outside the mask are returned bit-identical (no float round trip).
+    edited = jax.tree_util.tree_map(lambda e, o, m: jnp.where(m, e, o), edited, p, masks)
+    return edited, masks

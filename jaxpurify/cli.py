@@ -27,6 +27,8 @@ EXPERIMENTS = {
     "multilayer-cifar10": "experiments.multilayer",
     "backdoor-mnist": "experiments.backdoor",
     "backdoor-cifar10": "experiments.backdoor",
+    "adaptive-edit-mnist": "experiments.adaptive_edit",
+    "adaptive-edit-cifar10": "experiments.adaptive_edit",
 }
 
 #: ``purify --subspace`` choices (see :mod:`jaxpurify.subspaces`).
