@@ -52,8 +52,8 @@ def _config(dataset: str, quick: bool) -> dict:
     base = backdoor_config(dataset, quick=False)  # the backdoor experiment's clean network
     cfg = {k: base[k] for k in ("patch", "filters", "filter_code", "readout_code", "steps",
                                 "train_limit", "test_limit", "edit_images")}
-    cfg.update(settings=SETTINGS, edit_filters=(0, 2, 4), concentrations=(0.6, 0.75, 0.9),
-               edit_steps=500)
+    cfg.update(settings=SETTINGS, edit_filters=(0, 2, 8), concentrations=(0.6, 0.75, 0.9),
+               edit_steps=500, edit_images=1024)
     if quick:
         cfg.update(train_limit=4000, test_limit=1000, steps=600, edit_images=128,
                    settings=(("per-unit", "weights"), ("joint-readout", "designs")),

@@ -377,7 +377,7 @@ def _concentrated_support(delta: np.ndarray, concentration: float) -> np.ndarray
 
 def subspace_edit(model, params, x_clean, y_clean, *, target: int, trigger, filters: int = 2,
                   concentration: float = 0.75, steps: int = 500, learning_rate: float = 1e-2,
-                  clean_weight: float = 1.0, l1_weight: float = 1e-3, rtol: float = 1e-5,
+                  clean_weight: float = 3.0, l1_weight: float = 1e-3, rtol: float = 1e-5,
                   designs: dict | None = None):
     r"""A weight edit aimed at robust recovery, by an attacker who knows its subspace.
 
@@ -391,8 +391,9 @@ def subspace_edit(model, params, x_clean, y_clean, *, target: int, trigger, filt
     so the clean unit (``theta = 0``) is *not* the L1 solution: recovery moves the unit towards
     the attacker's ``w + A delta``, whatever the corrupted fraction ``|S| / rows`` says about
     typical supports (Donoho-Tanner). With ``c`` near 1 the solution is ``delta`` itself,
-    which interpolates ``|S|`` rows: more than the unknowns once ``|S| > r``, so the
-    interpolation certificate of :func:`jaxpurify.purify` accepts it.
+    which interpolates ``|S|`` rows: more than the unknowns once ``|S| > r``, which the
+    interpolation count alone would certify; :func:`jaxpurify.purify` then finds the clean
+    entries it calls corrupted fit exactly by ``-A delta`` and reports the problem ambiguous.
 
     The attack, on a one-hidden-layer CNN (plain or designed; deployed params):
 

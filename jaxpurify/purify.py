@@ -13,6 +13,17 @@ interpolates more rows than there are unknowns is, for continuous corruption, th
 clean solution (corrupted rows cannot be fitted exactly together with the clean ones), while a
 solution past the recovery threshold generically interpolates exactly ``n`` rows. Each layer
 also gets the Donoho-Tanner critical fraction for its ratio as a reference.
+
+That argument assumes the corruption is generic. An edit *made* consistent with ``range(A)``
+(:func:`jaxpurify.attacks.subspace_edit`: the restriction of an in-range change to most of
+a unit's L1 mass) is interpolated too, and the clean entries then look corrupted. So a
+problem is certified only if, in addition, the entries judged corrupted ``T`` hold no second
+explanation: the L1 fit of the residual on ``T`` alone, ``min_phi ||r_T - A_T phi||_1``,
+interpolates no more than ``n`` of them (generic errors: exactly ``n``; a consistent edit, or
+a clean unit misread as the corruption: all of its rows). With ``|T| <= n`` there is nothing to
+test (any ``n`` rows are fit by some ``phi``). Such a problem is reported as *ambiguous*: two
+vectors of the subspace fit it exactly on many entries each, and L1 returned the one that
+explains more entries.
 """
 
 from __future__ import annotations
@@ -45,8 +56,11 @@ class LayerReport(NamedTuple):
         critical_fraction: Donoho-Tanner threshold for Gaussian designs at ``ratio``.
         objective: ``(B,)`` L1 objective per problem.
         converged: every problem converged (duality gap met ``tol``).
-        certified: every problem interpolates more rows than unknowns (see module doc).
+        certified: every problem interpolates more rows than unknowns and none is ambiguous
+            (see module doc).
         warnings: human-readable doubts.
+        num_ambiguous: problems whose judged-corrupted entries hold a second explanation (more
+            than ``n`` of them fit exactly by another vector of the subspace).
     """
 
     layer: str
@@ -61,6 +75,7 @@ class LayerReport(NamedTuple):
     converged: bool
     certified: bool
     warnings: tuple
+    num_ambiguous: int = 0
 
 
 class PurifyReport(NamedTuple):
@@ -181,19 +196,52 @@ def _deviates(vectors, recovered):
     return diff > eps**0.75 * jnp.maximum(scale, jnp.finfo(recovered.dtype).tiny)
 
 
-def _layer_report(problem, sol, nonfinite, corrupted_leaves, size) -> LayerReport:
+def second_explanation(design, solution, **solver) -> np.ndarray:
+    """Per problem: how many judged-corrupted rows another vector of ``range(A)`` fits exactly.
+
+    ``T`` = the rows ``solution`` does not interpolate; where ``|T| > n`` the residual on ``T``
+    is fit by :func:`~jaxpurify.l1_regression` with the rows outside ``T`` zeroed (they are
+    then interpolated trivially and not counted); where ``|T| <= n`` the count is 0 (any
+    ``n`` rows are fit exactly: nothing to test). A count above ``n`` means the corruption
+    holds a second explanation (see the module doc). ``solver`` goes to ``l1_regression``.
+    """
+    interpolated = np.asarray(solution.interpolated)
+    m, n = interpolated.shape[-1], design.shape[-1]
+    corrupted = ~interpolated.reshape(-1, m)
+    sizes = corrupted.sum(axis=-1)
+    counts = np.zeros(sizes.shape, int)
+    test = np.flatnonzero(sizes > n)
+    if test.size:
+        a = jnp.broadcast_to(design, interpolated.shape + (n,)).reshape(-1, m, n)[test]
+        rows = jnp.asarray(corrupted[test])
+        residual = jnp.asarray(solution.residual).reshape(-1, m)[test]
+        again = l1_regression(jnp.where(rows[..., None], a, 0), jnp.where(rows, residual, 0),
+                              throw=False, **solver)
+        counts[test] = np.asarray(again.num_interpolated) - (m - sizes[test])
+    return counts.reshape(interpolated.shape[:-1])
+
+
+def _layer_report(problem, sol, nonfinite, corrupted_leaves, size, solver) -> LayerReport:
     m, n = problem.design.shape[-2:]
     num = int(sum(int(np.sum(v)) for v in corrupted_leaves.values()))
     fraction = num / size
     crit = float(critical_fraction(m / n)) if m > n else 0.0
     converged = bool(np.all(sol.converged))
-    certified = bool(np.all(np.asarray(sol.num_interpolated) > n))
+    ambiguous = int(np.sum(second_explanation(problem.design, sol, **solver) > n))
+    certified = bool(np.all(np.asarray(sol.num_interpolated) > n)) and ambiguous == 0
     warns = []
     if not converged:
         warns.append(f"{problem.layer}: {int(np.sum(~np.asarray(sol.converged)))} problem(s) "
                      "did not converge (raise max_iters or check the inputs)")
-    if not certified:
-        bad = int(np.sum(np.asarray(sol.num_interpolated) <= n))
+    if ambiguous:
+        warns.append(f"{problem.layer}: {ambiguous} problem(s) are ambiguous: the entries judged "
+                     f"corrupted are themselves fit exactly, on more than the {n} unknowns, by "
+                     "another vector of the subspace, so two networks of the subspace each fit "
+                     "many entries exactly and L1 returned the one fitting more (an edit made "
+                     "consistent with the subspace, e.g. by an attacker who knows it, looks "
+                     "like this); do not trust this layer without another check")
+    bad = int(np.sum(np.asarray(sol.num_interpolated) <= n))
+    if bad:
         warns.append(f"{problem.layer}: recovery is doubtful for {bad} of "
                      f"{np.size(sol.num_interpolated)} problem(s): the L1 solution interpolates "
                      f"no more rows than unknowns ({n}), as it does past the recovery threshold "
@@ -201,7 +249,7 @@ def _layer_report(problem, sol, nonfinite, corrupted_leaves, size) -> LayerRepor
                      f"{crit:.3f} at ratio {m / n:.2f})")
     return LayerReport(problem.layer, problem.source, corrupted_leaves, num, fraction,
                        int(np.sum(nonfinite)), m / n, crit, np.asarray(sol.objective), converged,
-                       certified, tuple(warns))
+                       certified, tuple(warns), ambiguous)
 
 
 @full_precision
@@ -267,6 +315,8 @@ def purify(model, params, *, init_params=None, inputs=None, subspace: str = "row
                          "(DesignedOneHiddenLayerCNN.designs())")
 
     out, reports = dict(p), {}
+    solver = {"method": method, "max_iters": max_iters, "check_every": check_every,
+              "tol": 1e-12 if p["conv"]["kernel"].dtype == jnp.float64 and tol is None else tol}
     if "conv" in layers:
         if subspace == "row_space":
             problem = S.filter_row_space(model, p0, inputs, weight_decay=weight_decay)
@@ -284,7 +334,7 @@ def purify(model, params, *, init_params=None, inputs=None, subspace: str = "row
         flagged = (_deviates(vectors, recovered) | erased).reshape(shape)
         masks = S.with_filter_vectors({"conv": p["conv"]}, flagged)["conv"]
         masks = {k: np.asarray(v).astype(bool) for k, v in masks.items()}
-        reports["conv"] = _layer_report(problem, sol, nonfinite, masks, vectors.size)
+        reports["conv"] = _layer_report(problem, sol, nonfinite, masks, vectors.size, solver)
 
     if "readout" in layers:
         if subspace == "row_space":
@@ -299,7 +349,8 @@ def purify(model, params, *, init_params=None, inputs=None, subspace: str = "row
                                                        max_iters=max_iters, check_every=check_every)
         out = S.with_readout_vectors(out, recovered.reshape(shape))
         masks = {"kernel": np.asarray((_deviates(vectors, recovered) | erased).reshape(shape).T)}
-        reports["readout"] = _layer_report(problem, sol, nonfinite, masks, vectors.size)
+        reports["readout"] = _layer_report(problem, sol, nonfinite, masks, vectors.size,
+                                           solver)
 
     report = PurifyReport(reports, time.perf_counter() - t0)
     return ({"params": out} if wrapped else out), report

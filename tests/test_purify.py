@@ -251,6 +251,41 @@ def test_beyond_the_threshold_is_reported():
     assert rel_err(recovered["conv"]["kernel"], clean["conv"]["kernel"]) > 1e-2  # indeed wrong
 
 
+def test_an_edit_consistent_with_the_subspace_is_reported_ambiguous():
+    """An attacker who knows ``A`` writes the entries holding 90% of an in-range change
+    ``A delta`` into filter 0 (43 of its 65 entries): L1 returns the attacker's filter
+    ``w + A delta``, interpolating the written entries (more than ``n = 16``), so the
+    interpolation count alone would certify it. The clean entries it then calls corrupted
+    are fit exactly by ``-A delta``: ambiguous, not certified. Generic gross errors past
+    ``n`` entries in the other filters are not."""
+    from jaxpurify.attacks import _concentrated_support
+
+    dm = designed_model()
+    codes, _ = designed_trained()
+    clean = dm.materialize(codes)
+    dirty, _ = _contaminate(clean, fraction=0.3)  # 19-20 of 65 entries per filter: > n
+    a = np.asarray(dm.designs(jnp.float64)["conv"])
+    change = a @ np.random.default_rng(0).standard_normal(a.shape[1])
+    written = _concentrated_support(change, 0.9)
+    assert written.sum() > 16 and (~written).sum() > 16  # both sides testable
+    clean_vectors = np.asarray(S.filter_vectors(clean))
+    vectors = clean_vectors.copy()
+    vectors[0, written] += change[written]
+    dirty = S.with_filter_vectors(dirty, jnp.asarray(vectors[:1]).repeat(J, 0).at[1:].set(
+        S.filter_vectors(dirty)[1:]))
+    recovered, report = purify(dm, dirty, subspace="designed")
+    conv = report.layers["conv"]
+    got = np.asarray(S.filter_vectors(recovered))
+    np.testing.assert_allclose(got[0], clean_vectors[0] + change, atol=1e-10)  # attacker's
+    assert conv.num_ambiguous == 1 and not conv.certified and not report.ok
+    assert any("ambiguous" in w for w in conv.warnings)
+    # the other filters' gross errors, more than n entries in many of them, are not
+    # ambiguous (generic errors admit no second explanation; some filters are past the
+    # threshold at 30% and come back wrong, reported as ordinary doubtful problems)
+    flagged = conv.corrupted["kernel"].reshape(-1, J).sum(0) + conv.corrupted["bias"]
+    assert np.sum(flagged[1:] > 16) >= 10
+
+
 def test_iteration_budget_is_passed_and_reported():
     """A budget too small past the threshold shows as not converged, with what to do."""
     dm = designed_model()
