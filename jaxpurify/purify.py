@@ -177,11 +177,18 @@ def _solve(problem: S.LayerProblem, vectors, *, method, tol, max_iters, check_ev
     cap = GROSS_FACTOR * jnp.nanmedian(jnp.where(a > 0, a, jnp.nan), axis=-1, keepdims=True)
     cap = jnp.where(jnp.isfinite(cap), cap, 1.0)
     y = jnp.where(nonfinite, cap, jnp.clip(y, -cap, cap))
-    if tol is None:  # stricter than the solver's default: the gap is relative to ||e||_1
-        tol = 1e-12 if y.dtype == jnp.float64 else None
+    tol = _tolerance(y.dtype, tol)
     sol = l1_regression(problem.design, y, method=method, tol=tol, max_iters=max_iters,
                         check_every=check_every, throw=False)
     return problem.offset + _apply(problem.design, sol.x), sol, nonfinite, erased
+
+
+def _tolerance(dtype, tol):
+    """The solver's ``tol``: stricter than its default in float64 (the duality gap is relative
+    to ``||e||_1``, and exactness is the point)."""
+    if tol is None:
+        return 1e-12 if dtype == jnp.float64 else None
+    return tol
 
 
 def _deviates(vectors, recovered):
@@ -199,18 +206,21 @@ def _deviates(vectors, recovered):
 def second_explanation(design, solution, **solver) -> np.ndarray:
     """Per problem: how many judged-corrupted rows another vector of ``range(A)`` fits exactly.
 
-    ``T`` = the rows ``solution`` does not interpolate; where ``|T| > n`` the residual on ``T``
-    is fit by :func:`~jaxpurify.l1_regression` with the rows outside ``T`` zeroed (they are
-    then interpolated trivially and not counted); where ``|T| <= n`` the count is 0 (any
-    ``n`` rows are fit exactly: nothing to test). A count above ``n`` means the corruption
-    holds a second explanation (see the module doc). ``solver`` goes to ``l1_regression``.
+    ``T`` = the rows ``solution`` does not interpolate. Tested are the problems the
+    interpolation count would certify (more than ``n`` rows interpolated) with ``|T| > n``:
+    the residual on ``T`` is fit by :func:`~jaxpurify.l1_regression` with the rows outside
+    ``T`` zeroed (they are then interpolated trivially and not counted). Elsewhere the count
+    is 0: with ``|T| <= n`` any ``n`` rows are fit exactly (nothing to test), and a problem
+    interpolating ``n`` rows or fewer is doubtful already. A count above ``n`` means the
+    corruption holds a second explanation (see the module doc). ``solver`` goes to
+    ``l1_regression``.
     """
     interpolated = np.asarray(solution.interpolated)
     m, n = interpolated.shape[-1], design.shape[-1]
     corrupted = ~interpolated.reshape(-1, m)
     sizes = corrupted.sum(axis=-1)
     counts = np.zeros(sizes.shape, int)
-    test = np.flatnonzero(sizes > n)
+    test = np.flatnonzero((sizes > n) & (m - sizes > n))
     if test.size:
         a = jnp.broadcast_to(design, interpolated.shape + (n,)).reshape(-1, m, n)[test]
         rows = jnp.asarray(corrupted[test])
@@ -316,7 +326,7 @@ def purify(model, params, *, init_params=None, inputs=None, subspace: str = "row
 
     out, reports = dict(p), {}
     solver = {"method": method, "max_iters": max_iters, "check_every": check_every,
-              "tol": 1e-12 if p["conv"]["kernel"].dtype == jnp.float64 and tol is None else tol}
+              "tol": _tolerance(p["conv"]["kernel"].dtype, tol)}
     if "conv" in layers:
         if subspace == "row_space":
             problem = S.filter_row_space(model, p0, inputs, weight_decay=weight_decay)
