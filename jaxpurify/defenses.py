@@ -52,6 +52,7 @@ import optax
 from jaxpurify._precision import full_precision
 from jaxpurify.attacks import accuracy, logits_fn, one_hidden_hidden
 from jaxpurify.phase_transition import critical_fraction
+from jaxpurify.purify import second_explanation
 from jaxpurify.recovery import l1_regression
 from jaxpurify.training import sgd
 
@@ -509,7 +510,7 @@ def _recover_rows(a, v, *, rtol, method, tol, max_iters):
     flagged = np.flatnonzero(~in_range)
     out, corrupted = v, np.zeros(v.shape, bool)
     info = {"rows": int(v.shape[0]), "rows_off_subspace": int(flagged.size), "converged": True,
-            "certified": True, "max_row_fraction": 0.0}
+            "certified": True, "ambiguous_rows": 0, "max_row_fraction": 0.0}
     if flagged.size:
         # Solve a batch of the layer's full size (in-range rows replaced by copies of flagged
         # ones), so that every call on this layer reuses one compiled solver.
@@ -520,7 +521,12 @@ def _recover_rows(a, v, *, rtol, method, tol, max_iters):
         out = out.at[flagged].set(sol.x[:f] @ a.T.astype(v0.dtype))
         corrupted[flagged] = np.asarray(sol.corrupted)[:f] | np.asarray(nonfinite)[flagged]
         info["converged"] = bool(np.all(np.asarray(sol.converged)[:f]))
-        info["certified"] = bool(np.all(np.asarray(sol.num_interpolated)[:f] > a.shape[1]))
+        # (see jaxpurify.purify: an edit consistent with range(A) is interpolated too)
+        ambiguous = second_explanation(a, sol, method=method, tol=tol,
+                                       max_iters=max_iters)[:f] > a.shape[1]
+        info["ambiguous_rows"] = int(np.sum(ambiguous))
+        info["certified"] = bool(np.all(np.asarray(sol.num_interpolated)[:f] > a.shape[1])
+                                 and not ambiguous.any())
         info["max_row_fraction"] = float(corrupted.sum(axis=1).max() / v.shape[1])
     info["num_corrupted"] = int(corrupted.sum())
     info["ratio"] = a.shape[0] / a.shape[1]
@@ -546,8 +552,11 @@ def recover_designed(model, params, *, rtol: float | None = None, method="admm",
     Returns:
         ``(params, report)`` with ``report[layer]`` a dict: rows, rows_off_subspace,
         num_corrupted, converged, certified (every solved row interpolates more entries than
-        unknowns), max_row_fraction (largest corrupted fraction of a row), ratio and the
-        Donoho-Tanner critical_fraction at that ratio.
+        unknowns, and none is ambiguous: ``ambiguous_rows`` counts the rows whose
+        judged-corrupted entries another vector of ``range(A)`` fits exactly, more than ``n``
+        of them; see :func:`jaxpurify.purify.second_explanation`), max_row_fraction (largest
+        corrupted fraction of a row), ratio and the Donoho-Tanner critical_fraction at that
+        ratio.
     """
     p = dict(_unwrap(params))
     report = {}
