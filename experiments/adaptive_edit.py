@@ -156,6 +156,11 @@ def run(*, name: str = "adaptive-edit-mnist", quick: bool = False, out: Path, se
                     "largest_share": _largest_share(mask, bool(joint)),
                     "acc_edited": acc_e, "asr_edited": asr_e, "acc": acc_r, "asr": asr_r,
                     "certified": bool(report.ok), "doubtful_layers": doubtful,
+                    # what the interpolation count alone (the certificate before the
+                    # second-explanation test) would have said
+                    "certified_by_count": all(r.converged and r.num_doubtful == 0
+                                              for r in report.layers.values()),
+                    "ambiguous_problems": sum(r.num_ambiguous for r in report.layers.values()),
                     "critical_fraction": min(float(r.critical_fraction)
                                              for r in report.layers.values()),
                     "exact_error": _max_diff(rec, w),
@@ -187,35 +192,45 @@ def run(*, name: str = "adaptive-edit-mnist", quick: bool = False, out: Path, se
     return metrics
 
 
+#: Largest weight error of a recovery that counts as the clean network.
+EXACT = 1e-5
+
+
 def _findings(rows, clean) -> list[str]:
-    """Plain statements the rows support (each with its numbers)."""
+    """Per (coding, knowledge): how recovery's answer and its certificate fared (numbers)."""
     out = []
     for (coding, knowledge), rs in itertools.groupby(
             sorted(rows, key=lambda r: (r["coding"], r["knowledge"])),
             key=lambda r: (r["coding"], r["knowledge"])):
         rs = list(rs)
         ref = clean[coding]
-        fooled = [r for r in rs if r["certified"] and r["asr"] >= ref["asr"] + 0.05]
-        caught = [r for r in rs if not r["certified"] and r["asr"] >= ref["asr"] + 0.05]
-        removed = [r for r in rs if r["asr"] < ref["asr"] + 0.05]
-        head = f"{coding} coding, attacker knows the {knowledge}: "
-        parts = []
+        exact = [r for r in rs if r["exact_error"] <= EXACT]
+        fooled = [r for r in rs if r["certified"] and r["exact_error"] > EXACT]
+        flagged = [r for r in rs if not r["certified"]]
+        parts = [f"{coding} coding, attacker knows the {knowledge} ({len(rs)} settings; clean "
+                 f"ACC {100 * ref['acc']:.2f}%, ASR {100 * ref['asr']:.1f}%):"]
+        if exact:
+            parts.append(f"clean network recovered exactly in {len(exact)} "
+                         f"(certified: {sum(r['certified'] for r in exact)})")
+        if flagged:
+            asr = [100 * r["asr"] for r in flagged]
+            parts.append(f"not certified in {len(flagged)} (recovered ASR "
+                         f"{min(asr):.1f}-{max(asr):.1f}%)")
+        by_count = [r for r in rs if r["certified_by_count"] and r["exact_error"] > EXACT]
+        if by_count:
+            parts.append(f"the interpolation count alone would have certified {len(by_count)} "
+                         "that are not the clean network (recovered ASR "
+                         f"{min(100 * r['asr'] for r in by_count):.1f}-"
+                         f"{max(100 * r['asr'] for r in by_count):.1f}%); "
+                         f"{sum(r['ambiguous_problems'] > 0 for r in by_count)} of them are "
+                         "reported ambiguous")
         if fooled:
-            r = min(fooled, key=lambda r: r["edits"])
-            parts.append(f"recovery certified a backdoored network in {len(fooled)}/{len(rs)} "
-                         f"settings (fewest: {r['edits']} entries, {100 * r['edit_fraction']:.1f}% "
-                         f"of the weights, {100 * r['largest_share']:.0f}% of one problem; "
-                         f"recovered ASR {100 * r['asr']:.1f}% at ACC {100 * r['acc']:.2f}%)")
-        if caught:
-            r = min(caught, key=lambda r: r["edits"])
-            parts.append(f"left the backdoor in but flagged it (not certified) in "
-                         f"{len(caught)}/{len(rs)} settings (fewest: {r['edits']} entries, "
-                         f"{100 * r['largest_share']:.0f}% of one problem; recovered ASR "
-                         f"{100 * r['asr']:.1f}%)")
-        if removed:
-            parts.append(f"removed it (ASR within 5 pt of the clean network's "
-                         f"{100 * ref['asr']:.1f}%) in {len(removed)}/{len(rs)} settings")
-        out.append(head + "; ".join(parts))
+            parts.append("certified although not the clean network in " + ", ".join(
+                f"filters={r['filters']} c={r['concentration']} ({r['edits']} edits, "
+                f"{100 * r['largest_share']:.0f}% of one problem; recovered ACC "
+                f"{100 * r['acc']:.2f}%, ASR {100 * r['asr']:.1f}%, max weight error "
+                f"{r['exact_error']:.2g})" for r in fooled))
+        out.append(" ".join(parts[:1]) + " " + "; ".join(parts[1:]))
     return out
 
 
@@ -226,8 +241,9 @@ def _write_tables(out: Path, rows, clean) -> str:
         lines += [f"### {rows[0]['dataset']}, one-hidden CNN, {coding} coding "
                   f"(clean ACC {100 * c['acc']:.2f}%, ASR {100 * c['asr']:.1f}%)", "",
                   "| knows | filters | c | edits (% of weights) | largest share of a problem "
-                  "| edited ACC / ASR | recovered ACC / ASR | certified | max weight error |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| edited ACC / ASR | recovered ACC / ASR | certified | by count alone "
+                  "| ambiguous problems | max weight error |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["coding"] == coding):
             lines.append(
                 f"| {r['knowledge']} | {r['filters']} | {r['concentration']} | {r['edits']} "
@@ -235,7 +251,8 @@ def _write_tables(out: Path, rows, clean) -> str:
                 f"{100 * r['acc_edited']:.2f} / {100 * r['asr_edited']:.1f} | "
                 f"{100 * r['acc']:.2f} / {100 * r['asr']:.1f} | "
                 f"{'yes' if r['certified'] else 'no (' + ', '.join(r['doubtful_layers']) + ')'}"
-                f" | {r['exact_error']:.2g} |")
+                f" | {'yes' if r['certified_by_count'] else 'no'} | {r['ambiguous_problems']} "
+                f"| {r['exact_error']:.2g} |")
         lines.append("")
     text = "\n".join(lines)
     (out / "tables.md").write_text(text)

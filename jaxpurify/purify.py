@@ -61,6 +61,7 @@ class LayerReport(NamedTuple):
         warnings: human-readable doubts.
         num_ambiguous: problems whose judged-corrupted entries hold a second explanation (more
             than ``n`` of them fit exactly by another vector of the subspace).
+        num_doubtful: problems interpolating no more rows than unknowns.
     """
 
     layer: str
@@ -76,6 +77,7 @@ class LayerReport(NamedTuple):
     certified: bool
     warnings: tuple
     num_ambiguous: int = 0
+    num_doubtful: int = 0
 
 
 class PurifyReport(NamedTuple):
@@ -259,7 +261,7 @@ def _layer_report(problem, sol, nonfinite, corrupted_leaves, size, solver) -> La
                      f"{crit:.3f} at ratio {m / n:.2f})")
     return LayerReport(problem.layer, problem.source, corrupted_leaves, num, fraction,
                        int(np.sum(nonfinite)), m / n, crit, np.asarray(sol.objective), converged,
-                       certified, tuple(warns), ambiguous)
+                       certified, tuple(warns), ambiguous, bad)
 
 
 @full_precision

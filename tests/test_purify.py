@@ -246,6 +246,7 @@ def test_beyond_the_threshold_is_reported():
     conv = report.layers["conv"]
     assert conv.critical_fraction < 0.45
     assert not conv.certified and not report.ok
+    assert conv.num_doubtful > 0 and conv.num_ambiguous == 0  # past the threshold, generic
     assert any("doubtful" in w for w in report.warnings)
     assert "doubtful" in report.summary()
     assert rel_err(recovered["conv"]["kernel"], clean["conv"]["kernel"]) > 1e-2  # indeed wrong
