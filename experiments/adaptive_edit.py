@@ -218,12 +218,12 @@ def _findings(rows, clean) -> list[str]:
                          f"{min(asr):.1f}-{max(asr):.1f}%)")
         by_count = [r for r in rs if r["certified_by_count"] and r["exact_error"] > EXACT]
         if by_count:
-            parts.append(f"the interpolation count alone would have certified {len(by_count)} "
-                         "that are not the clean network (recovered ASR "
-                         f"{min(100 * r['asr'] for r in by_count):.1f}-"
-                         f"{max(100 * r['asr'] for r in by_count):.1f}%); "
-                         f"{sum(r['ambiguous_problems'] > 0 for r in by_count)} of them are "
-                         "reported ambiguous")
+            asr = sorted(100 * r["asr"] for r in by_count)
+            parts.append(f"the interpolation count alone would have certified a network that "
+                         f"is not the clean one in {len(by_count)} (recovered ASR "
+                         + (f"{asr[0]:.1f}%" if len(asr) == 1 else f"{asr[0]:.1f}-{asr[-1]:.1f}%")
+                         + f"), {sum(r['ambiguous_problems'] > 0 for r in by_count)} of which "
+                         "the second-explanation test reports ambiguous")
         if fooled:
             parts.append("certified although not the clean network in " + ", ".join(
                 f"filters={r['filters']} c={r['concentration']} ({r['edits']} edits, "
