@@ -40,6 +40,7 @@ import optax
 from jaxpurify._precision import full_precision
 from jaxpurify.models._one_hidden import cached_designs, unit_codes, unit_vectors
 from jaxpurify.phase_transition import critical_fraction
+from jaxpurify.purify import second_explanation
 from jaxpurify.recovery import RESULTS, l1_regression
 from jaxpurify.recovery._solve import default_tol
 
@@ -456,13 +457,17 @@ class LayerPurifyReport(NamedTuple):
         num_screened: finite entries larger than ``screen x`` the layer's median ``|w|``
             (zeroed before solving, treated as corrupted; see :func:`purify_layers`).
         num_converged: problems whose duality gap met ``tol``.
-        num_certified: problems interpolating more rows than unknowns (``> code_dim``).
+        num_certified: problems interpolating more rows than unknowns (``> code_dim``) and
+            not ambiguous.
         num_in_range: units already in ``range(A_l)`` to the interpolation tolerance
             (answered by least squares, not sent to the solver).
         converged, certified: all problems converged / certified.
         seconds: wall time of the layer (solve and reassembly; includes compilation the
             first time a shape is seen).
         warnings: human-readable doubts.
+        num_ambiguous: problems whose judged-corrupted entries another vector of
+            ``range(A_l)`` fits exactly, more than ``code_dim`` of them (two networks of the
+            subspace explain the layer; see :func:`jaxpurify.purify.second_explanation`).
     """
 
     layer: str
@@ -484,6 +489,7 @@ class LayerPurifyReport(NamedTuple):
     certified: bool
     seconds: float
     warnings: tuple
+    num_ambiguous: int = 0
 
     def to_dict(self) -> dict:
         """JSON-friendly summary (without the masks)."""
@@ -638,6 +644,7 @@ class _LayerSolution(NamedTuple):
     interpolated: np.ndarray  # (U, m) bool
     converged: np.ndarray  # (U,) bool
     num_interpolated: np.ndarray  # (U,)
+    ambiguous: np.ndarray  # (U,) bool: a second explanation (see jaxpurify.purify)
     in_range: np.ndarray  # (U,) bool: answered by least squares
 
 
@@ -674,7 +681,7 @@ def _solve_layer(a, v, *, method, tol, max_iters, pad_to: int = 0) -> _LayerSolu
     in_range = ls_interp.all(axis=1)
     if in_range.all():
         return _LayerSolution(fit, ls_interp, np.ones(len(v), bool), np.full(len(v), m),
-                              in_range)
+                              np.zeros(len(v), bool), in_range)
     first = int(np.argmax(~in_range))
     y = jnp.where(jnp.asarray(in_range)[:, None], v[first], v)
     if pad_to > units:  # share one compiled solver with a same-shape layer of more units
@@ -695,7 +702,9 @@ def _solve_layer(a, v, *, method, tol, max_iters, pad_to: int = 0) -> _LayerSolu
     small_gap = (abs_gap <= tol_ * jnp.sum(jnp.abs(y), axis=1)) & solvable
     converged = in_range | np.asarray(sol.converged | small_gap)
     num_interp = np.where(in_range, m, np.asarray(sol.num_interpolated))
-    return _LayerSolution(recovered, interpolated, converged, num_interp, in_range)
+    ambiguous = ~in_range & (second_explanation(a, sol, method=method, tol=tol,
+                                                max_iters=max_iters) > a.shape[1])
+    return _LayerSolution(recovered, interpolated, converged, num_interp, ambiguous, in_range)
 
 
 def _skipped_report(info: LayerInfo, t0: float) -> LayerPurifyReport:
@@ -712,21 +721,29 @@ def _layer_report(info, sol, masks, num_nonfinite, num_screened, t0) -> LayerPur
     fraction = num / info.size
     crit = float(critical_fraction(info.ratio))
     conv = np.asarray(sol.converged)
-    cert = np.asarray(sol.num_interpolated) > n
+    ambiguous = np.asarray(sol.ambiguous)
+    cert = (np.asarray(sol.num_interpolated) > n) & ~ambiguous
     warns = []
     if not conv.all():
         warns.append(f"{info.name}: {int((~conv).sum())} of {conv.size} problem(s) did not "
                      "converge (raise max_iters)")
-    if not cert.all():
-        warns.append(f"{info.name}: recovery is doubtful for {int((~cert).sum())} of "
-                     f"{cert.size} unit(s): the L1 solution interpolates no more rows than "
+    if ambiguous.any():
+        warns.append(f"{info.name}: {int(ambiguous.sum())} unit(s) are ambiguous: the entries "
+                     f"judged corrupted are themselves fit exactly, on more than the {n} "
+                     "unknowns, by another vector of the subspace (an edit made consistent "
+                     "with it looks like this); do not trust this layer without another check")
+    doubtful = np.asarray(sol.num_interpolated) <= n
+    if doubtful.any():
+        warns.append(f"{info.name}: recovery is doubtful for {int(doubtful.sum())} of "
+                     f"{doubtful.size} unit(s): the L1 solution interpolates no more rows than "
                      f"unknowns ({n}), as past the recovery threshold (detected corrupted "
                      f"fraction {fraction:.3f}; Donoho-Tanner reference {crit:.3f} at ratio "
                      f"{info.ratio:.2f})")
     return LayerPurifyReport(
         info.name, info.units, info.rows, n, info.ratio, crit, True, masks, num, fraction,
         num_nonfinite, num_screened, int(conv.sum()), int(cert.sum()), int(sol.in_range.sum()),
-        bool(conv.all()), bool(cert.all()), time.perf_counter() - t0, tuple(warns))
+        bool(conv.all()), bool(cert.all()), time.perf_counter() - t0, tuple(warns),
+        int(ambiguous.sum()))
 
 
 # ----------------------------------------------------------------------------- training

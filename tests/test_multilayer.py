@@ -186,6 +186,37 @@ def test_joint_layer_recovers_edits_concentrated_in_one_unit():
         tiny(joint_layers=("fc9",)).layer_info()
 
 
+def test_an_edit_consistent_with_the_subspace_is_ambiguous():
+    """fc1's first unit gets the entries holding 90% of an in-range change ``A delta`` (what
+    ``attacks.subspace_edit`` writes): L1 returns ``w + A delta``, interpolating the written
+    entries (more than the 23 unknowns), and the clean entries it calls corrupted are fit
+    exactly by ``-A delta``: ambiguous, not certified, in ``purify_layers`` and in
+    ``defenses.recover_designed`` alike. float64."""
+    from jaxpurify import defenses
+    from jaxpurify.attacks import _concentrated_support
+
+    model = tiny()
+    clean = model.materialize(init(model, seed=3))
+    a = np.asarray(model.designs(jnp.float64)["fc1"])
+    change = a @ np.random.default_rng(1).standard_normal(a.shape[1])
+    written = _concentrated_support(change, 0.9)
+    assert written.sum() > a.shape[1] and (~written).sum() > a.shape[1]  # both testable
+    kernel = np.array(clean["fc1"]["kernel"])
+    bias = np.array(clean["fc1"]["bias"])
+    kernel[written[:-1], 0] += change[:-1][written[:-1]]
+    bias[0] += change[-1] if written[-1] else 0.0
+    dirty = {**clean, "fc1": {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}}
+    recovered, report = purify_layers(model, dirty)
+    fc1 = report.layers["fc1"]
+    assert fc1.num_ambiguous == 1 and not fc1.certified and not report.ok
+    assert any("ambiguous" in w for w in fc1.warnings)
+    np.testing.assert_allclose(recovered["fc1"]["kernel"][:, 0],
+                               clean["fc1"]["kernel"][:, 0] + change[:-1], atol=1e-10)
+    assert rel_err(recovered["fc1"]["kernel"][:, 1:], clean["fc1"]["kernel"][:, 1:]) <= 1e-10
+    _, info = defenses.recover_designed(model, dirty)
+    assert info["fc1"]["ambiguous_rows"] == 1 and not info["fc1"]["certified"]
+
+
 def test_purify_layers_bad_inputs():
     model = tiny()
     params = init(model)
