@@ -262,6 +262,23 @@ def _ce(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def _edit_loss(apply, clean_weight, q, x_bd, y_bd, x_clean, y_clean):
+    """``L_bd + clean_weight L_clean``: the trigger sends ``x_bd`` to the target, clean images
+    keep their labels."""
+    return _ce(apply(q, x_bd), y_bd) + clean_weight * _ce(apply(q, x_clean), y_clean)
+
+
+def _backdoor_batch(x_clean, y_clean, target: int, trigger):
+    """The attacker's ``(x_clean, y_clean, x_bd, y_bd)``: its triggered images whose true class
+    is not ``target``, labelled ``target``."""
+    x_clean, y_clean = jnp.asarray(x_clean), jnp.asarray(y_clean)
+    keep = np.asarray(y_clean) != target
+    if not keep.any():
+        raise ValueError("the attacker's data has no image outside the target class")
+    x_bd = _as_trigger(trigger)(x_clean[keep])
+    return x_clean, y_clean, x_bd, jnp.full((x_bd.shape[0],), target, y_clean.dtype)
+
+
 def _edit(apply, steps, learning_rate, clean_weight, p, mask, x_bd, y_bd, x_clean, y_clean):
     """Adam on the masked entries of ``L_bd + clean_weight L_clean`` (full batch).
 
@@ -277,11 +294,8 @@ def _edit(apply, steps, learning_rate, clean_weight, p, mask, x_bd, y_bd, x_clea
 @functools.partial(jax.jit, static_argnums=0)
 def _edit_step(config, q, state, mask, x_bd, y_bd, x_clean, y_clean):
     apply, learning_rate, clean_weight = config
-
-    def loss(q):
-        return _ce(apply(q, x_bd), y_bd) + clean_weight * _ce(apply(q, x_clean), y_clean)
-
-    g = jax.tree_util.tree_map(lambda gi, m: jnp.where(m, gi, 0), jax.grad(loss)(q), mask)
+    grad = jax.grad(_edit_loss, argnums=2)(apply, clean_weight, q, x_bd, y_bd, x_clean, y_clean)
+    g = jax.tree_util.tree_map(lambda gi, m: jnp.where(m, gi, 0), grad, mask)
     upd, state = optax.adam(learning_rate).update(g, state, q)
     upd = jax.tree_util.tree_map(lambda u, m: jnp.where(m, u, 0), upd, mask)
     return optax.apply_updates(q, upd), state
@@ -326,13 +340,7 @@ def weight_edit(model, params, x_clean, y_clean, *, target: int, trigger, k: int
     """
     p = _unwrap(params)
     apply = logits_fn(model)
-    trig = _as_trigger(trigger)
-    x_clean, y_clean = jnp.asarray(x_clean), jnp.asarray(y_clean)
-    keep = np.asarray(y_clean) != target
-    if not keep.any():
-        raise ValueError("the attacker's data has no image outside the target class")
-    x_bd = trig(x_clean[keep])
-    y_bd = jnp.full((x_bd.shape[0],), target, y_clean.dtype)
+    x_clean, y_clean, x_bd, y_bd = _backdoor_batch(x_clean, y_clean, target, trigger)
 
     def bd_loss(q):
         return _ce(apply(q, x_bd), y_bd)
@@ -447,14 +455,7 @@ def subspace_edit(model, params, x_clean, y_clean, *, target: int, trigger, filt
     units = {"conv": S.filter_vectors(p), "readout": S.readout_vectors(p)}
     if not 0 <= filters <= units["conv"].shape[0]:
         raise ValueError(f"filters must be in [0, {units['conv'].shape[0]}], got {filters}")
-    apply = logits_fn(model)
-    trig = _as_trigger(trigger)
-    x_clean, y_clean = jnp.asarray(x_clean), jnp.asarray(y_clean)
-    keep = np.asarray(y_clean) != target
-    if not keep.any():
-        raise ValueError("the attacker's data has no image outside the target class")
-    x_bd = trig(x_clean[keep])
-    y_bd = jnp.full((x_bd.shape[0],), target, y_clean.dtype)
+    x_clean, y_clean, x_bd, y_bd = _backdoor_batch(x_clean, y_clean, target, trigger)
     whole = {}
     for name, v in units.items():
         a = None if designs is None else designs.get(name)
@@ -468,40 +469,19 @@ def subspace_edit(model, params, x_clean, y_clean, *, target: int, trigger, filt
                     else unit_range(np.asarray(designs[name]).T, rtol=rtol).astype(v.dtype))
              for name, v in units.items()}
 
-    shapes = {"conv": S.filter_vectors(p).shape, "readout": S.readout_vectors(p).shape}
-
-    def put(vectors):  # layer views (per unit, or one row per whole layer) -> params
-        q = S.with_filter_vectors(p, vectors["conv"].reshape(shapes["conv"]))
-        return S.with_readout_vectors(q, vectors["readout"].reshape(shapes["readout"]))
-
-    def edited_params(coef, on):
-        change = {n: on[n][:, None] * (coef[n] @ bases[n].T) for n in units}
-        return put({n: units[n] + change[n] for n in units}), change
-
-    def loss(coef, on):
-        q, change = edited_params(coef, on)
-        l1 = sum(jnp.abs(c).sum() for c in change.values())
-        return (_ce(apply(q, x_bd), y_bd) + clean_weight * _ce(apply(q, x_clean), y_clean)
-                + l1_weight * l1)
-
+    data = (p, units, bases, x_bd, y_bd, x_clean, y_clean)
+    config = (logits_fn(model), float(learning_rate), float(clean_weight), float(l1_weight))
     coef = {n: jnp.zeros((v.shape[0], bases[n].shape[1]), v.dtype) for n, v in units.items()}
-    grad = jax.grad(loss)(coef, {n: jnp.ones(v.shape[0], v.dtype) for n, v in units.items()})
+    everything = {n: jnp.ones(v.shape[0], v.dtype) for n, v in units.items()}
+    grad = jax.grad(_subspace_loss, argnums=1)(config, coef, everything, *data)
     salient = np.argsort(-np.linalg.norm(np.asarray(grad["conv"]), axis=1), kind="stable")
     on = {"conv": jnp.zeros(units["conv"].shape[0]).at[salient[:filters]].set(1.0),
           "readout": jnp.zeros(units["readout"].shape[0]).at[target].set(1.0)}
     on = {n: jnp.ones(1) if whole[n] else v for n, v in on.items()}
-    opt = optax.adam(learning_rate)
-
-    @jax.jit
-    def step(coef, state):
-        g = jax.grad(loss)(coef, on)
-        upd, state = opt.update(g, state, coef)
-        return optax.apply_updates(coef, upd), state
-
-    state = opt.init(coef)
+    state = optax.adam(config[1]).init(coef)
     for _ in range(int(steps)):  # a Python loop over one jitted step, as in weight_edit
-        coef, state = step(coef, state)
-    _, change = edited_params(coef, on)
+        coef, state = _subspace_step(config, coef, state, on, *data)
+    _, change = _in_range_edit(p, units, bases, coef, on)
     written = {}
     for n, v in units.items():
         delta = np.asarray(change[n])
@@ -510,10 +490,40 @@ def subspace_edit(model, params, x_clean, y_clean, *, target: int, trigger, filt
             if np.any(delta[u]):
                 mask[u] = _concentrated_support(delta[u], concentration)
         written[n] = jnp.where(jnp.asarray(mask), v + change[n], v), mask
-    edited = put({n: w for n, (w, _) in written.items()})
+    edited = _put_views(p, {n: w for n, (w, _) in written.items()})
     masks = jax.tree_util.tree_map(lambda m: np.asarray(m, bool),
-                                   put({n: jnp.asarray(m, jnp.float32)
-                                        for n, (_, m) in written.items()}))
+                                   _put_views(p, {n: jnp.asarray(m, jnp.float32)
+                                                  for n, (_, m) in written.items()}))
     # Entries outside the mask are returned bit-identical (no float round trip).
     edited = jax.tree_util.tree_map(lambda e, o, m: jnp.where(m, e, o), edited, p, masks)
     return edited, masks
+
+
+def _put_views(p, views):
+    """Params ``p`` with the filters and readout columns replaced by ``views`` (per unit, or
+    one row per layer coded as a whole)."""
+    from jaxpurify import subspaces as S
+
+    q = S.with_filter_vectors(p, views["conv"].reshape(p["conv"]["kernel"].shape[-1], -1))
+    return S.with_readout_vectors(q, views["readout"].reshape(p["readout"]["kernel"].shape[1],
+                                                              -1))
+
+
+def _in_range_edit(p, units, bases, coef, on):
+    """Each selected unit moved inside its range: ``v_u + on_u * B coef_u``; also the moves."""
+    change = {n: on[n][:, None] * (coef[n] @ bases[n].T) for n in units}
+    return _put_views(p, {n: units[n] + change[n] for n in units}), change
+
+
+def _subspace_loss(config, coef, on, p, units, bases, x_bd, y_bd, x_clean, y_clean):
+    apply, _, clean_weight, l1_weight = config
+    q, change = _in_range_edit(p, units, bases, coef, on)
+    return (_edit_loss(apply, clean_weight, q, x_bd, y_bd, x_clean, y_clean)
+            + l1_weight * sum(jnp.abs(c).sum() for c in change.values()))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _subspace_step(config, coef, state, on, *data):
+    g = jax.grad(_subspace_loss, argnums=1)(config, coef, on, *data)
+    upd, state = optax.adam(config[1]).update(g, state, coef)
+    return optax.apply_updates(coef, upd), state
