@@ -33,6 +33,15 @@ def jsonable(obj):
     return obj
 
 
+def with_options(cfg: dict, options: dict) -> dict:
+    """``cfg`` updated by ``options`` (``--set KEY=VALUE``); an unknown key is refused with the
+    keys there are."""
+    unknown = set(options) - set(cfg)
+    if unknown:
+        raise ValueError(f"unknown options {sorted(unknown)}; configurable: {sorted(cfg)}")
+    return {**cfg, **options}
+
+
 def write_metrics(out: Path, metrics: dict, name: str = "metrics.json") -> Path:
     """Write ``metrics`` as indented JSON to ``out/name`` (``out`` is created)."""
     out = Path(out)

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments._common import environment, pyplot, save_fig, write_metrics
+from experiments._common import environment, pyplot, save_fig, with_options, write_metrics
 
 TARGET = 0
 #: (coding, knowledge) pairs run.
@@ -65,13 +65,9 @@ def _largest_share(mask, joint: bool) -> float:
     """Largest written share of one recovery problem (a unit; the layer if coded whole)."""
     from jaxpurify import subspaces as S
 
-    shares = []
-    for views in (S.filter_vectors(mask), S.readout_vectors(mask)):
-        v = np.asarray(views, bool)
-        shares.append(v.mean(axis=1).max())
-    if joint:  # the readout is one problem
-        shares[1] = np.asarray(S.readout_vectors(mask), bool).mean()
-    return float(max(shares))
+    conv = np.asarray(S.filter_vectors(mask), bool).mean(axis=1).max()
+    readout = np.asarray(S.readout_vectors(mask), bool)
+    return float(max(conv, readout.mean() if joint else readout.mean(axis=1).max()))
 
 
 def run(*, name: str = "adaptive-edit-mnist", quick: bool = False, out: Path, seed: int = 0,
@@ -89,11 +85,7 @@ def run(*, name: str = "adaptive-edit-mnist", quick: bool = False, out: Path, se
 
     t_all = time.perf_counter()
     dataset = "cifar10" if name.endswith("cifar10") else "mnist"
-    cfg = _config(dataset, quick)
-    unknown = set(options) - set(cfg)
-    if unknown:
-        raise ValueError(f"unknown options {sorted(unknown)}; configurable: {sorted(cfg)}")
-    cfg.update(options)
+    cfg = with_options(_config(dataset, quick), options)
     bad = {s for s in cfg["settings"] if s[0] not in ("per-unit", "joint-readout")
            or s[1] not in ("weights", "designs")}
     if bad:

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments._common import environment, write_metrics
+from experiments._common import environment, with_options, write_metrics
 from jaxpurify import attacks as A
 from jaxpurify import defenses as D
 
@@ -699,11 +699,7 @@ def run(*, name: str = "backdoor-mnist", quick: bool = False, out: Path, seed: i
     """
     t_all = time.perf_counter()
     dataset = "cifar10" if name.endswith("cifar10") else "mnist"
-    cfg = _config(dataset, quick)
-    unknown = set(options) - set(cfg)
-    if unknown:
-        raise ValueError(f"unknown options {sorted(unknown)}; configurable: {sorted(cfg)}")
-    cfg.update(options)
+    cfg = with_options(_config(dataset, quick), options)
     if set(cfg["defenses"]) - set(DEFENSES):
         raise ValueError(f"unknown defenses {sorted(set(cfg['defenses']) - set(DEFENSES))}; "
                          f"choose from {list(DEFENSES)}")

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments._common import with_options
 from jaxpurify import contamination as C
 from jaxpurify import multilayer as ML
 from jaxpurify.data import default_data_dir, load_cifar10, load_mnist
@@ -286,11 +287,7 @@ def run(*, name: str = "multilayer-mnist", quick: bool = False, out: Path | str 
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = _config(name, quick)
-    unknown = set(options) - set(cfg)
-    if unknown:
-        raise ValueError(f"unknown options {sorted(unknown)}; known: {sorted(cfg)}")
-    cfg.update(options)
+    cfg = with_options(_config(name, quick), options)
 
     ds = _load(cfg)
     model = MODELS[cfg["model"]](ratio=cfg["ratio"], design_seed=seed)
