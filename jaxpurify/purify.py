@@ -224,12 +224,17 @@ def second_explanation(design, solution, **solver) -> np.ndarray:
     counts = np.zeros(sizes.shape, int)
     test = np.flatnonzero((sizes > n) & (m - sizes > n))
     if test.size:
-        a = jnp.broadcast_to(design, interpolated.shape + (n,)).reshape(-1, m, n)[test]
-        rows = jnp.asarray(corrupted[test])
-        residual = jnp.asarray(solution.residual).reshape(-1, m)[test]
+        # a batch of as many problems as the layer has (tested ones repeated): one compiled
+        # solve per layer shape, however many problems are tested
+        pick = np.resize(test, sizes.size)
+        a = (jnp.broadcast_to(design, (pick.size, m, n)) if design.ndim == 2
+             else design.reshape(-1, m, n)[pick])
+        rows = jnp.asarray(corrupted[pick])
+        residual = jnp.asarray(solution.residual).reshape(-1, m)[pick]
         again = l1_regression(jnp.where(rows[..., None], a, 0), jnp.where(rows, residual, 0),
                               throw=False, **solver)
-        counts[test] = np.asarray(again.num_interpolated) - (m - sizes[test])
+        counts[test] = (np.asarray(again.num_interpolated)[:test.size]
+                        - (m - sizes[test]))
     return counts.reshape(interpolated.shape[:-1])
 
 
