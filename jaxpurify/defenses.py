@@ -52,7 +52,7 @@ import optax
 from jaxpurify._precision import full_precision
 from jaxpurify.attacks import accuracy, logits_fn, one_hidden_hidden
 from jaxpurify.phase_transition import critical_fraction
-from jaxpurify.purify import second_explanation
+from jaxpurify.purify import exactly_fit, second_explanation
 from jaxpurify.recovery import l1_regression
 from jaxpurify.training import sgd
 
@@ -515,18 +515,19 @@ def _recover_rows(a, v, *, rtol, method, tol, max_iters):
         # Solve a batch of the layer's full size (in-range rows replaced by copies of flagged
         # ones), so that every call on this layer reuses one compiled solver.
         rows = np.resize(flagged, v.shape[0])
-        sol = l1_regression(a.astype(v0.dtype), v0[rows], method=method, tol=tol,
-                            max_iters=max_iters, throw=False)
+        a = a.astype(v0.dtype)
+        sol = l1_regression(a, v0[rows], method=method, tol=tol, max_iters=max_iters,
+                            throw=False)
         f = flagged.size
-        out = out.at[flagged].set(sol.x[:f] @ a.T.astype(v0.dtype))
+        out = out.at[flagged].set(sol.x[:f] @ a.T)
         corrupted[flagged] = np.asarray(sol.corrupted)[:f] | np.asarray(nonfinite)[flagged]
         info["converged"] = bool(np.all(np.asarray(sol.converged)[:f]))
         # (see jaxpurify.purify: an edit consistent with range(A) is interpolated too)
         ambiguous = second_explanation(a, sol, method=method, tol=tol,
                                        max_iters=max_iters)[:f] > a.shape[1]
         info["ambiguous_rows"] = int(np.sum(ambiguous))
-        info["certified"] = bool(np.all(np.asarray(sol.num_interpolated)[:f] > a.shape[1])
-                                 and not ambiguous.any())
+        fit = exactly_fit(a, v0[rows], sol)[:f].sum(axis=1)
+        info["certified"] = bool(np.all(fit > a.shape[1]) and not ambiguous.any())
         info["max_row_fraction"] = float(corrupted.sum(axis=1).max() / v.shape[1])
     info["num_corrupted"] = int(corrupted.sum())
     info["ratio"] = a.shape[0] / a.shape[1]

@@ -40,7 +40,7 @@ import optax
 from jaxpurify._precision import full_precision
 from jaxpurify.models._one_hidden import cached_designs, unit_codes, unit_vectors
 from jaxpurify.phase_transition import critical_fraction
-from jaxpurify.purify import second_explanation
+from jaxpurify.purify import exactly_fit, second_explanation
 from jaxpurify.recovery import RESULTS, l1_regression
 from jaxpurify.recovery._solve import default_tol
 
@@ -643,7 +643,7 @@ class _LayerSolution(NamedTuple):
     recovered: jax.Array  # (U, m)
     interpolated: np.ndarray  # (U, m) bool
     converged: np.ndarray  # (U,) bool
-    num_interpolated: np.ndarray  # (U,)
+    num_fit: np.ndarray  # (U,) rows fit to rounding (jaxpurify.purify.exactly_fit)
     ambiguous: np.ndarray  # (U,) bool: a second explanation (see jaxpurify.purify)
     in_range: np.ndarray  # (U,) bool: answered by least squares
 
@@ -701,10 +701,10 @@ def _solve_layer(a, v, *, method, tol, max_iters, pad_to: int = 0) -> _LayerSolu
     solvable = (sol.result == RESULTS.successful) | (sol.result == RESULTS.max_iters_reached)
     small_gap = (abs_gap <= tol_ * jnp.sum(jnp.abs(y), axis=1)) & solvable
     converged = in_range | np.asarray(sol.converged | small_gap)
-    num_interp = np.where(in_range, m, np.asarray(sol.num_interpolated))
+    num_fit = np.where(in_range, m, exactly_fit(a, y, sol).sum(axis=1))
     ambiguous = ~in_range & (second_explanation(a, sol, method=method, tol=tol,
                                                 max_iters=max_iters) > a.shape[1])
-    return _LayerSolution(recovered, interpolated, converged, num_interp, ambiguous, in_range)
+    return _LayerSolution(recovered, interpolated, converged, num_fit, ambiguous, in_range)
 
 
 def _skipped_report(info: LayerInfo, t0: float) -> LayerPurifyReport:
@@ -722,7 +722,7 @@ def _layer_report(info, sol, masks, num_nonfinite, num_screened, t0) -> LayerPur
     crit = float(critical_fraction(info.ratio))
     conv = np.asarray(sol.converged)
     ambiguous = np.asarray(sol.ambiguous)
-    cert = (np.asarray(sol.num_interpolated) > n) & ~ambiguous
+    cert = (np.asarray(sol.num_fit) > n) & ~ambiguous
     warns = []
     if not conv.all():
         warns.append(f"{info.name}: {int((~conv).sum())} of {conv.size} problem(s) did not "
@@ -732,13 +732,13 @@ def _layer_report(info, sol, masks, num_nonfinite, num_screened, t0) -> LayerPur
                      f"judged corrupted are themselves fit exactly, on more than the {n} "
                      "unknowns, by another vector of the subspace (an edit made consistent "
                      "with it looks like this); do not trust this layer without another check")
-    doubtful = np.asarray(sol.num_interpolated) <= n
+    doubtful = np.asarray(sol.num_fit) <= n
     if doubtful.any():
         warns.append(f"{info.name}: recovery is doubtful for {int(doubtful.sum())} of "
-                     f"{doubtful.size} unit(s): the L1 solution interpolates no more rows than "
-                     f"unknowns ({n}), as past the recovery threshold (detected corrupted "
-                     f"fraction {fraction:.3f}; Donoho-Tanner reference {crit:.3f} at ratio "
-                     f"{info.ratio:.2f})")
+                     f"{doubtful.size} unit(s): the L1 solution fits no more rows than "
+                     f"unknowns ({n}) to rounding, as past the recovery threshold (detected "
+                     f"corrupted fraction {fraction:.3f}; Donoho-Tanner reference {crit:.3f} at "
+                     f"ratio {info.ratio:.2f})")
     return LayerPurifyReport(
         info.name, info.units, info.rows, n, info.ratio, crit, True, masks, num, fraction,
         num_nonfinite, num_screened, int(conv.sum()), int(cert.sum()), int(sol.in_range.sum()),

@@ -16,7 +16,8 @@ import pytest
 from jaxpurify import subspaces as S
 from jaxpurify.contamination import bit_flips, sparse_gross_errors
 from jaxpurify.models import DesignedOneHiddenLayerCNN
-from jaxpurify.purify import PurifyReport, purify
+from jaxpurify.purify import ROUNDING_FACTOR, PurifyReport, purify
+from jaxpurify.recovery import l1_regression
 from tests.one_hidden_helpers import (
     PATCH,
     J,
@@ -285,6 +286,49 @@ def test_an_edit_consistent_with_the_subspace_is_reported_ambiguous():
     # threshold at 30% and come back wrong, reported as ordinary doubtful problems)
     flagged = conv.corrupted["kernel"].reshape(-1, J).sum(0) + conv.corrupted["bias"]
     assert np.sum(flagged[1:] > 16) >= 10
+
+
+def test_near_fits_of_a_wrong_vertex_do_not_certify_it():
+    """float32. 60% of filter 0's entries hit: L1 returns a wrong vertex fitting exactly
+    ``n = 16`` rows (doubtful). Three of its corrupted entries moved to 25 roundings of that
+    vertex's fit, on the same side (the vertex stays optimal: same dual certificate): the
+    solver's looser interpolation test (``eps**0.75``, about 54 roundings) now counts ``n + 3``
+    rows, which the interpolation count alone would certify. Counted to the rounding of the
+    inputs (``exactly_fit``) they are not fits: still doubtful, not certified; the clean
+    filters are certified."""
+    dm = designed_model()
+    codes, _ = designed_trained()
+    clean = jax.tree.map(lambda t: t.astype(jnp.float32), dm.materialize(codes))
+    a = dm.designs(jnp.float32)["conv"]
+    m, n = a.shape
+    vectors = np.asarray(S.filter_vectors(clean)).copy()
+    rng = np.random.default_rng(1)
+    hit = rng.choice(m, int(0.6 * m), replace=False)
+    vectors[0, hit] += rng.normal(size=hit.size).astype(np.float32) * np.abs(vectors[0]).max()
+    sol = l1_regression(a, jnp.asarray(vectors[0]))
+    assert int(sol.num_interpolated) == n  # a vertex past the threshold
+    r = np.asarray(sol.residual)
+    fit = vectors[0] - r
+    eps = float(jnp.finfo(jnp.float32).eps)
+    scale = max(np.abs(fit).max(), np.median(np.abs(vectors[0])))
+    spread = np.abs(np.asarray(a)) @ np.abs(np.asarray(sol.x))
+    outside = np.flatnonzero(~np.asarray(sol.interpolated))
+    pick = outside[np.argsort((spread + np.abs(fit))[outside])[:3]]
+    # 25 roundings of the scale: above exactly_fit's bound there, below the solver's test
+    assert np.all(ROUNDING_FACTOR * (spread + np.abs(fit))[pick] < 25 * scale)
+    vectors[0, pick] = fit[pick] + np.sign(r[pick]) * 25 * eps * scale
+    near = l1_regression(a, jnp.asarray(vectors[0]))
+    assert int(near.num_interpolated) == n + 3  # the old certificate's count
+    recovered, report = purify(dm, S.with_filter_vectors(clean, jnp.asarray(vectors)),
+                               subspace="designed", layers=("conv",))
+    conv = report.layers["conv"]
+    got = np.asarray(S.filter_vectors(recovered))
+    clean_vectors = np.asarray(S.filter_vectors(clean))
+    assert np.abs(got[0] - clean_vectors[0]).max() > 0.1  # wrong
+    np.testing.assert_allclose(got[1:], clean_vectors[1:], atol=1e-6)
+    assert conv.num_doubtful == 1 and conv.num_ambiguous == 0
+    assert not conv.certified and not report.ok
+    assert any("fits no more rows than unknowns (16) to rounding" in w for w in conv.warnings)
 
 
 def test_iteration_budget_is_passed_and_reported():
