@@ -330,6 +330,9 @@ def _note(r) -> str:
                      + ("" if r["acc"] is not None else
                         f": {d['skipped']}" if "skipped" in d else
                         ": no redundancy, not applicable"))
+    if "removed_energy" in d:
+        parts.append(f"{100 * d['removed_energy']:.0f}% of the filter updates' norm removed "
+                     "(orthogonal to the benign patches)")
     if "removed_fraction" in d:
         parts.append(f"{100 * d['removed_fraction']:.0f}% of filter entries treated as "
                      f"corruption, certified={d.get('certified')}")
@@ -552,9 +555,9 @@ _VARIANT_WHY = {
 }
 
 
-def _why(r) -> str:
+def _why(r, reasons=None) -> str:
     """Why a jaxpurify variant's row came out as it did (the verdict's reason)."""
-    why = _VARIANT_WHY[r["variant"]]
+    why = (reasons or _VARIANT_WHY)[r["variant"]]
     unknowns = r["details"].get("unknowns")
     if r["variant"] != "designed-readout" or unknowns is None:
         return why
@@ -566,16 +569,18 @@ def _why(r) -> str:
             "this readout either, and it loses accuracy like the plain one")
 
 
-def _poisoning_targets(model, attack, rate, sel, clean_asr=None) -> list[dict]:
+def _poisoning_targets(model, attack, rate, sel, clean_asr=None, reasons=None) -> list[dict]:
     """The data-poisoning verdict at the 1% budget: met when some jaxpurify variant has ASR
     < 5% with an ACC drop < 2 pt and neither FT nor FP beats it on both ACC and ASR; every
     variant's numbers in the reason. ``clean_asr`` (the clean network's ASR with the same
     trigger, if known) is quoted beside the undefended and probe ASRs: a clean network
-    also sends some triggered images to the target."""
+    also sends some triggered images to the target. ``reasons``: the judged variants and why
+    each may fail (default: this experiment's, ``_VARIANT_WHY``)."""
+    reasons = reasons or _VARIANT_WHY
     at = [r for r in sel if r["budget"] == 0.01 and r["acc"] is not None]
     base = {r["defense"]: r for r in at  # the published recipes, not the diagnostic variants
             if r["defense"] in ("ft", "fp", "anp") and r.get("variant") is None}
-    variants = [r for r in at if r["defense"] == "jaxpurify" and r.get("variant") in _VARIANT_WHY]
+    variants = [r for r in at if r["defense"] == "jaxpurify" and r.get("variant") in reasons]
     if not variants:
         return []
     none = [r for r in sel if r["defense"] == "none"][0]
@@ -606,7 +611,7 @@ def _poisoning_targets(model, attack, rate, sel, clean_asr=None) -> list[dict]:
         found = f"recovery found {off} unit vectors off range(A); " if "recovery" in \
             r["details"] else ""
         parts.append(f"{r['variant']}: ASR {100 * r['asr']:.1f}%, ACC drop {drop:.1f} pt "
-                     f"({found}{_why(r)})")
+                     f"({found}{_why(r, reasons)})")
     at_clean = "" if clean_asr is None else f" (clean network: {100 * clean_asr:.1f}%)"
     took = ("the attack did not take: " if none["asr"] < 0.05 else "") + \
         f"undefended ASR {100 * none['asr']:.1f}%{at_clean}; "
@@ -661,7 +666,7 @@ def _plot(rows, path: Path, dataset: str):
               "anp": "tab:purple"}
     markers = {None: "o", "designed": "x", "designed+code-ft": "o", "benign-readout": "^",
                "designed-readout": "D",
-               "benign-row-space": "s", "benign-stop": "v"}
+               "benign-row-space": "s", "benign-projection": "D", "benign-stop": "v"}
     for ax, ((model, attack), rs) in zip(axes[0], groups.items(), strict=True):
         for d, c in colors.items():
             for variant in sorted({r.get("variant") for r in rs if r["defense"] == d}, key=str):

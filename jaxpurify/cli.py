@@ -29,6 +29,8 @@ EXPERIMENTS = {
     "backdoor-cifar10": "experiments.backdoor",
     "adaptive-edit-mnist": "experiments.adaptive_edit",
     "adaptive-edit-cifar10": "experiments.adaptive_edit",
+    "backdoor-row-space-mnist": "experiments.row_space_backdoor",
+    "backdoor-row-space-cifar10": "experiments.row_space_backdoor",
 }
 
 #: ``purify --subspace`` choices (see :mod:`jaxpurify.subspaces`).
@@ -344,7 +346,8 @@ def _cmd_purify(args) -> int:
     print()
     for layer, n in changed.items():
         print(f"{layer:8s} {n} entries changed (by more than 1e-6 of the layer's scale)")
-    verdict = ("certified: every layer converged and interpolates more entries than unknowns"
+    verdict = ("certified: every layer converged, fits more entries than unknowns to rounding "
+               "and admits no second explanation"
                if report.ok else "NOT certified: see the warnings above")
     print(f"\n{verdict}")
     print(f"purified checkpoint: {out}\nreport: {out / 'report.json'} (masks: "

@@ -552,12 +552,12 @@ def recover_designed(model, params, *, rtol: float | None = None, method="admm",
 
     Returns:
         ``(params, report)`` with ``report[layer]`` a dict: rows, rows_off_subspace,
-        num_corrupted, converged, certified (every solved row interpolates more entries than
-        unknowns, and none is ambiguous: ``ambiguous_rows`` counts the rows whose
-        judged-corrupted entries another vector of ``range(A)`` fits exactly, more than ``n``
-        of them; see :func:`jaxpurify.purify.second_explanation`), max_row_fraction (largest
-        corrupted fraction of a row), ratio and the Donoho-Tanner critical_fraction at that
-        ratio.
+        num_corrupted, converged, certified (every solved row fits more entries than unknowns
+        to rounding, :func:`jaxpurify.purify.exactly_fit`, and none is ambiguous:
+        ``ambiguous_rows`` counts the rows whose judged-corrupted entries another vector of
+        ``range(A)`` fits exactly, more than ``n`` of them; see
+        :func:`jaxpurify.purify.second_explanation`), max_row_fraction (largest corrupted
+        fraction of a row), ratio and the Donoho-Tanner critical_fraction at that ratio.
     """
     p = dict(_unwrap(params))
     report = {}
@@ -724,25 +724,46 @@ def _refit_designed_readout(model, p, p0, layer, h, y, **train):
     return jax.block_until_ready(setter(p, (a @ theta).T)), int(theta.size)
 
 
-def row_space_defense(model, params, x_benign, *, init_params, method="admm"):
-    """The benign row-space option for data poisoning (one-hidden-layer CNNs only).
+def row_space_defense(model, params, x_benign, *, init_params, method="admm",
+                      robust: bool = True, max_iters: int = 20_000):
+    r"""The benign row-space option for data poisoning (one-hidden-layer CNNs only).
 
-    Filters are modelled as ``w_0 + span{[P_i x; 1] : x benign} + sparse`` and recovered by
-    :func:`jaxpurify.purify.purify` (``subspace="row_space"``, filters only): whatever the
-    training added outside the span of the benign patches is treated as corruption. Exact
-    only for a network trained by (S)GD on the benign images themselves; here it is a
-    measurement. Raises ``ValueError`` when the benign patches span every filter direction
-    (no redundancy: nothing can be recovered), e.g. with more patches than filter entries.
+    (S)GD or momentum from a known init ``w_0`` moves each filter only along the augmented
+    training patches ``[P_i x; 1]``. Filters are modelled as
+    ``w_0 + span{[P_i x; 1] : x benign} + e`` and recovered onto that span: whatever training
+    added outside the span of the benign patches (a trigger's pixels, which benign images
+    never show, among it) is removed. ``robust=True`` treats ``e`` as sparse and solves by L1
+    (:func:`jaxpurify.purify.purify`, ``subspace="row_space"``, filters only); ``robust=False``
+    projects orthogonally, :math:`w_0 + QQ^\top(w - w_0)` with ``Q`` an orthonormal basis of the
+    benign patches (``e`` is then the part orthogonal to them; the rest of the clean
+    training set's updates is dense, not sparse, so this is not recovery but a projection).
+    Exact only for a network trained by (S)GD on the benign images themselves; with a budget
+    it is a defense that needs fewer benign patches than filter entries.
+
+    Raises:
+        ValueError: the benign patches span every filter direction (no redundancy: nothing
+            can be removed), e.g. with more patches than filter entries.
     """
+    from jaxpurify import subspaces as S
     from jaxpurify.models import DesignedOneHiddenLayerCNN
     from jaxpurify.purify import purify
 
     t0 = time.perf_counter()
     plain = model.plain_model() if isinstance(model, DesignedOneHiddenLayerCNN) else model
-    out, report = purify(plain, _unwrap(params), init_params=_unwrap(init_params),
-                         inputs=jnp.asarray(x_benign), subspace="row_space", layers=("conv",),
-                         method=method)
+    p, p0 = _unwrap(params), _unwrap(init_params)
+    variant = "benign-row-space" if robust else "benign-projection"
+    if not robust:
+        problem = S.filter_row_space(plain, p0, jnp.asarray(x_benign))  # raises if full
+        y = S.filter_vectors(p) - problem.offset
+        kept = (y @ problem.design) @ problem.design.T  # the basis is orthonormal
+        out = jax.block_until_ready(S.with_filter_vectors(dict(p), problem.offset + kept))
+        return out, DefenseInfo("jaxpurify", time.perf_counter() - t0, {
+            "variant": variant, "removed_energy": float(
+                jnp.linalg.norm(y - kept) / jnp.maximum(jnp.linalg.norm(y), 1e-30))})
+    out, report = purify(plain, p, init_params=p0, inputs=jnp.asarray(x_benign),
+                         subspace="row_space", layers=("conv",), method=method,
+                         max_iters=max_iters)
     r = report.layers["conv"]
     return out, DefenseInfo("jaxpurify", time.perf_counter() - t0, {
-        "variant": "benign-row-space", "num_corrupted": r.num_corrupted,
+        "variant": variant, "num_corrupted": r.num_corrupted,
         "fraction": r.fraction, "certified": bool(r.certified and r.converged)})

@@ -457,8 +457,8 @@ class LayerPurifyReport(NamedTuple):
         num_screened: finite entries larger than ``screen x`` the layer's median ``|w|``
             (zeroed before solving, treated as corrupted; see :func:`purify_layers`).
         num_converged: problems whose duality gap met ``tol``.
-        num_certified: problems interpolating more rows than unknowns (``> code_dim``) and
-            not ambiguous.
+        num_certified: problems fitting more rows than unknowns (``> code_dim``) to rounding
+            (:func:`jaxpurify.purify.exactly_fit`) and not ambiguous.
         num_in_range: units already in ``range(A_l)`` to the interpolation tolerance
             (answered by least squares, not sent to the solver).
         converged, certified: all problems converged / certified.
