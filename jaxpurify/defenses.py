@@ -52,7 +52,7 @@ import optax
 from jaxpurify._precision import full_precision
 from jaxpurify.attacks import accuracy, logits_fn, one_hidden_hidden
 from jaxpurify.phase_transition import critical_fraction
-from jaxpurify.purify import exactly_fit, second_explanation
+from jaxpurify.purify import fit_count, second_explanation
 from jaxpurify.recovery import l1_regression
 from jaxpurify.training import sgd
 
@@ -526,7 +526,7 @@ def _recover_rows(a, v, *, rtol, method, tol, max_iters):
         ambiguous = second_explanation(a, sol, method=method, tol=tol,
                                        max_iters=max_iters)[:f] > a.shape[1]
         info["ambiguous_rows"] = int(np.sum(ambiguous))
-        fit = exactly_fit(a, v0[rows], sol)[:f].sum(axis=1)
+        fit = fit_count(a, v0[rows], sol, method=method, tol=tol, max_iters=max_iters)[:f]
         info["certified"] = bool(np.all(fit > a.shape[1]) and not ambiguous.any())
         info["max_row_fraction"] = float(corrupted.sum(axis=1).max() / v.shape[1])
     info["num_corrupted"] = int(corrupted.sum())

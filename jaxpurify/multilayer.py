@@ -40,7 +40,7 @@ import optax
 from jaxpurify._precision import full_precision
 from jaxpurify.models._one_hidden import cached_designs, unit_codes, unit_vectors
 from jaxpurify.phase_transition import critical_fraction
-from jaxpurify.purify import exactly_fit, second_explanation
+from jaxpurify.purify import fit_count, second_explanation
 from jaxpurify.recovery import RESULTS, l1_regression
 from jaxpurify.recovery._solve import default_tol
 
@@ -701,7 +701,8 @@ def _solve_layer(a, v, *, method, tol, max_iters, pad_to: int = 0) -> _LayerSolu
     solvable = (sol.result == RESULTS.successful) | (sol.result == RESULTS.max_iters_reached)
     small_gap = (abs_gap <= tol_ * jnp.sum(jnp.abs(y), axis=1)) & solvable
     converged = in_range | np.asarray(sol.converged | small_gap)
-    num_fit = np.where(in_range, m, exactly_fit(a, y, sol).sum(axis=1))
+    num_fit = np.where(in_range, m, fit_count(a, y, sol, method=method, tol=tol,
+                                              max_iters=max_iters))
     ambiguous = ~in_range & (second_explanation(a, sol, method=method, tol=tol,
                                                 max_iters=max_iters) > a.shape[1])
     return _LayerSolution(recovered, interpolated, converged, num_fit, ambiguous, in_range)
