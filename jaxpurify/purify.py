@@ -250,8 +250,8 @@ def exactly_fit(design, y, solution, *, offset=0.0, factor: float = ROUNDING_FAC
     wrong vertices at 4.7-40 (see the module doc).
 
     Args:
-        design: ``(m, n)`` or ``(B, m, n)``.
-        y: ``(B, m)`` the observations the solver was given.
+        design: ``(m, n)`` or ``(*B, m, n)``.
+        y: ``(*B, m)`` the observations the solver was given.
         solution: the :class:`~jaxpurify.recovery.L1Solution` of ``(design, y)``.
         offset: ``(B, m)`` or scalar, the offset subtracted from the weights.
         factor: roundings allowed.
@@ -259,7 +259,7 @@ def exactly_fit(design, y, solution, *, offset=0.0, factor: float = ROUNDING_FAC
     eps = jnp.finfo(solution.x.dtype).eps
     x = jnp.abs(solution.x)
     a = jnp.abs(design)
-    spread = (jnp.einsum("mn,bn->bm", a, x) if a.ndim == 2 else jnp.einsum("bmn,bn->bm", a, x))
+    spread = jnp.einsum("...mn,...n->...m", a, x)
     bound = factor * eps * (jnp.abs(y) + jnp.abs(offset) + spread)
     return np.asarray(solution.interpolated & (jnp.abs(solution.residual) <= bound))
 
