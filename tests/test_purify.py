@@ -327,6 +327,8 @@ def test_near_fits_of_a_wrong_vertex_do_not_certify_it():
     assert np.abs(got[0] - clean_vectors[0]).max() > 0.1  # wrong
     np.testing.assert_allclose(got[1:], clean_vectors[1:], atol=1e-6)
     assert conv.num_doubtful == 1 and conv.num_ambiguous == 0
+    assert conv.unknowns == n and conv.num_interpolated[0] == n + 3 and conv.num_fit[0] <= n
+    assert np.all(conv.num_fit[1:] == m)  # the clean filters: every row, to rounding
     assert not conv.certified and not report.ok
     assert any("fits no more rows than unknowns (16) to rounding" in w for w in conv.warnings)
 
