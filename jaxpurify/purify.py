@@ -21,13 +21,13 @@ rows and, in float32, a few more rows can sit within that looser test by near-co
 an edit whose in-range change ``A delta`` has entries near zero (an L1-penalized attacker's)
 puts rows where clean and edited networks almost agree next to every vertex mixing the two.
 Measured on the problems of the adaptive-edit experiment's attacks
-(``benchmarks/certificate_margins.py``): rows of correctly recovered units sit within 2.3
-roundings; the wrong vertices this count drops had their extra rows at 4.7-40. Where the
-solver's count and this one disagree, the problem is re-fit on the solver's interpolated rows
-first (:func:`fit_count`): tiny errors inside that set (low-mantissa bit flips) smear a right
-solution by tens of roundings, and the re-fit separates the two cases. Wrong problems that still
-fit more than ``n`` rows to rounding hold an exact second explanation, which is what the test
-below is for.
+(``benchmarks/certificate_margins.py``; MNIST): rows of correctly recovered units sit within
+2.3 roundings; the wrong vertices this count drops had rows at 8.2-42 (on CIFAR-10, from 4.7).
+Where the solver's count and this one disagree, the problem is re-fit on the solver's
+interpolated rows first (:func:`fit_count`): tiny errors inside that set (low-mantissa bit
+flips) smear a right solution by tens of roundings, and the re-fit separates the two cases.
+Wrong problems that still fit more than ``n`` rows to rounding hold an exact second
+explanation, which is what the test below is for.
 
 That argument assumes the corruption is generic. An edit *made* consistent with ``range(A)``
 (:func:`jaxpurify.attacks.subspace_edit`: the restriction of an in-range change to most of
@@ -247,7 +247,7 @@ def exactly_fit(design, y, solution, *, offset=0.0, factor: float = ROUNDING_FAC
     (``y = w - o``): the rounding that storing ``w`` and ``o`` and evaluating ``A x`` can leave
     on a row the solution truly fits. Only rows the solver also calls interpolated count.
     Rows of correctly recovered float32 units measured within 2.3 roundings, the near-fits of
-    wrong vertices at 4.7-40 (see the module doc).
+    wrong vertices from 4.7 roundings on (see the module doc).
 
     Args:
         design: ``(m, n)`` or ``(*B, m, n)``.
