@@ -36,6 +36,7 @@ import functools
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +97,43 @@ def _load(dataset: str, cfg: dict):
     else:
         mean, std = data.CIFAR10_MEAN, data.CIFAR10_STD
     return ds, mean, std
+
+
+class _Poisoning(NamedTuple):
+    """The data both poisoning experiments share: the split, the two triggers, the seeded
+    order the benign budgets are drawn from, and ``poison(attack, rate)``."""
+
+    x_tr: np.ndarray
+    y_tr: np.ndarray
+    x_te: jax.Array
+    y_te: np.ndarray
+    triggers: dict
+    order: np.ndarray
+    poison: object
+
+
+def _poisoning(dataset: str, cfg: dict, seed: int) -> _Poisoning:
+    ds, mean, std = _load(dataset, cfg)
+    x_tr, y_tr = np.asarray(ds.x_train), np.asarray(ds.y_train)
+    white = A.pixel_value(1.0, mean, std)
+    pattern = A.noise_pattern(x_tr.shape[1:], seed, low=A.pixel_value(0.0, mean, std),
+                              high=white)
+    triggers = {
+        "badnets": functools.partial(A.apply_trigger, kind="badnets", value=white),
+        "blended": functools.partial(A.apply_trigger, kind="blended", pattern=pattern),
+    }
+    order = np.asarray(jax.random.permutation(jax.random.PRNGKey(seed + 7), len(x_tr)))
+
+    def poison(attack: str, rate: float):
+        """The training set with ``rate`` of it poisoned by ``attack`` (all-to-one)."""
+        fn = A.badnets if attack == "badnets" else A.blended
+        kw = {"value": white} if attack == "badnets" else {"pattern": pattern}
+        xp, yp, _ = fn(jnp.asarray(x_tr), jnp.asarray(y_tr), jax.random.PRNGKey(seed + 3),
+                       target=TARGET, rate=rate, **kw)
+        return xp, yp
+
+    return _Poisoning(x_tr, y_tr, jnp.asarray(ds.x_test), np.asarray(ds.y_test), triggers,
+                      order, poison)
 
 
 def _deep_class(name: str):
@@ -723,18 +761,9 @@ def run(*, name: str = "backdoor-mnist", quick: bool = False, out: Path, seed: i
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    ds, mean, std = _load(dataset, cfg)
-    x_tr, y_tr = np.asarray(ds.x_train), np.asarray(ds.y_train)
-    x_te, y_te = jnp.asarray(ds.x_test), np.asarray(ds.y_test)
-    n = len(x_tr)
-    white = A.pixel_value(1.0, mean, std)
-    pattern = A.noise_pattern(x_tr.shape[1:], seed, low=A.pixel_value(0.0, mean, std),
-                              high=white)
-    triggers = {
-        "badnets": functools.partial(A.apply_trigger, kind="badnets", value=white),
-        "blended": functools.partial(A.apply_trigger, kind="blended", pattern=pattern),
-    }
-    order = np.asarray(jax.random.permutation(jax.random.PRNGKey(seed + 7), n))
+    data = _poisoning(dataset, cfg, seed)
+    x_tr, y_tr, x_te, y_te = data.x_tr, data.y_tr, data.x_te, data.y_te
+    triggers, order, n = data.triggers, data.order, len(x_tr)
 
     def benign(budget):  # nested budgets of clean training images; never the test set
         idx = order[: max(1, int(round(budget * n)))]
@@ -786,10 +815,7 @@ def run(*, name: str = "backdoor-mnist", quick: bool = False, out: Path, seed: i
         for attack in cfg["attacks"]:
             for rate in rates:
                 t = time.perf_counter()
-                poison = A.badnets if attack == "badnets" else A.blended
-                kw = {"value": white} if attack == "badnets" else {"pattern": pattern}
-                xp, yp, _ = poison(jnp.asarray(x_tr), jnp.asarray(y_tr),
-                                   jax.random.PRNGKey(seed + 3), target=TARGET, rate=rate, **kw)
+                xp, yp = data.poison(attack, rate)
                 w_bd = model.train(np.asarray(xp), np.asarray(yp), seed)
                 t_train = time.perf_counter() - t
                 ev = functools.partial(evaluate, trigger=attack)

@@ -74,8 +74,8 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
     from experiments.backdoor import (
         DEFENSES,
         _details,
-        _load,
         _plot,
+        _poisoning,
         _poisoning_targets,
         _write_tables,
     )
@@ -91,18 +91,9 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    ds, mean, std = _load(dataset, cfg)
-    x_tr, y_tr = np.asarray(ds.x_train), np.asarray(ds.y_train)
-    x_te, y_te = jnp.asarray(ds.x_test), np.asarray(ds.y_test)
-    n = len(x_tr)
-    white = A.pixel_value(1.0, mean, std)
-    pattern = A.noise_pattern(x_tr.shape[1:], seed, low=A.pixel_value(0.0, mean, std),
-                              high=white)
-    triggers = {
-        "badnets": functools.partial(A.apply_trigger, kind="badnets", value=white),
-        "blended": functools.partial(A.apply_trigger, kind="blended", pattern=pattern),
-    }
-    order = np.asarray(jax.random.permutation(jax.random.PRNGKey(seed + 7), n))
+    data = _poisoning(dataset, cfg, seed)
+    x_tr, y_tr, x_te, y_te = data.x_tr, data.y_tr, data.x_te, data.y_te
+    triggers, order, n = data.triggers, data.order, len(x_tr)
     model = OneHiddenLayerCNN(cfg["filters"], tuple(x_tr.shape[1:3]), num_classes=10,
                               pool="mean")
     w0 = model.init(jax.random.PRNGKey(seed), jnp.zeros((1,) + x_tr.shape[1:]))["params"]
@@ -134,10 +125,7 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
     rows, targets = [], []
     for attack, rate in settings:
         t = time.perf_counter()
-        poison = A.badnets if attack == "badnets" else A.blended
-        kw = {"value": white} if attack == "badnets" else {"pattern": pattern}
-        xp, yp, _ = poison(jnp.asarray(x_tr), jnp.asarray(y_tr), jax.random.PRNGKey(seed + 3),
-                           target=TARGET, rate=rate, **kw)
+        xp, yp = data.poison(attack, rate)
         w_bd = train(xp, yp)
         base = {"dataset": dataset, "model": MODEL, "attack": attack, "poison_rate": rate}
         acc, asr = evaluate(w_bd, attack)
