@@ -273,8 +273,8 @@ def fit_count(design, y, solution, *, offset=0.0, **solver) -> np.ndarray:
     flips), the clean solution comes back smeared by them: its clean rows sit tens of
     roundings off, and counted to rounding the problem would look past the threshold although
     it is right to the solver's tolerance. So those problems are solved again by L1 on the
-    interpolated rows alone (rows outside zeroed; one batch of the layer's problem count, so
-    one compiled solve per layer shape) and counted on those rows: the clean solution then fits
+    interpolated rows alone (rows outside zeroed, batched by :func:`_solves_on_rows`) and
+    counted on those rows: the clean solution then fits
     its clean rows exactly, while a wrong vertex with near-fits still fits only ``n``.
     ``solver`` goes to :func:`~jaxpurify.l1_regression`.
     """
@@ -284,17 +284,45 @@ def fit_count(design, y, solution, *, offset=0.0, **solver) -> np.ndarray:
     counts = exactly_fit(design, y, solution, offset=offset).reshape(-1, m).sum(axis=-1)
     redo = np.flatnonzero((counts <= n) & (interpolated.sum(axis=-1) > n))
     if redo.size:
-        pick = np.resize(redo, counts.size)
-        a = (jnp.broadcast_to(design, (pick.size, m, n)) if design.ndim == 2
-             else design.reshape(-1, m, n)[pick])
-        y = jnp.asarray(y).reshape(-1, m)[pick]
-        o = jnp.broadcast_to(jnp.asarray(offset), (counts.size, m))[pick]
-        rows = jnp.asarray(interpolated[pick])
-        again = l1_regression(jnp.where(rows[..., None], a, 0), jnp.where(rows, y, 0),
-                              throw=False, **solver)
-        fit = exactly_fit(a, y, again, offset=o) & np.asarray(rows)
-        counts[redo] = fit.sum(axis=-1)[:redo.size]
+        y = jnp.asarray(y).reshape(-1, m)
+        o = jnp.broadcast_to(jnp.asarray(offset), (counts.size, m))
+        for take, again in _solves_on_rows(design, y, interpolated, redo, **solver):
+            a = design if design.ndim == 2 else design.reshape(-1, m, n)[take]
+            fit = exactly_fit(a, y[take], again, offset=o[take]) & interpolated[take]
+            counts[take] = fit.sum(axis=-1)
     return counts.reshape(shape)
+
+
+#: Bytes of row-masked designs one batch of re-fits may hold: a shared design becomes one copy
+#: per problem once its rows are masked (64 CIFAR-10 filters x 3073 x 2501 in float64 would be
+#: 3.9 GB, several times over inside the solver).
+_MASKED_BATCH_BYTES = 1 << 29
+
+
+def _solves_on_rows(design, targets, rows, problems, **solver):
+    """Yield ``(indices, L1 solution)`` of ``min ||rows * (t - A x)||_1`` for ``problems``.
+
+    Args:
+        design: ``(m, n)`` shared or ``(B, m, n)``.
+        targets: ``(B, m)``.
+        rows: ``(B, m)`` bool, the rows each fit may use (the others are zeroed).
+        problems: indices into ``B`` to solve.
+        **solver: for :func:`~jaxpurify.l1_regression`.
+
+    Batches have one size per layer shape, as many problems as the layer has or fewer if their
+    masked designs would exceed ``_MASKED_BATCH_BYTES``; the last is padded by repeating
+    problems, so one compiled solve serves a layer however many problems are re-fit.
+    """
+    batches, m, n = targets.shape[0], *design.shape[-2:]
+    size = int(np.clip(_MASKED_BATCH_BYTES // (m * n * design.dtype.itemsize), 1, batches))
+    for start in range(0, problems.size, size):
+        take = problems[start:start + size]
+        pick = np.resize(take, size)
+        a = design if design.ndim == 2 else design.reshape(-1, m, n)[pick]
+        keep = jnp.asarray(rows[pick])
+        sol = l1_regression(jnp.where(keep[..., None], a, 0), jnp.where(keep, targets[pick], 0),
+                            throw=False, **solver)
+        yield take, jax.tree_util.tree_map(lambda v, k=take.size: v[:k], sol)
 
 
 def second_explanation(design, solution, **solver) -> np.ndarray:
@@ -316,17 +344,9 @@ def second_explanation(design, solution, **solver) -> np.ndarray:
     counts = np.zeros(sizes.shape, int)
     test = np.flatnonzero((sizes > n) & (m - sizes > n))
     if test.size:
-        # a batch of as many problems as the layer has (tested ones repeated): one compiled
-        # solve per layer shape, however many problems are tested
-        pick = np.resize(test, sizes.size)
-        a = (jnp.broadcast_to(design, (pick.size, m, n)) if design.ndim == 2
-             else design.reshape(-1, m, n)[pick])
-        rows = jnp.asarray(corrupted[pick])
-        residual = jnp.asarray(solution.residual).reshape(-1, m)[pick]
-        again = l1_regression(jnp.where(rows[..., None], a, 0), jnp.where(rows, residual, 0),
-                              throw=False, **solver)
-        counts[test] = (np.asarray(again.num_interpolated)[:test.size]
-                        - (m - sizes[test]))
+        residual = jnp.asarray(solution.residual).reshape(-1, m)
+        for take, again in _solves_on_rows(design, residual, corrupted, test, **solver):
+            counts[take] = np.asarray(again.num_interpolated) - (m - sizes[take])
     return counts.reshape(interpolated.shape[:-1])
 
 

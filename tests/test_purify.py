@@ -356,6 +356,42 @@ def test_fit_count_refits_solutions_smeared_by_low_mantissa_flips():
     assert np.abs(np.asarray(sol.x) - x).max() < 1e-4 * np.abs(x).max()
 
 
+@pytest.mark.parametrize("per_batch", [1, 3])
+def test_refits_in_bounded_batches_count_the_same(monkeypatch, per_batch):
+    """The re-fits copy a shared design once per problem; under a byte budget they run in
+    batches of ``per_batch`` problems (the last padded) and decide as one batch does. The counts
+    themselves may move by a few rows: float32 rows near the rounding bound fall either side
+    of it when the batch (hence the compiled reduction order) changes."""
+    from jaxpurify import purify as P
+    from jaxpurify.contamination import bit_flips as flips
+
+    rng = np.random.default_rng(0)
+    m, n = 120, 30
+    a = jnp.asarray(rng.standard_normal((m, n)).astype(np.float32))
+    x = rng.standard_normal((16, n)).astype(np.float32)
+    y = flips({"y": jnp.asarray(x) @ a.T}, jax.random.key(0), fraction=0.25,
+              bits="mantissa")[0]["y"]
+    sol = l1_regression(a, y)
+    whole = P.fit_count(a, y, sol)
+    # an edit consistent with range(A) on 36 > n rows (30%, below the threshold): a second
+    # explanation of those rows
+    edited = x @ np.asarray(a).T
+    edited[:, :36] += (rng.standard_normal((16, n)).astype(np.float32) @ np.asarray(a).T)[:, :36]
+    odd = l1_regression(a, jnp.asarray(edited))
+    second = P.second_explanation(a, odd)
+    sizes = []
+    solve = P.l1_regression
+    monkeypatch.setattr(P, "l1_regression", lambda d, t, **k: sizes.append(d.shape[0])
+                        or solve(d, t, **k))
+    monkeypatch.setattr(P, "_MASKED_BATCH_BYTES", per_batch * m * n * 4)
+    counts, again = P.fit_count(a, y, sol), P.second_explanation(a, odd)
+    np.testing.assert_array_equal(counts > n, whole > n)
+    np.testing.assert_allclose(counts, whole, atol=0.05 * m)
+    np.testing.assert_array_equal(again > n, second > n)
+    assert np.sum(second > n) >= 12  # the others: L1 went wrong, or nothing to test
+    assert sizes and set(sizes) == {per_batch}
+
+
 def test_iteration_budget_is_passed_and_reported():
     """A budget too small past the threshold shows as not converged, with what to do."""
     dm = designed_model()
