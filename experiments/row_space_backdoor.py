@@ -20,7 +20,9 @@ orthogonal projection onto the same span, ``robust=False``), run where the benig
 redundancy; ``ft``, ``fp`` and ``anp`` (the backdoor experiment's recipes). Writes
 ``metrics.json`` (``rows`` with ``dataset, model, attack, poison_rate, defense, budget, acc,
 asr, seconds``; ``targets``: the data-poisoning verdict at the 1 % budget, judged as in the
-backdoor experiment), ``tables.md`` and ``backdoor.png``.
+backdoor experiment; ``setup.trigger_outside_benign_span``: per trigger and budget, the share
+of the trigger's patch change the projection removes, :func:`trigger_outside_span`),
+``tables.md`` and ``backdoor.png``.
 """
 
 from __future__ import annotations
@@ -60,6 +62,26 @@ def _config(dataset: str, quick: bool) -> dict:
                    rates=(0.1,), budgets=(0.01, 0.5), defenses=("jaxpurify", "ft"),
                    max_iters=1000)
     return cfg
+
+
+def trigger_outside_span(model, init_params, trigger, x_benign, x_probe) -> float:
+    r"""Share of a trigger's patch change outside the span of the benign patches.
+
+    .. math:: \|(I - QQ^\top) d\|_2 / \|d\|_2, \qquad
+              d = \operatorname{mean}_{x \in \text{probe}} [P(\tau(x)) - P(x); 0]
+
+    with ``Q`` the orthonormal basis of the augmented benign patches (the defense's subspace)
+    and ``tau`` the trigger: the part of the direction every poisoned filter update shares
+    that the projection removes. A diagnostic of the attack; the defense never sees it.
+    """
+    from jaxpurify import subspaces as S
+    from jaxpurify.models import extract_patches
+
+    q = S.filter_row_space(model, init_params, jnp.asarray(x_benign)).design
+    x = jnp.asarray(x_probe)
+    change = extract_patches(trigger(x), model.patch_size) - extract_patches(x, model.patch_size)
+    d = jnp.append(jnp.mean(change.reshape(-1, change.shape[-1]), axis=0), 0.0).astype(q.dtype)
+    return float(jnp.linalg.norm(d - q @ (q.T @ d)) / jnp.linalg.norm(d))
 
 
 def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Path,
@@ -119,6 +141,13 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
     baselines = {"ft": D.fine_tune, "fp": D.fine_prune,
                  "anp": functools.partial(D.anp, iterations=cfg["anp_iterations"])}
     baselines = {k: v for k, v in baselines.items() if k in cfg["defenses"]}
+    # the triggers' shares outside each budget's benign span, on training images outside
+    # every budget (the reason a trigger survives the projection or not)
+    probe = x_tr[order[-256:]]
+    outside = {attack: {str(b): trigger_outside_span(model, w0, trig, x_tr[order[:k]], probe)
+                        for b in cfg["budgets"]
+                        if (k := max(1, int(round(b * n)))) + 1 < filter_len}
+               for attack, trig in triggers.items()}
     key = jax.random.PRNGKey(seed + 11)
     settings = [(a, r) for a in cfg["attacks"] for r in cfg["rates"]]
     bar = tqdm(total=len(settings) * len(cfg["budgets"]), desc=name)
@@ -173,7 +202,7 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
     metrics = {
         "experiment": name, "dataset": dataset, "quick": quick, "seed": seed,
         "setup": {"train_size": n, "test_size": int(len(y_te)), "target": TARGET,
-                  "filter_entries": filter_len,
+                  "filter_entries": filter_len, "trigger_outside_benign_span": outside,
                   "model_config": {k: (list(v) if isinstance(v, tuple) else v)
                                    for k, v in cfg.items()}},
         "clean": clean, "rows": rows, "targets": targets,
@@ -185,6 +214,9 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
     _plot(rows, out / "backdoor.png", dataset)
     print()
     print(tables)
+    for attack, shares in outside.items():
+        print(f"{attack} trigger outside the benign span: "
+              + ", ".join(f"{float(b):g}: {v:.3f}" for b, v in shares.items()))
     for t in targets:
         print(f"- {'MET' if t['met'] else 'MISSED'}: {t['attack']} {100 * t['poison_rate']:g}%: "
               f"{t['reason']}")

@@ -55,3 +55,37 @@ def test_the_projection_removes_the_badnets_backdoor_fine_tuning_does_not(quick)
           if r["budget"] in (0.0, 0.01)}
     assert at[("none", None)]["asr"] > 0.9 and at[("ft", None)]["asr"] > 0.9
     assert at[("jaxpurify", "benign-projection")]["asr"] < 0.05
+
+
+def test_trigger_shares_outside_the_benign_span(quick):
+    """Recorded per trigger and applicable budget. On MNIST no benign image lights the corner
+    BadNets uses, so nearly all of its change lies outside the span; the full-image Blended
+    pattern much less (measured on the full set at 600 images: 0.97 vs 0.29)."""
+    _, metrics = quick
+    shares = metrics["setup"]["trigger_outside_benign_span"]
+    assert set(shares) == {"badnets", "blended"} and set(shares["badnets"]) == {"0.01"}
+    assert shares["badnets"]["0.01"] > 0.95
+    assert shares["blended"]["0.01"] < shares["badnets"]["0.01"]
+
+
+def test_trigger_outside_span_is_zero_inside_and_one_orthogonal():
+    """Exact ends of the diagnostic: a trigger adding the difference of two benign images is
+    inside the span of the augmented patches ``[x; 1]`` (0);
+    one lighting a pixel no benign image has is orthogonal to it (1)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxpurify.models import OneHiddenLayerCNN
+
+    rng = np.random.default_rng(0)
+    benign = np.zeros((5, 6, 6, 1), np.float32)
+    benign[:, 1:, 1:] = rng.standard_normal((5, 5, 5, 1))
+    model = OneHiddenLayerCNN(3, (6, 6), num_classes=2, pool="mean")
+    w0 = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 6, 6, 1)))["params"]
+    probe = rng.standard_normal((4, 6, 6, 1)).astype(np.float32)
+    inside = row_space.trigger_outside_span(model, w0, lambda x: x + benign[0] - benign[1],
+                                            benign, probe)
+    corner = row_space.trigger_outside_span(model, w0, lambda x: x.at[:, 0, 0].set(9.0),
+                                            benign, probe)
+    assert inside < 1e-6 and abs(corner - 1.0) < 1e-6
