@@ -64,24 +64,30 @@ def _config(dataset: str, quick: bool) -> dict:
     return cfg
 
 
-def trigger_outside_span(model, init_params, trigger, x_benign, x_probe) -> float:
-    r"""Share of a trigger's patch change outside the span of the benign patches.
+def trigger_outside_span(model, init_params, triggers: dict, x_benign, x_probe) -> dict:
+    r"""Share of each trigger's patch change outside the span of the benign patches.
 
     .. math:: \|(I - QQ^\top) d\|_2 / \|d\|_2, \qquad
               d = \operatorname{mean}_{x \in \text{probe}} [P(\tau(x)) - P(x); 0]
 
-    with ``Q`` the orthonormal basis of the augmented benign patches (the defense's subspace)
-    and ``tau`` the trigger: the part of the direction every poisoned filter update shares
-    that the projection removes. A diagnostic of the attack; the defense never sees it.
+    with ``Q`` the orthonormal basis of the augmented benign patches (the defense's subspace,
+    computed once for all triggers) and ``tau`` a trigger: the part of the direction every
+    poisoned filter update shares that the projection removes. A diagnostic of the attack; the
+    defense never sees it. ``triggers``: ``{name: tau}``; returns ``{name: share}``.
     """
     from jaxpurify import subspaces as S
     from jaxpurify.models import extract_patches
 
     q = S.filter_row_space(model, init_params, jnp.asarray(x_benign)).design
     x = jnp.asarray(x_probe)
-    change = extract_patches(trigger(x), model.patch_size) - extract_patches(x, model.patch_size)
-    d = jnp.append(jnp.mean(change.reshape(-1, change.shape[-1]), axis=0), 0.0).astype(q.dtype)
-    return float(jnp.linalg.norm(d - q @ (q.T @ d)) / jnp.linalg.norm(d))
+    patches = extract_patches(x, model.patch_size)
+    shares = {}
+    for name, trigger in triggers.items():
+        change = extract_patches(trigger(x), model.patch_size) - patches
+        d = jnp.append(jnp.mean(change.reshape(-1, change.shape[-1]), axis=0), 0.0)
+        d = d.astype(q.dtype)
+        shares[name] = float(jnp.linalg.norm(d - q @ (q.T @ d)) / jnp.linalg.norm(d))
+    return shares
 
 
 def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Path,
@@ -143,11 +149,12 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
     baselines = {k: v for k, v in baselines.items() if k in cfg["defenses"]}
     # the triggers' shares outside each budget's benign span, on training images outside
     # every budget (the reason a trigger survives the projection or not)
-    probe = x_tr[order[-256:]]
-    outside = {attack: {str(b): trigger_outside_span(model, w0, trig, x_tr[order[:k]], probe)
-                        for b in cfg["budgets"]
-                        if (k := max(1, int(round(b * n)))) + 1 < filter_len}
-               for attack, trig in triggers.items()}
+    probe, outside = x_tr[order[-256:]], {attack: {} for attack in triggers}
+    for budget in cfg["budgets"]:
+        if (k := max(1, int(round(budget * n)))) + 1 < filter_len:
+            shares = trigger_outside_span(model, w0, triggers, x_tr[order[:k]], probe)
+            for attack, share in shares.items():
+                outside[attack][str(budget)] = share
     key = jax.random.PRNGKey(seed + 11)
     settings = [(a, r) for a in cfg["attacks"] for r in cfg["rates"]]
     bar = tqdm(total=len(settings) * len(cfg["budgets"]), desc=name)

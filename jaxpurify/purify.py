@@ -274,8 +274,8 @@ def fit_count(design, y, solution, *, offset=0.0, **solver) -> np.ndarray:
     roundings off, and counted to rounding the problem would look past the threshold although
     it is right to the solver's tolerance. So those problems are solved again by L1 on the
     interpolated rows alone (rows outside zeroed, batched by :func:`_solves_on_rows`) and
-    counted on those rows: the clean solution then fits
-    its clean rows exactly, while a wrong vertex with near-fits still fits only ``n``.
+    counted on those rows: the clean solution then fits its clean rows exactly, while a wrong
+    vertex with near-fits still fits only ``n``.
     ``solver`` goes to :func:`~jaxpurify.l1_regression`.
     """
     interpolated = np.asarray(solution.interpolated)

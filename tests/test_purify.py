@@ -333,21 +333,29 @@ def test_near_fits_of_a_wrong_vertex_do_not_certify_it():
     assert any("fits no more rows than unknowns (16) to rounding" in w for w in conv.warnings)
 
 
+def _mantissa_flipped_problems():
+    """float32, 16 problems ``y = A x`` (120 x 30), a quarter of the entries with one mantissa
+    bit flipped; returns ``(rng, A, x, y)`` (``rng`` for further draws)."""
+    from jaxpurify.contamination import bit_flips
+
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.standard_normal((120, 30)).astype(np.float32))
+    x = rng.standard_normal((16, 30)).astype(np.float32)
+    y = bit_flips({"y": jnp.asarray(x) @ a.T}, jax.random.key(0), fraction=0.25,
+                  bits="mantissa")[0]["y"]
+    return rng, a, x, y
+
+
 def test_fit_count_refits_solutions_smeared_by_low_mantissa_flips():
     """float32, 16 problems (120 x 30), a quarter of the entries with one mantissa bit flipped.
     Flips of the low bits are below the solver's interpolation test, so its polish fits them
     along with the clean rows and the solutions come back smeared (right to ~3e-5): counted to
     rounding, many problems fit no more than ``n`` rows. Re-fit on the interpolated rows
     (``fit_count``), every problem fits its clean rows exactly again."""
-    from jaxpurify.contamination import bit_flips as flips
     from jaxpurify.purify import exactly_fit, fit_count
 
-    rng = np.random.default_rng(0)
-    m, n = 120, 30
-    a = jnp.asarray(rng.standard_normal((m, n)).astype(np.float32))
-    x = rng.standard_normal((16, n)).astype(np.float32)
-    y = flips({"y": jnp.asarray(x) @ a.T}, jax.random.key(0), fraction=0.25,
-              bits="mantissa")[0]["y"]
+    rng, a, x, y = _mantissa_flipped_problems()
+    m, n = a.shape
     sol = l1_regression(a, y)
     assert np.all(np.asarray(sol.num_interpolated) > n)
     assert np.sum(exactly_fit(a, y, sol).sum(axis=-1) <= n) >= 5  # smeared
@@ -363,14 +371,9 @@ def test_refits_in_bounded_batches_count_the_same(monkeypatch, per_batch):
     themselves may move by a few rows: float32 rows near the rounding bound fall either side
     of it when the batch (hence the compiled reduction order) changes."""
     from jaxpurify import purify as P
-    from jaxpurify.contamination import bit_flips as flips
 
-    rng = np.random.default_rng(0)
-    m, n = 120, 30
-    a = jnp.asarray(rng.standard_normal((m, n)).astype(np.float32))
-    x = rng.standard_normal((16, n)).astype(np.float32)
-    y = flips({"y": jnp.asarray(x) @ a.T}, jax.random.key(0), fraction=0.25,
-              bits="mantissa")[0]["y"]
+    rng, a, x, y = _mantissa_flipped_problems()
+    m, n = a.shape
     sol = l1_regression(a, y)
     whole = P.fit_count(a, y, sol)
     # an edit consistent with range(A) on 36 > n rows (30%, below the threshold): a second

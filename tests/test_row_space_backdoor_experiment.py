@@ -84,8 +84,8 @@ def test_trigger_outside_span_is_zero_inside_and_one_orthogonal():
     model = OneHiddenLayerCNN(3, (6, 6), num_classes=2, pool="mean")
     w0 = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 6, 6, 1)))["params"]
     probe = rng.standard_normal((4, 6, 6, 1)).astype(np.float32)
-    inside = row_space.trigger_outside_span(model, w0, lambda x: x + benign[0] - benign[1],
-                                            benign, probe)
-    corner = row_space.trigger_outside_span(model, w0, lambda x: x.at[:, 0, 0].set(9.0),
-                                            benign, probe)
+    shares = row_space.trigger_outside_span(
+        model, w0, {"inside": lambda x: x + benign[0] - benign[1],
+                    "corner": lambda x: x.at[:, 0, 0].set(9.0)}, benign, probe)
+    inside, corner = shares["inside"], shares["corner"]
     assert inside < 1e-6 and abs(corner - 1.0) < 1e-6
