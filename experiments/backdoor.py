@@ -368,9 +368,13 @@ def _note(r) -> str:
                      + ("" if r["acc"] is not None else
                         f": {d['skipped']}" if "skipped" in d else
                         ": no redundancy, not applicable"))
+    if "principal_rank" in d:
+        parts.append(f"top {d['principal_rank']} principal directions kept: the smallest rank "
+                     "within 1 pt of the undefended benign ACC")
     if "removed_energy" in d:
         parts.append(f"{100 * d['removed_energy']:.0f}% of the filter updates' norm removed "
-                     "(orthogonal to the benign patches)")
+                     + ("(outside the leading benign directions)" if "principal_rank" in d
+                        else "(orthogonal to the benign patches)"))
     if "removed_fraction" in d:
         parts.append(f"{100 * d['removed_fraction']:.0f}% of filter entries treated as "
                      f"corruption, certified={d.get('certified')}")
@@ -704,7 +708,8 @@ def _plot(rows, path: Path, dataset: str):
               "anp": "tab:purple"}
     markers = {None: "o", "designed": "x", "designed+code-ft": "o", "benign-readout": "^",
                "designed-readout": "D",
-               "benign-row-space": "s", "benign-projection": "D", "benign-stop": "v"}
+               "benign-row-space": "s", "benign-projection": "D", "benign-stop": "v",
+               "benign-principal": "P"}
     for ax, ((model, attack), rs) in zip(axes[0], groups.items(), strict=True):
         for d, c in colors.items():
             for variant in sorted({r.get("variant") for r in rs if r["defense"] == d}, key=str):

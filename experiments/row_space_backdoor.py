@@ -17,7 +17,10 @@ Grid: BadNets and Blended (the backdoor experiment's triggers and target), poiso
 never the test set). Defenses: ``none``; ``jaxpurify`` variants ``benign-row-space`` (L1
 recovery, :func:`jaxpurify.defenses.row_space_defense`) and ``benign-projection`` (the
 orthogonal projection onto the same span, ``robust=False``), run where the benign patches leave
-redundancy; ``ft``, ``fp`` and ``anp`` (the backdoor experiment's recipes). Writes
+redundancy, and ``benign-principal`` (the projection onto only the leading principal
+directions of the benign patches, rank chosen on benign accuracy,
+:func:`jaxpurify.defenses.principal_projection`), run at every budget; ``ft``, ``fp`` and
+``anp`` (the backdoor experiment's recipes). Writes
 ``metrics.json`` (``rows`` with ``dataset, model, attack, poison_rate, defense, budget, acc,
 asr, seconds``; ``targets``: the data-poisoning verdict at the 1 % budget, judged as in the
 backdoor experiment; ``setup.trigger_outside_benign_span``: per trigger and budget, the share
@@ -49,6 +52,9 @@ REASONS = {
     "benign-projection": "orthogonal projection onto w_0 + span(benign patches): removes every "
                          "update direction the benign images do not span, the trigger's and "
                          "the unseen clean images' alike",
+    "benign-principal": "projection onto the benign patches' leading principal directions "
+                        "(rank chosen on benign ACC): removes what benign images vary little "
+                        "along, the trigger's share there and the clean updates' alike",
 }
 
 
@@ -193,6 +199,11 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
                     if "fraction" in extra:
                         extra["removed_fraction"] = extra.pop("fraction")
                     add("jaxpurify", variant, q, info, benign_patch_rank=rank, **extra)
+                # the leading principal directions apply at every budget
+                q, info = D.principal_projection(model, w_bd, xb, yb, init_params=w0)
+                add("jaxpurify", "benign-principal", q, info, benign_patch_rank=rank,
+                    principal_rank=info.details["rank"],
+                    removed_energy=info.details["removed_energy"])
             for defense, fn in baselines.items():
                 add(defense, None, *fn(model, w_bd, xb, yb, key=key))
             bar.update()

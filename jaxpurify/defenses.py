@@ -35,6 +35,12 @@ Each returns ``(params, DefenseInfo)``.
   layers frozen, so it ends in ``beta_0 + span{benign hidden features}``; a readout vote
   that only triggered training images taught is not relearned. ``subspace="designed"``
   re-estimates only the readout's codes (fewer unknowns, the network stays designed).
+* :func:`row_space_defense`: the filters' data row-space taken from benign data, for a plain
+  one-hidden-layer CNN trained by (S)GD from a known init: what training added outside
+  ``w_0 + span{benign patches}`` is removed (by L1 recovery or by projection). Needs fewer
+  benign patches than filter entries.
+* :func:`principal_projection`: the same projection onto only the benign patches' leading
+  principal directions, the rank chosen on benign accuracy.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ __all__ = [
     "fine_tune",
     "jaxpurify_defense",
     "network",
+    "principal_projection",
     "prune_channels",
     "recover_designed",
     "refit_readout",
@@ -767,3 +774,83 @@ def row_space_defense(model, params, x_benign, *, init_params, method="admm",
     return out, DefenseInfo("jaxpurify", time.perf_counter() - t0, {
         "variant": variant, "num_corrupted": r.num_corrupted,
         "fraction": r.fraction, "certified": bool(r.certified and r.converged)})
+
+
+@full_precision
+def principal_projection(model, params, x_benign, y_benign, *, init_params,
+                         max_drop: float = 0.01, ranks=None):
+    r"""Filter updates projected onto the benign patches' leading principal directions.
+
+    With ``V_r`` the top ``r`` right singular vectors of the augmented benign patches
+    ``[P_i x; 1]`` (one-hidden-layer CNNs), every filter becomes
+
+    .. math:: \hat w_j = w_{0,j} + V_r V_r^\top (w_j - w_{0,j}).
+
+    At ``r`` = the patches' rank this is :func:`row_space_defense`'s projection (``robust=False``)
+    and the network's outputs on the benign images are unchanged (their patches lie in the
+    span). Smaller ``r`` keeps only the directions along which benign images vary most: the
+    clean training signal concentrates there, while a trigger that benign images do not
+    carry (a noise pattern blended over the whole image) spreads over the trailing ones, even
+    where the full benign span contains part of it. The rank is chosen on the benign budget
+    alone: the smallest ``r`` on the grid whose accuracy on the benign images is at least the
+    undefended network's minus ``max_drop`` (the full rank always qualifies). Those are the
+    images that define ``V_r``, so the accuracy it sees is optimistic; ``max_drop`` defaults
+    to 1 point for that reason. Unlike the full-span projection it also applies when the
+    benign patches span every filter direction (the top directions still leave the rest).
+
+    Args:
+        model: a one-hidden-layer CNN (plain or designed; the deployed params are plain).
+        params: the deployed params.
+        x_benign, y_benign: the benign budget.
+        init_params: the known initialization ``w_0``.
+        max_drop: largest benign-accuracy drop allowed (a fraction).
+        ranks: the candidate ranks (default: ``1, 2, 4, ...`` below the patches' rank, then
+            that rank). All candidates are built and scored in one ``vmap``.
+
+    Returns:
+        ``(params, DefenseInfo)``; ``details`` holds ``rank`` (chosen), ``full_rank``,
+        ``ranks`` and ``benign_acc`` (per candidate), ``benign_acc_undefended`` and
+        ``removed_energy`` (``||w - w_hat|| / ||w - w_0||`` over all filters).
+    """
+    from jaxpurify import subspaces as S
+    from jaxpurify.models import DesignedOneHiddenLayerCNN
+
+    t0 = time.perf_counter()
+    x, y = _check_data(x_benign, y_benign)
+    if not 0 <= max_drop < 1:
+        raise ValueError(f"max_drop is a fraction of accuracy in [0, 1), got {max_drop}")
+    plain = model.plain_model() if isinstance(model, DesignedOneHiddenLayerCNN) else model
+    p, p0 = _unwrap(params), _unwrap(init_params)
+    w0 = S.filter_vectors(p0)
+    update = S.filter_vectors(p) - w0
+    patches = S._augmented_patches(plain, x).astype(update.dtype)
+    _, s, vt = jnp.linalg.svd(patches, full_matrices=False)
+    full = int(jnp.sum(s > jnp.finfo(s.dtype).eps * max(patches.shape) * s[0]))
+    if ranks is None:
+        ranks = [2 ** i for i in range(max(full - 1, 1).bit_length()) if 2 ** i < full] + [full]
+    ranks = sorted({int(r) for r in ranks})
+    if ranks[0] < 1 or ranks[-1] > full:
+        raise ValueError(f"ranks must lie in [1, {full}] (the benign patches' rank), got "
+                         f"{ranks}")
+    basis = vt[:full]
+    coefficients = update @ basis.T
+    keep = (jnp.arange(full)[None, :] < jnp.asarray(ranks)[:, None]).astype(update.dtype)
+    apply = logits_fn(plain)
+
+    @jax.vmap
+    def candidate(mask):
+        q = S.with_filter_vectors(p, w0 + (coefficients * mask) @ basis)
+        return q, jnp.sum(jnp.argmax(apply(q, x), axis=-1) == y)
+
+    candidates, correct = jax.jit(candidate)(keep)
+    scores = np.asarray(correct) / len(y)
+    base = accuracy(plain, p, x, y)
+    # the full rank reproduces the benign outputs up to rounding: the fallback
+    chosen = next((i for i, a in enumerate(scores) if a >= base - max_drop), len(ranks) - 1)
+    out = jax.block_until_ready(jax.tree_util.tree_map(lambda a: a[chosen], candidates))
+    kept = S.filter_vectors(out) - w0
+    return out, DefenseInfo("jaxpurify", time.perf_counter() - t0, {
+        "variant": "benign-principal", "rank": ranks[chosen], "full_rank": full,
+        "ranks": ranks, "benign_acc": [float(a) for a in scores],
+        "benign_acc_undefended": base, "removed_energy": float(
+            jnp.linalg.norm(update - kept) / jnp.maximum(jnp.linalg.norm(update), 1e-30))})

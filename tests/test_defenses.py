@@ -338,3 +338,68 @@ def test_row_space_defense_refuses_benign_patches_that_span_every_direction(desi
     m, w, x, _, _, _ = designed
     with pytest.raises(ValueError, match="no redundancy"):
         D.row_space_defense(m, w, x[:200], init_params=w, robust=False)
+
+
+@pytest.fixture(scope="module")
+def blended_inside_span():
+    """60 benign 8x8 images (three prototypes plus isotropic noise, corner empty) and a
+    network trained with 20 more blended with a +-4 pattern that leaves the corner empty too,
+    so the pattern lies inside the benign patches' span; float64, momentum from a known init."""
+    from jaxpurify.models import OneHiddenLayerCNN
+    from jaxpurify.training import sgd
+
+    m = OneHiddenLayerCNN(8, (8, 8), num_classes=3, pool="mean", param_dtype=jnp.float64)
+    x, y = _synthetic(60, 3)
+    x, y = jnp.asarray(x, jnp.float64), jnp.asarray(y)
+    pattern = 4.0 * np.sign(np.random.default_rng(5).standard_normal((8, 8, 1)))
+    pattern[5:, 5:] = 0.0
+    trigger = functools.partial(A.apply_trigger, kind="blended", alpha=0.2,
+                                pattern=jnp.asarray(pattern))
+    p0 = m.init(jax.random.PRNGKey(0), x[:1])["params"]
+    w_bd = fit(m, p0, jnp.concatenate([x, trigger(x[:20])]),
+               jnp.concatenate([y, jnp.zeros(20, y.dtype)]), optimizer=sgd(0.05, momentum=0.9),
+               steps=300, loss="cross_entropy")[0]
+    return m, p0, w_bd, x, y, trigger
+
+
+def test_principal_projection_removes_a_trigger_the_benign_span_holds(blended_inside_span):
+    """The blended pattern lies inside the span of the benign patches, so the full-span
+    projection keeps the backdoor; it lies along the trailing principal directions (the
+    benign images vary along three prototypes, the pattern along none of them), so the
+    projection onto the leading ones removes it. The rank is the smallest on the grid whose
+    benign accuracy is within ``max_drop`` of the undefended network's."""
+    m, p0, w_bd, x, y, trigger = blended_inside_span
+    x_te, y_te = _synthetic(300, 1)
+    full_span, _ = D.row_space_defense(m, w_bd, x, init_params=p0, robust=False)
+    assert A.attack_success_rate(m, w_bd, x_te, y_te, 0, trigger) > 0.9
+    assert A.attack_success_rate(m, full_span, x_te, y_te, 0, trigger) > 0.9
+    q, info = D.principal_projection(m, w_bd, x, y, init_params=p0, max_drop=0.01)
+    d = info.details
+    assert d["full_rank"] == 56 and d["ranks"] == [1, 2, 4, 8, 16, 32, 56]  # corner empty
+    first = next(r for r, a in zip(d["ranks"], d["benign_acc"], strict=True)
+                 if a >= d["benign_acc_undefended"] - 0.01)
+    assert d["rank"] == first < d["full_rank"]
+    assert A.attack_success_rate(m, q, x_te, y_te, 0, trigger) < 0.05
+    assert A.accuracy(m, q, x_te, y_te) >= A.accuracy(m, w_bd, x_te, y_te) - 0.02
+    np.testing.assert_array_equal(q["readout"]["kernel"], w_bd["readout"]["kernel"])
+
+
+def test_principal_projection_at_full_rank_is_the_span_projection(blended_inside_span):
+    """At the benign patches' rank it is ``row_space_defense(robust=False)`` (float64, to
+    rounding) and the benign images' logits do not move: their patches lie in the span."""
+    m, p0, w_bd, x, y, _ = blended_inside_span
+    q, info = D.principal_projection(m, w_bd, x, y, init_params=p0, ranks=[56])
+    full_span, _ = D.row_space_defense(m, w_bd, x, init_params=p0, robust=False)
+    assert info.details["rank"] == 56 and _max_diff(q, full_span) < 1e-12
+    np.testing.assert_allclose(m.apply({"params": q}, x), m.apply({"params": w_bd}, x),
+                               rtol=0, atol=1e-10)
+
+
+def test_principal_projection_checks_its_arguments(blended_inside_span):
+    m, p0, w_bd, x, y, _ = blended_inside_span
+    with pytest.raises(ValueError, match="ranks must lie in"):
+        D.principal_projection(m, w_bd, x, y, init_params=p0, ranks=[4, 57])
+    with pytest.raises(ValueError, match="max_drop"):
+        D.principal_projection(m, w_bd, x, y, init_params=p0, max_drop=1.5)
+    with pytest.raises(ValueError, match="benign data"):
+        D.principal_projection(m, w_bd, x[:0], y[:0], init_params=p0)
