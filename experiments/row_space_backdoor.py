@@ -62,6 +62,7 @@ def _config(dataset: str, quick: bool) -> dict:
     cfg = {"filters": 64, "steps": 4000, "learning_rate": 0.05, "momentum": 0.9,
            "batch_size": 128, "attacks": ("badnets", "blended"), "rates": (0.01, 0.05, 0.1),
            "budgets": (0.001, 0.01, 0.05), "defenses": ("jaxpurify", "ft", "fp", "anp"),
+           "variants": tuple(REASONS),
            "anp_iterations": 2000, "max_iters": 5000, "train_limit": None, "test_limit": None}
     if quick:
         cfg.update(train_limit=4000, test_limit=1000, steps=300, attacks=("badnets",),
@@ -101,7 +102,8 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
     """Run the experiment; see the module docstring. Returns the metrics.
 
     ``options`` override entries of the configuration (``rates``, ``budgets``, ``defenses``,
-    ``steps``, ``max_iters``, ...).
+    ``variants`` (the jaxpurify variants, default all of :data:`REASONS`), ``steps``,
+    ``max_iters``, ...).
     """
     from tqdm.auto import tqdm
 
@@ -119,6 +121,9 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
     t_all = time.perf_counter()
     dataset = "cifar10" if name.endswith("cifar10") else "mnist"
     cfg = with_options(_config(dataset, quick), options)
+    if set(cfg["variants"]) - set(REASONS):
+        raise ValueError(f"unknown jaxpurify variants {sorted(set(cfg['variants']) - set(REASONS))}"
+                         f"; choose from {list(REASONS)}")
     if set(cfg["defenses"]) - set(DEFENSES):
         raise ValueError(f"unknown defenses {sorted(set(cfg['defenses']) - set(DEFENSES))}; "
                          f"choose from {list(DEFENSES)}")
@@ -189,6 +194,8 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
                 rank = f"{min(len(xb), filter_len)}/{filter_len}"
                 for robust, variant in ((True, "benign-row-space"),
                                         (False, "benign-projection")):
+                    if variant not in cfg["variants"]:
+                        continue
                     if len(xb) + 1 >= filter_len:  # the benign patches span every direction
                         add("jaxpurify", variant, None, None, benign_patch_rank=rank)
                         continue
@@ -199,11 +206,11 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
                     if "fraction" in extra:
                         extra["removed_fraction"] = extra.pop("fraction")
                     add("jaxpurify", variant, q, info, benign_patch_rank=rank, **extra)
-                # the leading principal directions apply at every budget
-                q, info = D.principal_projection(model, w_bd, xb, yb, init_params=w0)
-                add("jaxpurify", "benign-principal", q, info, benign_patch_rank=rank,
-                    principal_rank=info.details["rank"],
-                    removed_energy=info.details["removed_energy"])
+                if "benign-principal" in cfg["variants"]:  # applies at every budget
+                    q, info = D.principal_projection(model, w_bd, xb, yb, init_params=w0)
+                    add("jaxpurify", "benign-principal", q, info, benign_patch_rank=rank,
+                        principal_rank=info.details["rank"],
+                        removed_energy=info.details["removed_energy"])
             for defense, fn in baselines.items():
                 add(defense, None, *fn(model, w_bd, xb, yb, key=key))
             bar.update()

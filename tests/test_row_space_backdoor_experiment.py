@@ -102,3 +102,8 @@ def test_trigger_outside_span_is_zero_inside_and_one_orthogonal():
                     "corner": lambda x: x.at[:, 0, 0].set(9.0)}, benign, probe)
     inside, corner = shares["inside"], shares["corner"]
     assert inside < 1e-6 and abs(corner - 1.0) < 1e-6
+
+
+def test_unknown_variants_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown jaxpurify variants"):
+        row_space.run(quick=True, out=tmp_path, variants=("benign-typo",))
