@@ -371,6 +371,9 @@ def _note(r) -> str:
     if "principal_rank" in d:
         parts.append(f"top {d['principal_rank']} principal directions kept: the smallest rank "
                      "within 1 pt of the undefended benign ACC")
+    if "trigger_outside_kept" in d:
+        parts.append(f"{100 * d['trigger_outside_kept']:.0f}% of the trigger's change outside "
+                     "them")
     if "removed_energy" in d:
         parts.append(f"{100 * d['removed_energy']:.0f}% of the filter updates' norm removed "
                      + ("(outside the leading benign directions)" if "principal_rank" in d

@@ -71,7 +71,8 @@ def _config(dataset: str, quick: bool) -> dict:
     return cfg
 
 
-def trigger_outside_span(model, init_params, triggers: dict, x_benign, x_probe) -> dict:
+def trigger_outside_span(model, init_params, triggers: dict, x_benign, x_probe, *,
+                         rank: int | None = None) -> dict:
     r"""Share of each trigger's patch change outside the span of the benign patches.
 
     .. math:: \|(I - QQ^\top) d\|_2 / \|d\|_2, \qquad
@@ -80,12 +81,18 @@ def trigger_outside_span(model, init_params, triggers: dict, x_benign, x_probe) 
     with ``Q`` the orthonormal basis of the augmented benign patches (the defense's subspace,
     computed once for all triggers) and ``tau`` a trigger: the part of the direction every
     poisoned filter update shares that the projection removes. A diagnostic of the attack; the
-    defense never sees it. ``triggers``: ``{name: tau}``; returns ``{name: share}``.
+    defense never sees it. ``triggers``: ``{name: tau}``; returns ``{name: share}``. With
+    ``rank``, ``Q`` holds only the leading ``rank`` principal directions of the benign patches
+    (what :func:`jaxpurify.defenses.principal_projection` keeps at that rank).
     """
     from jaxpurify import subspaces as S
     from jaxpurify.models import extract_patches
 
-    q = S.filter_row_space(model, init_params, jnp.asarray(x_benign)).design
+    if rank is None:
+        q = S.filter_row_space(model, init_params, jnp.asarray(x_benign)).design
+    else:  # applies even where the benign patches span every direction
+        patches = S._augmented_patches(model, jnp.asarray(x_benign))
+        q = jnp.linalg.svd(patches, full_matrices=False)[2][:rank].T
     x = jnp.asarray(x_probe)
     patches = extract_patches(x, model.patch_size)
     shares = {}
@@ -208,9 +215,12 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
                     add("jaxpurify", variant, q, info, benign_patch_rank=rank, **extra)
                 if "benign-principal" in cfg["variants"]:  # applies at every budget
                     q, info = D.principal_projection(model, w_bd, xb, yb, init_params=w0)
+                    r = info.details["rank"]
+                    outside_kept = trigger_outside_span(model, w0, {attack: triggers[attack]},
+                                                        xb, probe, rank=r)[attack]
                     add("jaxpurify", "benign-principal", q, info, benign_patch_rank=rank,
-                        principal_rank=info.details["rank"],
-                        removed_energy=info.details["removed_energy"])
+                        principal_rank=r, removed_energy=info.details["removed_energy"],
+                        trigger_outside_kept=outside_kept)
             for defense, fn in baselines.items():
                 add(defense, None, *fn(model, w_bd, xb, yb, key=key))
             bar.update()

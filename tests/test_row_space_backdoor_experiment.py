@@ -66,6 +66,7 @@ def test_the_principal_projection_applies_where_the_span_is_full(quick):
     at = {(r["defense"], r["variant"], r["budget"]): r for r in metrics["rows"]}
     none, principal = at[("none", None, 0.0)], at[("jaxpurify", "benign-principal", 0.5)]
     assert principal["details"]["principal_rank"] < 785
+    assert 0.5 < principal["details"]["trigger_outside_kept"] <= 1  # BadNets: its corner
     assert principal["asr"] < 0.05 and principal["acc"] > none["acc"] - 0.02
     assert at[("jaxpurify", "benign-principal", 0.01)]["acc"] is not None
 
@@ -102,6 +103,12 @@ def test_trigger_outside_span_is_zero_inside_and_one_orthogonal():
                     "corner": lambda x: x.at[:, 0, 0].set(9.0)}, benign, probe)
     inside, corner = shares["inside"], shares["corner"]
     assert inside < 1e-6 and abs(corner - 1.0) < 1e-6
+    # keeping only the leading principal directions removes more, down to the full span
+    trig = {"inside": lambda x: x + benign[0] - benign[1]}
+    by_rank = [row_space.trigger_outside_span(model, w0, trig, benign, probe, rank=r)["inside"]
+               for r in (1, 2, 3, 4, 5)]
+    assert by_rank[0] > 0.1 and by_rank[-1] < 1e-6
+    assert all(a >= b - 1e-6 for a, b in zip(by_rank, by_rank[1:], strict=False))
 
 
 def test_unknown_variants_are_refused(tmp_path):
