@@ -91,7 +91,7 @@ def trigger_outside_span(model, init_params, triggers: dict, x_benign, x_probe, 
     if rank is None:
         q = S.filter_row_space(model, init_params, jnp.asarray(x_benign)).design
     else:  # applies even where the benign patches span every direction
-        patches = S._augmented_patches(model, jnp.asarray(x_benign))
+        patches = S.augmented_patches(model, jnp.asarray(x_benign))
         q = jnp.linalg.svd(patches, full_matrices=False)[2][:rank].T
     x = jnp.asarray(x_probe)
     patches = extract_patches(x, model.patch_size)

@@ -813,17 +813,20 @@ def principal_projection(model, params, x_benign, y_benign, *, init_params,
         ``removed_energy`` (``||w - w_hat|| / ||w - w_0||`` over all filters).
     """
     from jaxpurify import subspaces as S
-    from jaxpurify.models import DesignedOneHiddenLayerCNN
+    from jaxpurify.models import DesignedOneHiddenLayerCNN, OneHiddenLayerCNN
 
     t0 = time.perf_counter()
     x, y = _check_data(x_benign, y_benign)
     if not 0 <= max_drop < 1:
         raise ValueError(f"max_drop is a fraction of accuracy in [0, 1), got {max_drop}")
     plain = model.plain_model() if isinstance(model, DesignedOneHiddenLayerCNN) else model
+    if not isinstance(plain, OneHiddenLayerCNN):
+        raise TypeError("principal_projection needs a one-hidden-layer CNN (its filters move "
+                        f"along the input patches); got {type(model).__name__}")
     p, p0 = _unwrap(params), _unwrap(init_params)
     w0 = S.filter_vectors(p0)
     update = S.filter_vectors(p) - w0
-    patches = S._augmented_patches(plain, x).astype(update.dtype)
+    patches = S.augmented_patches(plain, x).astype(update.dtype)
     _, s, vt = jnp.linalg.svd(patches, full_matrices=False)
     full = int(jnp.sum(s > jnp.finfo(s.dtype).eps * max(patches.shape) * s[0]))
     if ranks is None:

@@ -133,7 +133,9 @@ def orthonormal_row_basis(rows: jax.Array, *, what: str = "rows") -> jax.Array:
     return vt[:r].T
 
 
-def _augmented_patches(model: OneHiddenLayerCNN, inputs) -> jax.Array:
+def augmented_patches(model: OneHiddenLayerCNN, inputs) -> jax.Array:
+    """``(N k, d + 1)``: every patch ``[P_i x; 1]`` of ``inputs``, the rows the filters'
+    row-space spans."""
     p = extract_patches(inputs, model.patch_size)
     p = p.reshape(-1, p.shape[-1])
     return jnp.concatenate([p, jnp.ones((p.shape[0], 1), p.dtype)], axis=1)
@@ -143,7 +145,7 @@ def _augmented_patches(model: OneHiddenLayerCNN, inputs) -> jax.Array:
 def filter_row_space(model: OneHiddenLayerCNN, init_params, inputs, *,
                      weight_decay: bool = False) -> LayerProblem:
     """Data row-space ``A_W`` for the filters (see module docstring)."""
-    basis = orthonormal_row_basis(_augmented_patches(model, inputs), what="training patches")
+    basis = orthonormal_row_basis(augmented_patches(model, inputs), what="training patches")
     w0 = filter_vectors(init_params)
     if not weight_decay:
         return LayerProblem("conv", "row_space", basis.astype(w0.dtype), w0)

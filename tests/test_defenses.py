@@ -403,3 +403,6 @@ def test_principal_projection_checks_its_arguments(blended_inside_span):
         D.principal_projection(m, w_bd, x, y, init_params=p0, max_drop=1.5)
     with pytest.raises(ValueError, match="benign data"):
         D.principal_projection(m, w_bd, x[:0], y[:0], init_params=p0)
+    from jaxpurify.multilayer import LeNet5
+    with pytest.raises(TypeError, match="one-hidden-layer CNN"):
+        D.principal_projection(LeNet5(), w_bd, x, y, init_params=p0)
