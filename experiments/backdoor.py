@@ -231,8 +231,9 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
     ``designed+code-ft`` (recovery, then fine-tuning of the codes on the benign budget),
     ``benign-readout`` (the readout re-estimated from its init ``init_params`` on the budget),
     ``designed-readout`` (the same with the readout kept in ``range(A)``: only its codes)
-    and, for the one-hidden-layer model with ``row_space`` when the benign patches leave
-    redundancy, ``benign-row-space``.
+    and, for the one-hidden-layer model with ``row_space``, ``benign-row-space`` (when the
+    benign patches leave redundancy) and ``benign-principal`` (the projection onto the benign
+    patches' leading principal directions, :func:`jaxpurify.defenses.principal_projection`).
     """
     rows = []
     m = model.module
@@ -291,6 +292,11 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
             rows.append({"defense": "jaxpurify", "variant": "benign-row-space",
                          "budget": budget, "n_benign": int(len(xb)), "acc": acc, "asr": asr,
                          "seconds": secs, "details": det})
+            # the leading principal directions apply at every budget
+            q, info = D.principal_projection(m, params, xb, yb, init_params=init_params)
+            measured("jaxpurify", "benign-principal", q, info)
+            rows[-1]["details"].update(principal_rank=info.details["rank"],
+                                       removed_energy=info.details["removed_energy"])
     return rows
 
 
