@@ -603,6 +603,10 @@ _VARIANT_WHY = {
                       "target evidence the hidden features carry as the budget grows",
     "designed-readout": "the readout's codes re-estimated from their init on the benign "
                         "features",
+    "benign-principal": "the filter updates projected onto the benign patches' leading "
+                        "principal directions (rank chosen on benign ACC), which assumes "
+                        "training moved the filters along the data's patches; designed "
+                        "training moves them along range(A)",
 }
 
 

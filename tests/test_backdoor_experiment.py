@@ -165,6 +165,9 @@ def test_tiny_run_end_to_end(tmp_path):
     poison = [t for t in metrics["targets"] if t["attack"] != "weight-edit"]
     assert len(poison) == 2 and all("a readout re-fit on all 2000" in t["reason"] for t in poison)
     assert all("designed-readout: ASR" in t["reason"] for t in poison)  # judged too
+    assert all("benign-principal: ASR" in t["reason"] for t in poison)
+    principal = [r for r in rows if r["variant"] == "benign-principal"]
+    assert len(principal) == 2 and all(r["details"]["principal_rank"] >= 1 for r in principal)
     for t in poison:  # the clean network's ASR with the same trigger is the reference quoted
         assert t["asr_clean"] == metrics["clean"]["one-hidden"][f"asr_{t['attack']}"]
         assert f"(clean network: {100 * t['asr_clean']:.1f}%)" in t["reason"]
