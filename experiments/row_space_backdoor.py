@@ -71,7 +71,7 @@ def _config(dataset: str, quick: bool) -> dict:
     return cfg
 
 
-def trigger_outside_span(model, init_params, triggers: dict, x_benign, x_probe, *,
+def trigger_outside_span(model, triggers: dict, x_benign, x_probe, *,
                          rank: int | None = None) -> dict:
     r"""Share of each trigger's patch change outside the span of the benign patches.
 
@@ -88,11 +88,8 @@ def trigger_outside_span(model, init_params, triggers: dict, x_benign, x_probe, 
     from jaxpurify import subspaces as S
     from jaxpurify.models import extract_patches
 
-    if rank is None:
-        q = S.filter_row_space(model, init_params, jnp.asarray(x_benign)).design
-    else:  # applies even where the benign patches span every direction
-        patches = S.augmented_patches(model, jnp.asarray(x_benign))
-        q = jnp.linalg.svd(patches, full_matrices=False)[2][:rank].T
+    q = S.principal_row_basis(S.augmented_patches(model, jnp.asarray(x_benign)))
+    q = q if rank is None else q[:, :rank]  # with rank, applies where the span is full too
     x = jnp.asarray(x_probe)
     patches = extract_patches(x, model.patch_size)
     shares = {}
@@ -170,7 +167,7 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
     probe, outside = x_tr[order[-256:]], {attack: {} for attack in triggers}
     for budget in cfg["budgets"]:
         if (k := max(1, int(round(budget * n)))) + 1 < filter_len:
-            shares = trigger_outside_span(model, w0, triggers, x_tr[order[:k]], probe)
+            shares = trigger_outside_span(model, triggers, x_tr[order[:k]], probe)
             for attack, share in shares.items():
                 outside[attack][str(budget)] = share
     key = jax.random.PRNGKey(seed + 11)
@@ -216,8 +213,8 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
                 if "benign-principal" in cfg["variants"]:  # applies at every budget
                     q, info = D.principal_projection(model, w_bd, xb, yb, init_params=w0)
                     r = info.details["rank"]
-                    outside_kept = trigger_outside_span(model, w0, {attack: triggers[attack]},
-                                                        xb, probe, rank=r)[attack]
+                    outside_kept = trigger_outside_span(model, {attack: triggers[attack]}, xb,
+                                                        probe, rank=r)[attack]
                     add("jaxpurify", "benign-principal", q, info, benign_patch_rank=rank,
                         principal_rank=r, removed_energy=info.details["removed_energy"],
                         trigger_outside_kept=outside_kept)

@@ -826,16 +826,14 @@ def principal_projection(model, params, x_benign, y_benign, *, init_params,
     p, p0 = _unwrap(params), _unwrap(init_params)
     w0 = S.filter_vectors(p0)
     update = S.filter_vectors(p) - w0
-    patches = S.augmented_patches(plain, x).astype(update.dtype)
-    _, s, vt = jnp.linalg.svd(patches, full_matrices=False)
-    full = int(jnp.sum(s > jnp.finfo(s.dtype).eps * max(patches.shape) * s[0]))
+    basis = S.principal_row_basis(S.augmented_patches(plain, x).astype(update.dtype)).T
+    full = basis.shape[0]
     if ranks is None:
         ranks = [2 ** i for i in range(max(full - 1, 1).bit_length()) if 2 ** i < full] + [full]
     ranks = sorted({int(r) for r in ranks})
     if ranks[0] < 1 or ranks[-1] > full:
         raise ValueError(f"ranks must lie in [1, {full}] (the benign patches' rank), got "
                          f"{ranks}")
-    basis = vt[:full]
     coefficients = update @ basis.T
     keep = (jnp.arange(full)[None, :] < jnp.asarray(ranks)[:, None]).astype(update.dtype)
     apply = logits_fn(plain)

@@ -110,27 +110,35 @@ def with_readout_vectors(params, vectors: jax.Array):
     return p
 
 
-def orthonormal_row_basis(rows: jax.Array, *, what: str = "rows") -> jax.Array:
-    """Orthonormal basis (``m x r``) of the span of ``rows`` (``N x m``), by SVD.
+def principal_row_basis(rows: jax.Array) -> jax.Array:
+    """Orthonormal basis (``m x r``) of the span of ``rows`` (``N x m``) by SVD, its columns
+    the right singular vectors in decreasing order of singular value (so ``[:, :k]`` spans the
+    ``k`` leading principal directions of the rows).
 
     The rank uses ``numpy.linalg.matrix_rank``'s tolerance (``eps * max(N, m) * s_max``), so
     directions the trajectory can actually move along are never dropped.
+    """
+    rows = jnp.asarray(rows)
+    _, s, vt = jnp.linalg.svd(rows, full_matrices=False)
+    tol = jnp.finfo(rows.dtype).eps * max(rows.shape) * s[0]
+    return vt[: int(jnp.sum(s > tol))].T
+
+
+def orthonormal_row_basis(rows: jax.Array, *, what: str = "rows") -> jax.Array:
+    """:func:`principal_row_basis` for a subspace to recover onto.
 
     Raises:
         ValueError: if the span is all of ``R^m`` (nothing to recover from).
     """
-    rows = jnp.asarray(rows)
-    m = rows.shape[1]
-    _, s, vt = jnp.linalg.svd(rows, full_matrices=False)
-    tol = jnp.finfo(rows.dtype).eps * max(rows.shape) * s[0]
-    r = int(jnp.sum(s > tol))
+    basis = principal_row_basis(rows)
+    m, r = basis.shape
     if r >= m:
         raise ValueError(
             f"the {what} span all of R^{m} (rank {r}): this subspace has no redundancy, so "
             "nothing can be recovered. Use fewer inputs than the vector length, a larger "
             "filter/patch, or a designed parameterization (subspace='designed')."
         )
-    return vt[:r].T
+    return basis
 
 
 def augmented_patches(model: OneHiddenLayerCNN, inputs) -> jax.Array:

@@ -86,8 +86,6 @@ def test_trigger_outside_span_is_zero_inside_and_one_orthogonal():
     """Exact ends of the diagnostic: a trigger adding the difference of two benign images is
     inside the span of the augmented patches ``[x; 1]`` (0);
     one lighting a pixel no benign image has is orthogonal to it (1)."""
-    import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from jaxpurify.models import OneHiddenLayerCNN
@@ -96,16 +94,15 @@ def test_trigger_outside_span_is_zero_inside_and_one_orthogonal():
     benign = np.zeros((5, 6, 6, 1), np.float32)
     benign[:, 1:, 1:] = rng.standard_normal((5, 5, 5, 1))
     model = OneHiddenLayerCNN(3, (6, 6), num_classes=2, pool="mean")
-    w0 = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 6, 6, 1)))["params"]
     probe = rng.standard_normal((4, 6, 6, 1)).astype(np.float32)
     shares = row_space.trigger_outside_span(
-        model, w0, {"inside": lambda x: x + benign[0] - benign[1],
-                    "corner": lambda x: x.at[:, 0, 0].set(9.0)}, benign, probe)
+        model, {"inside": lambda x: x + benign[0] - benign[1],
+                "corner": lambda x: x.at[:, 0, 0].set(9.0)}, benign, probe)
     inside, corner = shares["inside"], shares["corner"]
     assert inside < 1e-6 and abs(corner - 1.0) < 1e-6
     # keeping only the leading principal directions removes more, down to the full span
     trig = {"inside": lambda x: x + benign[0] - benign[1]}
-    by_rank = [row_space.trigger_outside_span(model, w0, trig, benign, probe, rank=r)["inside"]
+    by_rank = [row_space.trigger_outside_span(model, trig, benign, probe, rank=r)["inside"]
                for r in (1, 2, 3, 4, 5)]
     assert by_rank[0] > 0.1 and by_rank[-1] < 1e-6
     assert all(a >= b - 1e-6 for a, b in zip(by_rank, by_rank[1:], strict=False))
