@@ -223,6 +223,17 @@ def _details(info: D.DefenseInfo) -> dict:
     return out
 
 
+def principal_details(info: D.DefenseInfo) -> dict:
+    """What a ``benign-principal`` row records of :func:`jaxpurify.defenses.principal_projection`:
+    the rank kept, how it was chosen (folds, whether any rank met the rule, its held-out
+    benign ACC) and the share of the filter updates removed."""
+    d = info.details
+    return {"principal_rank": d["rank"], "principal_folds": d["folds"],
+            "principal_qualified": d["qualified"],
+            "principal_held_out_acc": d["benign_acc"][d["ranks"].index(d["rank"])],
+            "removed_energy": d["removed_energy"]}
+
+
 def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_params,
             row_space: bool = False):
     """Rows for every defense at every budget (plus none and data-free jaxpurify).
@@ -295,8 +306,7 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
             # the leading principal directions apply at every budget
             q, info = D.principal_projection(m, params, xb, yb, init_params=init_params)
             measured("jaxpurify", "benign-principal", q, info)
-            rows[-1]["details"].update(principal_rank=info.details["rank"],
-                                       removed_energy=info.details["removed_energy"])
+            rows[-1]["details"].update(principal_details(info))
     return rows
 
 
@@ -375,8 +385,11 @@ def _note(r) -> str:
                         f": {d['skipped']}" if "skipped" in d else
                         ": no redundancy, not applicable"))
     if "principal_rank" in d:
-        parts.append(f"top {d['principal_rank']} principal directions kept: the smallest rank "
-                     "within 1 pt of the undefended benign ACC")
+        parts.append(f"top {d['principal_rank']} principal directions kept: " + (
+            "the smallest rank within 1 pt of the undefended benign ACC"
+            + (f" ({d['principal_folds']}-fold held out)" if "principal_folds" in d else "")
+            if d.get("principal_qualified", True) else
+            "no rank within 1 pt of the undefended benign ACC held out, the full rank"))
     if "trigger_outside_kept" in d:
         parts.append(f"{100 * d['trigger_outside_kept']:.0f}% of the trigger's change outside "
                      "them")

@@ -118,6 +118,7 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
         _poisoning,
         _poisoning_targets,
         _write_tables,
+        principal_details,
     )
     from jaxpurify.models import OneHiddenLayerCNN
     from jaxpurify.training import fit, sgd
@@ -216,8 +217,7 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
                     outside_kept = trigger_outside_span(model, {attack: triggers[attack]}, xb,
                                                         probe, rank=r)[attack]
                     add("jaxpurify", "benign-principal", q, info, benign_patch_rank=rank,
-                        principal_rank=r, removed_energy=info.details["removed_energy"],
-                        trigger_outside_kept=outside_kept)
+                        **principal_details(info), trigger_outside_kept=outside_kept)
             for defense, fn in baselines.items():
                 add(defense, None, *fn(model, w_bd, xb, yb, key=key))
             bar.update()

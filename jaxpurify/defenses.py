@@ -778,7 +778,7 @@ def row_space_defense(model, params, x_benign, *, init_params, method="admm",
 
 @full_precision
 def principal_projection(model, params, x_benign, y_benign, *, init_params,
-                         max_drop: float = 0.01, ranks=None):
+                         max_drop: float = 0.01, ranks=None, folds: int = 5):
     r"""Filter updates projected onto the benign patches' leading principal directions.
 
     With ``V_r`` the top ``r`` right singular vectors of the augmented benign patches
@@ -791,12 +791,18 @@ def principal_projection(model, params, x_benign, y_benign, *, init_params,
     span). Smaller ``r`` keeps only the directions along which benign images vary most: the
     clean training signal concentrates there, while a trigger that benign images do not
     carry (a noise pattern blended over the whole image) spreads over the trailing ones, even
-    where the full benign span contains part of it. The rank is chosen on the benign budget
-    alone: the smallest ``r`` on the grid whose accuracy on the benign images is at least the
-    undefended network's minus ``max_drop`` (the full rank always qualifies). Those are the
-    images that define ``V_r``, so the accuracy it sees is optimistic; ``max_drop`` defaults
-    to 1 point for that reason. Unlike the full-span projection it also applies when the
-    benign patches span every filter direction (the top directions still leave the rest).
+    where the full benign span contains part of it. Unlike the full-span projection it also
+    applies when the benign patches span every filter direction.
+
+    The rank is chosen on the benign budget alone, by ``folds``-fold cross-validation: image
+    ``i`` is held out in fold ``i mod folds``; each fold projects onto the leading directions
+    of the *other* images' patches (at most their rank) and counts the held-out images it
+    classifies correctly. ``r`` is the smallest rank on the grid whose pooled held-out
+    accuracy is at least the undefended network's accuracy on the budget minus ``max_drop``;
+    if none qualifies, the full rank (the span projection). The chosen ``r`` is then applied
+    to the directions of all the benign images. Scoring the images that define ``V_r``
+    (``folds=1``) is optimistic, the more so the closer ``r`` is to the number of images: a
+    benign image's own residual outside ``V_r`` is smaller than an unseen one's.
 
     Args:
         model: a one-hidden-layer CNN (plain or designed; the deployed params are plain).
@@ -805,11 +811,15 @@ def principal_projection(model, params, x_benign, y_benign, *, init_params,
         init_params: the known initialization ``w_0``.
         max_drop: largest benign-accuracy drop allowed (a fraction).
         ranks: the candidate ranks (default: ``1, 2, 4, ...`` below the patches' rank, then
-            that rank). All candidates are built and scored in one ``vmap``.
+            that rank).
+        folds: cross-validation folds for choosing the rank (``1``: score the images that
+            define the directions). Every fold and candidate is built and scored in one
+            ``vmap``.
 
     Returns:
         ``(params, DefenseInfo)``; ``details`` holds ``rank`` (chosen), ``full_rank``,
-        ``ranks`` and ``benign_acc`` (per candidate), ``benign_acc_undefended`` and
+        ``ranks``, ``folds``, ``benign_acc`` (pooled held-out accuracy per candidate),
+        ``benign_acc_undefended``, ``qualified`` (whether any candidate met the rule) and
         ``removed_energy`` (``||w - w_hat|| / ||w - w_0||`` over all filters).
     """
     from jaxpurify import subspaces as S
@@ -819,6 +829,9 @@ def principal_projection(model, params, x_benign, y_benign, *, init_params,
     x, y = _check_data(x_benign, y_benign)
     if not 0 <= max_drop < 1:
         raise ValueError(f"max_drop is a fraction of accuracy in [0, 1), got {max_drop}")
+    if not (isinstance(folds, int | np.integer) and 1 <= folds <= len(y)):
+        raise ValueError(f"folds must be an integer in [1, {len(y)}] (the benign images), got "
+                         f"{folds!r}")
     plain = model.plain_model() if isinstance(model, DesignedOneHiddenLayerCNN) else model
     if not isinstance(plain, OneHiddenLayerCNN):
         raise TypeError("principal_projection needs a one-hidden-layer CNN (its filters move "
@@ -826,7 +839,8 @@ def principal_projection(model, params, x_benign, y_benign, *, init_params,
     p, p0 = _unwrap(params), _unwrap(init_params)
     w0 = S.filter_vectors(p0)
     update = S.filter_vectors(p) - w0
-    basis = S.principal_row_basis(S.augmented_patches(plain, x).astype(update.dtype)).T
+    patches = S.augmented_patches(plain, x).astype(update.dtype)
+    basis = S.principal_row_basis(patches).T
     full = basis.shape[0]
     if ranks is None:
         ranks = [2 ** i for i in range(max(full - 1, 1).bit_length()) if 2 ** i < full] + [full]
@@ -834,24 +848,46 @@ def principal_projection(model, params, x_benign, y_benign, *, init_params,
     if ranks[0] < 1 or ranks[-1] > full:
         raise ValueError(f"ranks must lie in [1, {full}] (the benign patches' rank), got "
                          f"{ranks}")
-    coefficients = update @ basis.T
-    keep = (jnp.arange(full)[None, :] < jnp.asarray(ranks)[:, None]).astype(update.dtype)
-    apply = logits_fn(plain)
-
-    @jax.vmap
-    def candidate(mask):
-        q = S.with_filter_vectors(p, w0 + (coefficients * mask) @ basis)
-        return q, jnp.sum(jnp.argmax(apply(q, x), axis=-1) == y)
-
-    candidates, correct = jax.jit(candidate)(keep)
+    correct = _held_out_correct(logits_fn(plain), p, w0, update, patches, x, y,
+                                jnp.asarray(ranks), folds)
     scores = np.asarray(correct) / len(y)
     base = accuracy(plain, p, x, y)
-    # the full rank reproduces the benign outputs up to rounding: the fallback
-    chosen = next((i for i, a in enumerate(scores) if a >= base - max_drop), len(ranks) - 1)
-    out = jax.block_until_ready(jax.tree_util.tree_map(lambda a: a[chosen], candidates))
+    chosen = next((i for i, a in enumerate(scores) if a >= base - max_drop), None)
+    r = ranks[-1 if chosen is None else chosen]
+    out = S.with_filter_vectors(p, w0 + (update @ basis[:r].T) @ basis[:r])
     kept = S.filter_vectors(out) - w0
-    return out, DefenseInfo("jaxpurify", time.perf_counter() - t0, {
-        "variant": "benign-principal", "rank": ranks[chosen], "full_rank": full,
-        "ranks": ranks, "benign_acc": [float(a) for a in scores],
-        "benign_acc_undefended": base, "removed_energy": float(
+    return jax.block_until_ready(out), DefenseInfo("jaxpurify", time.perf_counter() - t0, {
+        "variant": "benign-principal", "rank": r, "full_rank": full, "ranks": ranks,
+        "folds": folds, "benign_acc": [float(a) for a in scores],
+        "benign_acc_undefended": base, "qualified": chosen is not None,
+        "removed_energy": float(
             jnp.linalg.norm(update - kept) / jnp.maximum(jnp.linalg.norm(update), 1e-30))})
+
+
+@functools.partial(jax.jit, static_argnums=(0, 8))
+def _held_out_correct(apply, p, w0, update, patches, x, y, ranks, folds):
+    """Per candidate rank, the benign images classified correctly when held out: fold ``f``
+    (images ``i`` with ``i mod folds = f``) is scored by the projection onto the leading
+    directions of the other folds' patches. Zeroing the held-out rows leaves the other
+    rows' right singular vectors, so every fold is one SVD of the same shape (one ``vmap``).
+    ``folds = 1`` scores every image under its own directions."""
+    from jaxpurify import subspaces as S
+
+    fold_of_image = jnp.arange(len(y)) % folds
+    fold_of_row = jnp.repeat(fold_of_image, patches.shape[0] // len(y))
+
+    def fold(f):
+        held_out = fold_of_image == f
+        rows = patches if folds == 1 else jnp.where((fold_of_row != f)[:, None], patches, 0)
+        _, s, vt = jnp.linalg.svd(rows, full_matrices=False)
+        rank = jnp.sum(s > jnp.finfo(s.dtype).eps * max(rows.shape) * s[0])
+        coefficients = update @ vt.T
+
+        def candidate(r):
+            keep = jnp.arange(vt.shape[0]) < jnp.minimum(r, rank)
+            q = S.with_filter_vectors(p, w0 + (coefficients * keep) @ vt)
+            return jnp.sum((jnp.argmax(apply(q, x), axis=-1) == y) & held_out)
+
+        return jax.vmap(candidate)(ranks)
+
+    return jax.vmap(fold)(jnp.arange(folds)).sum(axis=0)

@@ -12,6 +12,7 @@ import pytest
 
 from jaxpurify import attacks as A
 from jaxpurify import defenses as D
+from jaxpurify import subspaces as S
 from jaxpurify.models import DesignedOneHiddenLayerCNN
 from jaxpurify.training import fit
 
@@ -395,12 +396,43 @@ def test_principal_projection_at_full_rank_is_the_span_projection(blended_inside
                                rtol=0, atol=1e-10)
 
 
+def test_principal_projection_scores_ranks_on_held_out_images(blended_inside_span):
+    """The rank is scored by cross-validation: image ``i`` held out in fold ``i mod 3`` is
+    classified by the projection onto the other images' leading directions (at most their
+    rank). Recomputed here image by image with numpy's SVD, the pooled held-out accuracies
+    agree count for count; ``folds=1`` scores the images that define the directions, where
+    the full rank reproduces the undefended accuracy exactly."""
+    m, p0, w_bd, x, y, _ = blended_inside_span
+    ranks = [1, 4, 16, 56]
+    _, info = D.principal_projection(m, w_bd, x, y, init_params=p0, ranks=ranks, folds=3)
+    assert info.details["folds"] == 3
+    w0 = np.asarray(S.filter_vectors(p0))
+    update = np.asarray(S.filter_vectors(w_bd)) - w0
+    patches = np.asarray(S.augmented_patches(m, x))
+    fold = np.arange(len(y)) % 3
+    correct = np.zeros(len(ranks))
+    for f in range(3):
+        rows = patches[np.repeat(fold, len(patches) // len(y)) != f]
+        vt = np.linalg.svd(rows, full_matrices=False)[2][: np.linalg.matrix_rank(rows)]
+        for i, r in enumerate(ranks):
+            v = vt[:r]
+            q = S.with_filter_vectors(w_bd, jnp.asarray(w0 + update @ v.T @ v))
+            pred = np.argmax(np.asarray(m.apply({"params": q}, x[fold == f])), axis=-1)
+            correct[i] += np.sum(pred == np.asarray(y)[fold == f])
+    np.testing.assert_array_equal(np.asarray(info.details["benign_acc"]) * len(y), correct)
+    _, in_sample = D.principal_projection(m, w_bd, x, y, init_params=p0, ranks=ranks, folds=1)
+    assert in_sample.details["benign_acc"][-1] == in_sample.details["benign_acc_undefended"]
+
+
 def test_principal_projection_checks_its_arguments(blended_inside_span):
     m, p0, w_bd, x, y, _ = blended_inside_span
     with pytest.raises(ValueError, match="ranks must lie in"):
         D.principal_projection(m, w_bd, x, y, init_params=p0, ranks=[4, 57])
     with pytest.raises(ValueError, match="max_drop"):
         D.principal_projection(m, w_bd, x, y, init_params=p0, max_drop=1.5)
+    for folds in (0, 61, 2.5):
+        with pytest.raises(ValueError, match="folds must be an integer"):
+            D.principal_projection(m, w_bd, x, y, init_params=p0, folds=folds)
     with pytest.raises(ValueError, match="benign data"):
         D.principal_projection(m, w_bd, x[:0], y[:0], init_params=p0)
     from jaxpurify.multilayer import LeNet5
