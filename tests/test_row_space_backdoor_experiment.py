@@ -60,8 +60,8 @@ def test_the_projection_removes_the_badnets_backdoor_fine_tuning_does_not(quick)
 def test_the_principal_projection_applies_where_the_span_is_full(quick):
     """Measured in the quick setting: at 2000 benign images (50%) the patches span all 785
     filter entries, so the span projection has nothing to remove; keeping only the leading
-    principal directions (rank chosen on benign ACC) removes the backdoor there (ASR 0.87%,
-    ACC unchanged at 91.6%)."""
+    principal directions (rank chosen on held-out benign ACC: 128) removes the backdoor there
+    (ASR 0.87%, ACC unchanged at 91.6%)."""
     _, metrics = quick
     at = {(r["defense"], r["variant"], r["budget"]): r for r in metrics["rows"]}
     none, principal = at[("none", None, 0.0)], at[("jaxpurify", "benign-principal", 0.5)]
