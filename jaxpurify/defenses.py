@@ -471,37 +471,44 @@ def _anp_step(config, mask, state, p, x, y, keys, t):
 # --------------------------------------------------------------------------- jaxpurify
 
 
+class _PutRows(NamedTuple):
+    """``(params, rows) -> params`` for one designed layer: ``rows`` reshaped to the layer's
+    vectors and put back by ``put`` (into ``params[name]`` when ``name`` is set). A hashable
+    value, so a jitted step that closes over it is compiled once per model and shape."""
+
+    put: Callable
+    shape: tuple
+    name: str | None = None
+
+    def __call__(self, q, rows):
+        v = rows.reshape(self.shape)
+        return self.put(q, v) if self.name is None else {**q, self.name: self.put(q[self.name], v)}
+
+
 def _designed_layers(model, p):
     """``{name: (A, vectors, setter)}`` for every designed layer: ``vectors`` has one row per
     recovery problem (a unit, or the whole layer when it is coded as a whole: the rows of
-    ``A`` say which) and ``setter(params, vectors)`` puts such rows back."""
+    ``A`` say which) and ``setter(params, vectors)`` (a :class:`_PutRows`) puts such rows
+    back."""
     from jaxpurify import subspaces as S
     from jaxpurify.models import DesignedOneHiddenLayerCNN
 
     if isinstance(model, DesignedOneHiddenLayerCNN):
         a = model.designs(p["conv"]["kernel"].dtype)
-        units = {"conv": (S.filter_vectors(p), S.with_filter_vectors),
-                 "readout": (S.readout_vectors(p), S.with_readout_vectors)}
+        units = {"conv": (S.filter_vectors(p), S.with_filter_vectors, None),
+                 "readout": (S.readout_vectors(p), S.with_readout_vectors, None)}
     elif hasattr(model, "layer_info") and hasattr(model, "designs"):
         from jaxpurify.multilayer import layer_vectors, with_layer_vectors
 
-        def put(q, v, name):
-            return {**q, name: with_layer_vectors(q[name], v)}
-
         a = model.designs(p[model.layer_info()[0].name]["kernel"].dtype)
-        units = {i.name: (layer_vectors(p[i.name]), functools.partial(put, name=i.name))
+        units = {i.name: (layer_vectors(p[i.name]), with_layer_vectors, i.name)
                  for i in model.layer_info() if i.designed}
     else:
         raise TypeError(f"the designed subspace needs a designed model "
                         f"(DesignedOneHiddenLayerCNN or a jaxpurify.multilayer.DesignedCNN); "
                         f"got {type(model).__name__}")
-
-    def setter(q, v, put, shape):
-        return put(q, v.reshape(shape))
-
-    return {name: (a[name], v.reshape(-1, a[name].shape[0]),
-                   functools.partial(setter, put=put, shape=v.shape))
-            for name, (v, put) in units.items()}
+    return {name: (a[name], v.reshape(-1, a[name].shape[0]), _PutRows(put, v.shape, layer))
+            for name, (v, put, layer) in units.items()}
 
 
 def _recover_rows(a, v, *, rtol, method, tol, max_iters):
@@ -712,6 +719,19 @@ def refit_readout(model, params, x_benign, y_benign, *, init_params, subspace: s
         "variant": variant, "layer": layer, "steps": steps, "unknowns": int(unknowns)})
 
 
+class _CodedReadout(NamedTuple):
+    """``(params, h) -> logits`` of the readout ``A theta`` on frozen features ``h``, with
+    ``params = {"theta", "a", "frozen"}`` (only ``theta`` trained). A hashable value, so the
+    jitted training step is compiled once per model and shape, not once per call."""
+
+    setter: _PutRows
+    layer: str
+
+    def __call__(self, params, h):
+        a, frozen = jax.lax.stop_gradient((params["a"], params["frozen"]))
+        return _affine(self.setter(frozen, (a @ params["theta"]).T)[self.layer], h)
+
+
 @full_precision
 def _refit_designed_readout(model, p, p0, layer, h, y, **train):
     """The readout's codes trained from their init on frozen features ``h`` (full precision:
@@ -723,11 +743,11 @@ def _refit_designed_readout(model, p, p0, layer, h, y, **train):
     a, _, setter = designed[layer]
     theta0 = jnp.linalg.lstsq(a, _designed_layers(model, dict(p0))[layer][1].T)[0]
     frozen = {layer: p[layer]}  # all the setter reads
-
-    def apply(theta, h):
-        return _affine(setter(frozen, (a @ theta).T)[layer], h)
-
-    theta = train_masked(apply, theta0, h, y, **train)
+    start = {"theta": theta0, "a": a, "frozen": frozen}
+    trained = {"theta": True, "a": False,
+               "frozen": jax.tree_util.tree_map(lambda _: False, frozen)}
+    theta = train_masked(_CodedReadout(setter, layer), start, h, y, update_mask=trained,
+                         **train)["theta"]
     return jax.block_until_ready(setter(p, (a @ theta).T)), int(theta.size)
 
 

@@ -259,6 +259,12 @@ def test_designed_readout_refit_trains_the_codes_and_stays_in_range_A(designed):
                           batch_size=128, key=jax.random.PRNGKey(0), update_mask=mask)
     np.testing.assert_allclose(out["readout"]["kernel"],
                                m.materialize(full)["readout"]["kernel"], rtol=1e-4, atol=1e-5)
+    # a second call with the same shapes reuses the compiled training step
+    compiled = D._train_step._cache_size()
+    again, _ = D.refit_readout(m, w, xb, yb, init_params=p0, subspace="designed", steps=40,
+                               key=jax.random.PRNGKey(0))
+    assert D._train_step._cache_size() == compiled
+    np.testing.assert_array_equal(again["readout"]["kernel"], out["readout"]["kernel"])
     with pytest.raises(ValueError, match="subspace must be"):
         D.refit_readout(m, w, xb, yb, init_params=p0, subspace="row_space")
     with pytest.raises(TypeError, match="needs a designed model"):
