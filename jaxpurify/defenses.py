@@ -40,7 +40,8 @@ Each returns ``(params, DefenseInfo)``.
   ``w_0 + span{benign patches}`` is removed (by L1 recovery or by projection). Needs fewer
   benign patches than filter entries.
 * :func:`principal_projection`: the same projection onto only the benign patches' leading
-  principal directions, the rank chosen on benign accuracy.
+  principal directions, the rank chosen on held-out benign accuracy (cross-validation on the
+  budget).
 """
 
 from __future__ import annotations
@@ -900,7 +901,7 @@ def _held_out_correct(apply, p, w0, update, patches, x, y, ranks, folds):
         held_out = fold_of_image == f
         rows = patches if folds == 1 else jnp.where((fold_of_row != f)[:, None], patches, 0)
         _, s, vt = jnp.linalg.svd(rows, full_matrices=False)
-        rank = jnp.sum(s > jnp.finfo(s.dtype).eps * max(rows.shape) * s[0])
+        rank = S.numerical_rank(s, rows.shape)
         coefficients = update @ vt.T
 
         def candidate(r):

@@ -120,8 +120,14 @@ def principal_row_basis(rows: jax.Array) -> jax.Array:
     """
     rows = jnp.asarray(rows)
     _, s, vt = jnp.linalg.svd(rows, full_matrices=False)
-    tol = jnp.finfo(rows.dtype).eps * max(rows.shape) * s[0]
-    return vt[: int(jnp.sum(s > tol))].T
+    return vt[: int(numerical_rank(s, rows.shape))].T
+
+
+def numerical_rank(singular_values: jax.Array, shape) -> jax.Array:
+    """The number of singular values (decreasing) of a ``shape`` matrix above
+    ``numpy.linalg.matrix_rank``'s tolerance ``eps * max(shape) * s_max``; traceable."""
+    s = singular_values
+    return jnp.sum(s > jnp.finfo(s.dtype).eps * max(shape) * s[0])
 
 
 def orthonormal_row_basis(rows: jax.Array, *, what: str = "rows") -> jax.Array:

@@ -77,6 +77,20 @@ def test_orthonormal_row_basis():
     np.testing.assert_allclose(rows @ basis @ basis.T, rows, atol=1e-12)
 
 
+@pytest.mark.parametrize("rank", [1, 7, 12])
+def test_numerical_rank_is_numpy_matrix_rank_under_jit_and_vmap(rank):
+    """The tolerance the row bases and the held-out rank choice share: equal to
+    ``numpy.linalg.matrix_rank`` on exactly low-rank matrices, also traced and batched."""
+    rng = np.random.default_rng(rank)
+    m = jnp.asarray(rng.standard_normal((30, rank)) @ rng.standard_normal((rank, 12)))
+    s = jnp.linalg.svd(m, compute_uv=False)
+    assert int(S.numerical_rank(s, m.shape)) == np.linalg.matrix_rank(np.asarray(m)) == rank
+    batch = jnp.stack([m, m.at[:, 0].set(rng.standard_normal(30))])  # + a generic column
+    ranks = jax.jit(jax.vmap(lambda a: S.numerical_rank(jnp.linalg.svd(a, compute_uv=False),
+                                                        a.shape)))(batch)
+    assert ranks.tolist() == [rank, min(rank + 1, 12)]
+
+
 def test_full_span_raises():
     """The row-space needs fewer training patches than d + 1 = 65: 17 images give 68."""
     s = setup()
