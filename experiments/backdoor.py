@@ -386,9 +386,8 @@ def _note(r) -> str:
                         ": no redundancy, not applicable"))
     if "principal_rank" in d:
         parts.append(f"top {d['principal_rank']} principal directions kept: " + (
-            "the smallest rank within 1 pt of the undefended benign ACC"
-            + (f" ({d['principal_folds']}-fold held out)" if "principal_folds" in d else "")
-            if d.get("principal_qualified", True) else
+            "the smallest rank within 1 pt of the undefended benign ACC "
+            f"({d['principal_folds']}-fold held out)" if d["principal_qualified"] else
             "no rank within 1 pt of the undefended benign ACC held out, the full rank"))
     if "trigger_outside_kept" in d:
         parts.append(f"{100 * d['trigger_outside_kept']:.0f}% of the trigger's change outside "
