@@ -12,7 +12,10 @@ and evaluates the defenses on the deployed weights with a benign budget (a fract
 training set, drawn from its clean images; never the test set): ``none``, ``jaxpurify`` (robust
 recovery in the designed subspace; with data, plus fine-tuning of the codes; and the
 ``benign-readout`` variant, the readout re-estimated from its init on the benign budget, and
-``designed-readout``, the same in the readout's designed subspace),
+``designed-readout``, the same in the readout's designed subspace; against data poisoning
+also ``benign-principal`` on the one-hidden CNN and ``benign-layer-principal`` on the deep
+models, the updates projected onto the leading principal directions of the benign patches,
+layer by layer on the deep models: :func:`jaxpurify.defenses.layer_principal_projection`),
 ``ft`` (fine-tuning), ``fp`` (fine-pruning) and ``anp`` (adversarial neuron pruning: the
 reference's mask threshold 0.2, and variant ``benign-stop``, the same mask pruned as deep as
 benign accuracy allows). ``--set "defenses=('jaxpurify', 'ft', 'fp')"`` leaves ANP out;
@@ -307,7 +310,24 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
             q, info = D.principal_projection(m, params, xb, yb, init_params=init_params)
             measured("jaxpurify", "benign-principal", q, info)
             rows[-1]["details"].update(principal_details(info))
+        if row_space and model.name != "one-hidden" and "jaxpurify" in model.cfg["defenses"]:
+            q, info = D.layer_principal_projection(m, params, xb, yb, init_params=init_params)
+            measured("jaxpurify", "benign-layer-principal", q, info)
+            rows[-1]["details"].update(layer_principal_details(info))
     return rows
+
+
+def layer_principal_details(info: D.DefenseInfo) -> dict:
+    """What a ``benign-layer-principal`` row records of
+    :func:`jaxpurify.defenses.layer_principal_projection`: the share of each layer's benign
+    patch energy kept and the directions that left per layer, how the share was chosen and
+    the share of the updates removed."""
+    d = info.details
+    return {"layer_principal_energy": d["energy"], "layer_principal_ranks": d["ranks"],
+            "layer_principal_dims": d["dims"], "principal_folds": d["folds"],
+            "principal_qualified": d["qualified"],
+            "principal_held_out_acc": d["benign_acc"][d["energies"].index(d["energy"])],
+            "removed_energy": d["removed_energy"]}
 
 
 def _patch_rank(module, x) -> tuple[int, int]:
@@ -389,12 +409,23 @@ def _note(r) -> str:
             "the smallest rank within 1 pt of the undefended benign ACC "
             f"({d['principal_folds']}-fold held out)" if d["principal_qualified"] else
             "no rank within 1 pt of the undefended benign ACC held out, the full rank"))
+    if "layer_principal_energy" in d:
+        kept = ", ".join(f"{k} {v}/{d['layer_principal_dims'][k]}"
+                         for k, v in d["layer_principal_ranks"].items())
+        parts.append(f"each layer's top directions holding {d['layer_principal_energy']:g} of "
+                     f"its benign patch energy kept ({kept}): " + (
+                         "the smallest share within 1 pt of the undefended benign ACC "
+                         f"({d['principal_folds']}-fold held out)" if d["principal_qualified"]
+                         else "no share within 1 pt of the undefended benign ACC held out, "
+                         "each layer's full benign span"))
     if "trigger_outside_kept" in d:
         parts.append(f"{100 * d['trigger_outside_kept']:.0f}% of the trigger's change outside "
                      "them")
     if "removed_energy" in d:
         parts.append(f"{100 * d['removed_energy']:.0f}% of the filter updates' norm removed "
                      + ("(outside the leading benign directions)" if "principal_rank" in d
+                        else "(outside each layer's leading benign directions)"
+                        if "layer_principal_energy" in d
                         else "(orthogonal to the benign patches)"))
     if "removed_fraction" in d:
         parts.append(f"{100 * d['removed_fraction']:.0f}% of filter entries treated as "
@@ -619,6 +650,11 @@ _VARIANT_WHY = {
                         "principal directions (rank chosen on benign ACC), which assumes "
                         "training moved the filters along the data's patches; designed "
                         "training moves them along range(A)",
+    "benign-layer-principal": "every layer's update projected onto the leading principal "
+                              "directions of its benign input patches (share of their energy "
+                              "chosen on held-out benign ACC): it removes what training "
+                              "added along directions benign inputs hardly excite, and keeps "
+                              "a trigger that benign images also excite strongly",
 }
 
 
@@ -734,7 +770,7 @@ def _plot(rows, path: Path, dataset: str):
     markers = {None: "o", "designed": "x", "designed+code-ft": "o", "benign-readout": "^",
                "designed-readout": "D",
                "benign-row-space": "s", "benign-projection": "D", "benign-stop": "v",
-               "benign-principal": "P"}
+               "benign-principal": "P", "benign-layer-principal": "*"}
     for ax, ((model, attack), rs) in zip(axes[0], groups.items(), strict=True):
         for d, c in colors.items():
             for variant in sorted({r.get("variant") for r in rs if r["defense"] == d}, key=str):

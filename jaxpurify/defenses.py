@@ -41,7 +41,8 @@ Each returns ``(params, DefenseInfo)``.
   benign patches than filter entries.
 * :func:`principal_projection`: the same projection onto only the benign patches' leading
   principal directions, the rank chosen on held-out benign accuracy (cross-validation on the
-  budget).
+  budget); :func:`layer_principal_projection` does it layer by layer for a multi-layer CNN,
+  each layer's update onto the leading directions of its own benign input patches.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ __all__ = [
     "fine_prune",
     "fine_tune",
     "jaxpurify_defense",
+    "layer_principal_projection",
     "network",
     "principal_projection",
     "prune_channels",
@@ -848,11 +850,7 @@ def principal_projection(model, params, x_benign, y_benign, *, init_params,
 
     t0 = time.perf_counter()
     x, y = _check_data(x_benign, y_benign)
-    if not 0 <= max_drop < 1:
-        raise ValueError(f"max_drop is a fraction of accuracy in [0, 1), got {max_drop}")
-    if not (isinstance(folds, int | np.integer) and 1 <= folds <= len(y)):
-        raise ValueError(f"folds must be an integer in [1, {len(y)}] (the benign images), got "
-                         f"{folds!r}")
+    _check_rule(max_drop, folds, len(y))
     plain = model.plain_model() if isinstance(model, DesignedOneHiddenLayerCNN) else model
     if not isinstance(plain, OneHiddenLayerCNN):
         raise TypeError("principal_projection needs a one-hidden-layer CNN (its filters move "
@@ -912,3 +910,174 @@ def _held_out_correct(apply, p, w0, update, patches, x, y, ranks, folds):
         return jax.vmap(candidate)(ranks)
 
     return jax.vmap(fold)(jnp.arange(folds)).sum(axis=0)
+
+
+#: Candidate shares of each layer's benign patch energy kept by
+#: :func:`layer_principal_projection` (``1.0``: the full benign span of every layer).
+LAYER_ENERGIES = (0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 0.9999, 1.0)
+
+
+@full_precision
+def layer_principal_projection(model, params, x_benign, y_benign, *, init_params,
+                               max_drop: float = 0.01, energies=LAYER_ENERGIES,
+                               folds: int = 5, layers=None, batch_size: int = 50):
+    r"""Every layer's update projected onto its benign inputs' leading principal directions.
+
+    The multi-layer form of :func:`principal_projection`, for a
+    :class:`~jaxpurify.multilayer.DesignedCNN`. A unit of layer ``l`` with vector
+    ``u = [w; b]`` (fan-in weights and bias, :func:`jaxpurify.multilayer.layer_vectors`) sees
+    the augmented input patches ``q = [P_i h_{l-1}(x); 1]``. With
+    :math:`G_l = \sum q q^\top = V_l \Lambda_l V_l^\top` over the benign images (features of
+    the deployed network, :func:`jaxpurify.multilayer.patch_grams`) and :math:`V_{l,e}` the
+    fewest leading eigenvectors holding a share ``e`` of :math:`\operatorname{tr} G_l`, every
+    unit becomes
+
+    .. math:: \hat u = u_0 + V_{l,e} V_{l,e}^\top (u - u_0).
+
+    The unit's response to a benign patch changes by :math:`(u - u_0)^\top (I - V V^\top) q`,
+    which only the trailing ``1 - e`` of the benign patch energy excites; what training added
+    along directions that benign inputs hardly excite (a trigger's, if benign images do not
+    carry it) goes back to the init. At ``e = 1`` (each layer's numerical rank) the network's
+    outputs on the benign images themselves are unchanged, layer by layer. A dense layer after
+    the convolutions sees every position separately, so a trigger at a place where benign
+    images are blank (a corner patch on MNIST) is a direction of its own there.
+
+    ``e`` is chosen on the benign budget alone, by ``folds``-fold cross-validation as in
+    :func:`principal_projection`: image ``i`` is held out in fold ``i mod folds``, each fold
+    projects onto the directions of the other images' Gram matrices (``G_l`` minus the
+    fold's) and counts the held-out images it classifies correctly, and ``e`` is the smallest
+    candidate whose pooled held-out accuracy is at least the undefended network's accuracy on
+    the budget minus ``max_drop``; if none qualifies, ``e = 1``. The chosen ``e`` is then
+    applied to the directions of all the benign images. Candidates are scored with one
+    compiled function per fold (``lax.map`` over candidates, so memory stays that of one
+    forward pass).
+
+    Args:
+        model: a :class:`~jaxpurify.multilayer.DesignedCNN` (its deployed params are plain).
+        params: the deployed plain params ``{layer: {"kernel", "bias"}}``.
+        x_benign, y_benign: the benign budget.
+        init_params: the known initialization (plain params of the same shapes).
+        max_drop: largest benign-accuracy drop allowed (a fraction).
+        energies: candidate shares ``e`` in ``(0, 1]``, tried from the smallest.
+        folds: cross-validation folds (``1``: score the images that define the directions).
+        layers: the layers projected (default: all).
+        batch_size: images per batch when accumulating the Gram matrices.
+
+    Returns:
+        ``(params, DefenseInfo)``; ``details`` holds ``energy`` (chosen), ``energies``,
+        ``ranks`` and ``full_ranks`` (per layer: directions kept, numerical rank of
+        ``G_l``), ``dims`` (``fan_in + 1``), ``folds``, ``benign_acc`` (pooled held-out accuracy
+        per candidate), ``benign_acc_undefended``, ``qualified`` and ``removed_energy``
+        (``||u - u_hat|| / ||u - u_0||`` over the projected layers).
+
+    Raises:
+        TypeError: ``model`` is not a multi-layer designed CNN.
+        ValueError: bad ``energies``, ``layers``, ``max_drop`` or ``folds``, or features that
+            are not finite on the benign images.
+    """
+    from jaxpurify import multilayer as M
+
+    t0 = time.perf_counter()
+    x, y = _check_data(x_benign, y_benign)
+    if not isinstance(model, M.DesignedCNN):
+        raise TypeError("layer_principal_projection needs a jaxpurify.multilayer.DesignedCNN; "
+                        f"got {type(model).__name__} (one-hidden-layer CNNs: "
+                        "principal_projection)")
+    _check_rule(max_drop, folds, len(y))
+    energies = sorted({float(e) for e in energies})
+    if not energies or energies[0] <= 0 or energies[-1] > 1:
+        raise ValueError(f"energies must be shares in (0, 1], got {energies}")
+    names = [i.name for i in model.layer_info()]
+    layers = tuple(names if layers is None else layers)
+    if not layers or set(layers) - set(names):
+        raise ValueError(f"layers must name some of {names}; got {list(layers)}")
+    p, p0 = _unwrap(params), _unwrap(init_params)
+    M.check_plain(model, p)
+    M.check_plain(model, p0)
+    updates = {n: M.layer_vectors(p[n]) - M.layer_vectors(p0[n]) for n in layers}
+
+    fold_of_image = np.arange(len(y)) % folds
+    fold_grams = [M.patch_grams(model, p, x[fold_of_image == f], batch_size=batch_size)[0]
+                  for f in range(folds)]
+    total = {n: sum(g[n] for g in fold_grams) for n in layers}
+    if not all(np.all(np.isfinite(total[n])) for n in layers):
+        raise ValueError("the deployed network's features on the benign images are not "
+                         "finite: check the params for NaN/Inf before purifying")
+    apply = logits_fn(model)
+    correct = np.zeros(len(energies), np.int64)
+    for f in range(folds):
+        held_out = fold_of_image == f
+        grams = total if folds == 1 else {n: total[n] - fold_grams[f][n] for n in layers}
+        bases, ranks = _energy_bases(grams, energies, updates)
+        correct += np.asarray(_count_correct(apply, p, p0, bases, ranks,
+                                             jnp.asarray(x[held_out]),
+                                             jnp.asarray(y[held_out])))
+    scores = correct / len(y)
+    base = accuracy(model, p, x, y)
+    chosen = next((i for i, a in enumerate(scores) if a >= base - max_drop), None)
+    i = len(energies) - 1 if chosen is None else chosen
+    bases, ranks = _energy_bases(total, [energies[i]], updates)
+    out = _project_layers(p, p0, bases, {n: r[0] for n, r in ranks.items()})
+    removed = sum(float(jnp.sum((M.layer_vectors(p[n]) - M.layer_vectors(out[n])) ** 2))
+                  for n in layers)
+    norm = sum(float(jnp.sum(u ** 2)) for u in updates.values())
+    return jax.block_until_ready(out), DefenseInfo("jaxpurify", time.perf_counter() - t0, {
+        "variant": "benign-layer-principal", "energy": energies[i], "energies": energies,
+        "ranks": {n: int(ranks[n][0]) for n in layers},
+        "full_ranks": {n: M.gram_rank(total[n]) for n in layers},
+        "dims": {n: int(total[n].shape[0]) for n in layers}, "folds": folds,
+        "benign_acc": [float(a) for a in scores], "benign_acc_undefended": base,
+        "qualified": chosen is not None,
+        "removed_energy": float(np.sqrt(removed / max(norm, 1e-60)))})
+
+
+def _check_rule(max_drop, folds, n):
+    """The benign-accuracy rule's arguments of the principal projections."""
+    if not 0 <= max_drop < 1:
+        raise ValueError(f"max_drop is a fraction of accuracy in [0, 1), got {max_drop}")
+    if not (isinstance(folds, int | np.integer) and 1 <= folds <= n):
+        raise ValueError(f"folds must be an integer in [1, {n}] (the benign images), got "
+                         f"{folds!r}")
+
+
+def _energy_bases(grams, energies, updates):
+    """Per layer: the eigenvectors of ``grams[l]`` (columns, leading first, in the updates'
+    dtype) and, per share ``e`` of ``energies``, the fewest leading ones holding ``e`` of the
+    trace (at most the numerical rank; ``e = 1``: the rank)."""
+    from jaxpurify import multilayer as M
+
+    bases, ranks = {}, {}
+    for n, g in grams.items():
+        lam, vec = np.linalg.eigh(np.asarray(g, np.float64))
+        lam, vec = np.clip(lam[::-1], 0, None), vec[:, ::-1]
+        full = M.gram_rank(g)
+        share = np.cumsum(lam) / max(lam.sum(), 1e-300)
+        ranks[n] = np.array([full if e >= 1 else min(int(np.searchsorted(share, e)) + 1, full)
+                             for e in energies])
+        bases[n] = jnp.asarray(vec, updates[n].dtype)
+    return bases, ranks
+
+
+def _project_layers(p, p0, bases, ranks):
+    """``p`` with every layer ``l`` of ``bases`` replaced by ``u_0 + V_r V_r^T (u - u_0)``,
+    ``V_r`` the first ``ranks[l]`` columns of ``bases[l]`` (traceable in ``ranks``)."""
+    from jaxpurify import multilayer as M
+
+    out = dict(p)
+    for n, v in bases.items():
+        u0 = M.layer_vectors(p0[n])
+        keep = jnp.arange(v.shape[1]) < ranks[n]
+        coefficients = (M.layer_vectors(p[n]) - u0) @ v
+        out[n] = M.with_layer_vectors(p[n], u0 + (coefficients * keep) @ v.T)
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _count_correct(apply, p, p0, bases, ranks, x, y):
+    """Images of ``x`` classified correctly after :func:`_project_layers` with each
+    candidate's ranks (``ranks[l][c]``), one candidate at a time (``lax.map``)."""
+    def candidate(r):
+        q = _project_layers(p, p0, bases, r)
+        return jnp.sum(jnp.argmax(apply(q, x), axis=-1) == y)
+
+    return jax.lax.map(candidate, {n: jnp.asarray(r) for n, r in ranks.items()})
