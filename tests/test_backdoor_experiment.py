@@ -298,3 +298,29 @@ def test_merge_makes_one_table_per_attack_and_rejudges(tmp_path):
     h = _run_folder(tmp_path / "h", poisoned(0.01), model_config={"steps": 10, "probe": 5})
     assert backdoor.merge(tmp_path / "i", [b, h])["setup"]["model_config"] == {
         "steps": 10, "probe": 5}
+
+
+def test_layer_principal_row_records_and_says_what_was_kept():
+    """A ``benign-layer-principal`` row stores the share kept, the directions per layer and
+    how the share was chosen; its note and the verdict say so."""
+    from jaxpurify.defenses import DefenseInfo
+
+    info = DefenseInfo("jaxpurify", 1.0, {
+        "variant": "benign-layer-principal", "energy": 0.97, "energies": [0.9, 0.97, 1.0],
+        "ranks": {"conv1": 14, "fc1": 47}, "full_ranks": {"conv1": 26, "fc1": 400},
+        "dims": {"conv1": 26, "fc1": 401}, "folds": 5, "benign_acc": [0.8, 0.972, 0.98],
+        "benign_acc_undefended": 0.98, "qualified": True, "removed_energy": 0.61})
+    d = backdoor.layer_principal_details(info)
+    assert d["principal_held_out_acc"] == 0.972 and d["layer_principal_energy"] == 0.97
+    row = {**_poison_row("jaxpurify", 0.959, 0.0101, "benign-layer-principal"), "details": d}
+    note = backdoor._note(row)
+    assert ("each layer's top directions holding 0.97 of its benign patch energy kept "
+            "(conv1 14/26, fc1 47/401): the smallest share within 1 pt of the undefended "
+            "benign ACC (5-fold held out)") in note
+    assert "61% of the filter updates' norm removed (outside each layer's leading" in note
+    rows = [_poison_row("none", 0.968, 0.995, budget=0.0), _poison_row("ft", 0.96, 0.9),
+            _poison_row("fp", 0.95, 0.8), row]
+    (t,) = backdoor._targets(rows, {"m": {"acc": 0.97, "asr_badnets": 0.003}})
+    assert t["met"] and t["variant"] == "benign-layer-principal"
+    assert "benign-layer-principal: ASR 1.0%, ACC drop 0.9 pt (every layer's update" in \
+        t["reason"]

@@ -444,3 +444,120 @@ def test_principal_projection_checks_its_arguments(blended_inside_span):
     from jaxpurify.multilayer import LeNet5
     with pytest.raises(TypeError, match="one-hidden-layer CNN"):
         D.principal_projection(LeNet5(), w_bd, x, y, init_params=p0)
+
+
+@pytest.fixture(scope="module")
+def deep_poisoned():
+    """A tiny float64 multi-layer designed CNN (conv-pool, two dense layers) trained from its
+    seeded init for 5 epochs on 300 images; the first 30 are the benign budget."""
+    from jaxpurify import multilayer as M
+
+    m = M.DesignedCNN(layers=(M.Conv(4, 3, "SAME", pool=2), M.Dense(6), M.Dense(3)),
+                      input_shape=(8, 8, 1), param_dtype=jnp.float64)
+    x, y = _synthetic(300, 4)
+    x = jnp.asarray(x, jnp.float64)
+    codes0 = m.init(jax.random.PRNGKey(0), x[:1])["params"]
+    codes, _ = M.train(m, codes0, x, y, epochs=5, batch_size=32, key=1, progress=False)
+    return m, m.materialize(codes0), m.materialize(codes), x[:30], jnp.asarray(y[:30])
+
+
+def test_layer_principal_projection_at_full_span_keeps_the_benign_outputs(deep_poisoned):
+    """At ``e = 1`` every layer keeps its benign inputs' whole span: layer by layer the
+    benign images' features do not move, so neither do their logits (float64, to rounding),
+    while other images' do."""
+    m, p0, w, x, y = deep_poisoned
+    q, info = D.layer_principal_projection(m, w, x, y, init_params=p0, energies=(1.0,),
+                                           folds=1)
+    d = info.details
+    assert d["energy"] == 1.0 and d["ranks"] == d["full_ranks"]
+    assert d["full_ranks"]["fc1"] <= len(y) < d["dims"]["fc1"]  # one row per image
+    assert 0 < d["removed_energy"] < 1
+    np.testing.assert_allclose(m.apply_plain(q, x), m.apply_plain(w, x), rtol=0, atol=1e-10)
+    x_new, _ = _synthetic(20, 5)
+    assert float(jnp.max(jnp.abs(m.apply_plain(q, x_new) - m.apply_plain(w, x_new)))) > 1e-3
+
+
+def _numpy_layer_projection(m, p0, w, grams, energy, layers):
+    """``u_0 + V V^T (u - u_0)`` per layer with numpy's eigh: ``V`` the fewest leading
+    eigenvectors holding ``energy`` of the trace (the numerical rank at ``energy = 1``)."""
+    from jaxpurify import multilayer as M
+
+    out = dict(w)
+    for n in layers:
+        lam, vec = np.linalg.eigh(grams[n])
+        lam, vec = np.clip(lam[::-1], 0, None), vec[:, ::-1]
+        full = M.gram_rank(grams[n])
+        r = full if energy >= 1 else min(
+            int(np.searchsorted(np.cumsum(lam) / lam.sum(), energy)) + 1, full)
+        u0 = np.asarray(M.layer_vectors(p0[n]))
+        du = np.asarray(M.layer_vectors(w[n])) - u0
+        out[n] = M.with_layer_vectors(w[n], jnp.asarray(u0 + du @ vec[:, :r] @ vec[:, :r].T))
+    return out
+
+
+def test_layer_principal_projection_scores_shares_on_held_out_images(deep_poisoned):
+    """The share is chosen by cross-validation: image ``i`` held out in fold ``i mod 3`` is
+    classified by the projection onto the other images' leading directions. Recomputed here
+    fold by fold with numpy (Gram of the other images, eigh, projection), the pooled held-out
+    accuracies agree count for count, the chosen share is the first within ``max_drop`` of
+    the undefended benign ACC, and the returned network is the projection with that share
+    onto the directions of all the benign images."""
+    from jaxpurify import multilayer as M
+
+    m, p0, w, x, y = deep_poisoned
+    x, y = x[:12], y[:12]  # fc1's 65 inputs: a held-out image lies well outside the others'
+    energies = [0.3, 0.5, 0.7, 0.8, 0.9, 0.99, 1.0]
+    names = [i.name for i in m.layer_info()]
+    q, info = D.layer_principal_projection(m, w, x, y, init_params=p0, energies=energies,
+                                           folds=3, max_drop=0.05)
+    d = info.details
+    fold = np.arange(len(y)) % 3
+    correct = np.zeros(len(energies))
+    for f in range(3):
+        grams = M.patch_grams(m, w, x[fold != f])[0]
+        for i, e in enumerate(energies):
+            pf = _numpy_layer_projection(m, p0, w, grams, e, names)
+            pred = np.argmax(np.asarray(m.apply_plain(pf, x[fold == f])), axis=-1)
+            correct[i] += np.sum(pred == np.asarray(y)[fold == f])
+    np.testing.assert_array_equal(np.asarray(d["benign_acc"]) * len(y), correct)
+    base = A.accuracy(m, w, x, y)
+    first = next((e for e, a in zip(energies, d["benign_acc"], strict=True)
+                  if a >= base - 0.05), 1.0)
+    assert d["energy"] == first < 1.0 and d["qualified"]
+    assert len(set(d["benign_acc"])) > 1  # the shares are told apart
+    _, in_sample = D.layer_principal_projection(m, w, x, y, init_params=p0, energies=energies,
+                                                folds=1)
+    assert in_sample.details["benign_acc"] != d["benign_acc"]
+    expect = _numpy_layer_projection(m, p0, w, M.patch_grams(m, w, x)[0], first, names)
+    assert _max_diff(q, expect) < 1e-10
+
+
+def test_layer_principal_projection_leaves_other_layers_alone(deep_poisoned):
+    m, p0, w, x, y = deep_poisoned
+    q, info = D.layer_principal_projection(m, w, x, y, init_params=p0, layers=("fc1",),
+                                           energies=(0.5,), max_drop=0.99)
+    assert set(info.details["ranks"]) == {"fc1"} and info.details["energy"] == 0.5
+    for n in ("conv1", "fc2"):
+        assert _max_diff(q[n], w[n]) == 0.0
+    assert _max_diff(q["fc1"], w["fc1"]) > 0
+
+
+def test_layer_principal_projection_checks_its_arguments(deep_poisoned, designed):
+    m, p0, w, x, y = deep_poisoned
+    for energies in ((0.0, 1.0), (0.5, 1.5), ()):
+        with pytest.raises(ValueError, match="energies must be shares"):
+            D.layer_principal_projection(m, w, x, y, init_params=p0, energies=energies)
+    with pytest.raises(ValueError, match=r"layers must name some of \['conv1', 'fc1', 'fc2'\]"):
+        D.layer_principal_projection(m, w, x, y, init_params=p0, layers=("fc9",))
+    with pytest.raises(ValueError, match="folds must be an integer"):
+        D.layer_principal_projection(m, w, x, y, init_params=p0, folds=31)
+    with pytest.raises(ValueError, match="max_drop"):
+        D.layer_principal_projection(m, w, x, y, init_params=p0, max_drop=-0.1)
+    with pytest.raises(ValueError, match="shape"):
+        D.layer_principal_projection(m, w, x, y, init_params={**p0, "fc2": p0["fc1"]})
+    nan = {**w, "conv1": {**w["conv1"], "bias": w["conv1"]["bias"].at[0].set(jnp.nan)}}
+    with pytest.raises(ValueError, match="not finite"):
+        D.layer_principal_projection(m, nan, x, y, init_params=p0)
+    one_hidden, w1, x1, y1 = designed[0], designed[1], designed[2][:20], designed[3][:20]
+    with pytest.raises(TypeError, match="principal_projection"):
+        D.layer_principal_projection(one_hidden, w1, x1, y1, init_params=w1)
