@@ -238,7 +238,7 @@ def principal_details(info: D.DefenseInfo) -> dict:
 
 
 def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_params,
-            row_space: bool = False):
+            row_space: bool = False, probe=None):
     """Rows for every defense at every budget (plus none and data-free jaxpurify).
 
     ``variant`` tells the jaxpurify rows apart: ``designed`` (recovery only, no data),
@@ -247,7 +247,10 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
     ``designed-readout`` (the same with the readout kept in ``range(A)``: only its codes)
     and, for the one-hidden-layer model with ``row_space``, ``benign-row-space`` (when the
     benign patches leave redundancy) and ``benign-principal`` (the projection onto the benign
-    patches' leading principal directions, :func:`jaxpurify.defenses.principal_projection`).
+    patches' leading principal directions, :func:`jaxpurify.defenses.principal_projection`),
+    and for the deep models ``benign-layer-principal``
+    (:func:`jaxpurify.defenses.layer_principal_projection`); with ``probe = (x, trigger)`` its
+    rows record :func:`layer_trigger_outside` at the kept directions.
     """
     rows = []
     m = model.module
@@ -314,13 +317,16 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
             q, info = D.layer_principal_projection(m, params, xb, yb, init_params=init_params)
             measured("jaxpurify", "benign-layer-principal", q, info)
             rows[-1]["details"].update(layer_principal_details(info))
+            if probe is not None:
+                rows[-1]["details"]["trigger_outside_kept_layers"] = layer_trigger_outside(
+                    m, params, xb, *probe, info.details["ranks"])
     return rows
 
 
 def layer_principal_details(info: D.DefenseInfo) -> dict:
     """What a ``benign-layer-principal`` row records of
     :func:`jaxpurify.defenses.layer_principal_projection`: the share of each layer's benign
-    patch energy kept and the directions that left per layer, how the share was chosen and
+    patch energy kept and the directions kept per layer, how the share was chosen and
     the share of the updates removed."""
     d = info.details
     return {"layer_principal_energy": d["energy"], "layer_principal_ranks": d["ranks"],
@@ -328,6 +334,40 @@ def layer_principal_details(info: D.DefenseInfo) -> dict:
             "principal_qualified": d["qualified"],
             "principal_held_out_acc": d["benign_acc"][d["energies"].index(d["energy"])],
             "removed_energy": d["removed_energy"]}
+
+
+def layer_trigger_outside(module, params, x_benign, x_probe, trigger, ranks: dict, *,
+                          batch_size: int = 32) -> dict:
+    r"""Per layer: share of the trigger's input-patch change outside the kept directions.
+
+    .. math:: \|(I - V_r V_r^\top) d_l\|_2 / \|d_l\|_2, \qquad
+              d_l = \operatorname{mean}_{x, i} \bigl([P_i h_{l-1}(\tau(x)); 1]
+                                                 - [P_i h_{l-1}(x); 1]\bigr)
+
+    over the probe images ``x`` and positions ``i`` (features of the deployed network), with
+    ``V_r`` the leading ``ranks[l]`` eigenvectors of the layer's benign patch Gram matrix (what
+    :func:`jaxpurify.defenses.layer_principal_projection` keeps): the part of the direction
+    every poisoned update of the layer shares that the projection removes. A diagnostic of the
+    attack (the multi-layer form of
+    :func:`experiments.row_space_backdoor.trigger_outside_span`); the defense never sees it.
+    """
+    from jaxpurify import multilayer as M
+
+    grams = M.patch_grams(module, params, x_benign)[0]
+    sums: dict = {}
+    for i in range(0, len(x_probe), batch_size):
+        x = jnp.asarray(x_probe[i:i + batch_size])
+        clean = M.layer_patches(module, params, x)
+        triggered = M.layer_patches(module, params, trigger(x))
+        for name in ranks:
+            change = np.asarray(jnp.sum(triggered[name] - clean[name], axis=0), np.float64)
+            sums[name] = sums.get(name, 0.0) + change
+    out = {}
+    for name, r in ranks.items():
+        v = np.linalg.eigh(grams[name])[1][:, ::-1][:, :r]
+        d = sums[name]
+        out[name] = float(np.linalg.norm(d - v @ (v.T @ d)) / np.linalg.norm(d))
+    return out
 
 
 def _patch_rank(module, x) -> tuple[int, int]:
@@ -418,6 +458,9 @@ def _note(r) -> str:
                          f"({d['principal_folds']}-fold held out)" if d["principal_qualified"]
                          else "no share within 1 pt of the undefended benign ACC held out, "
                          "each layer's full benign span"))
+    if "trigger_outside_kept_layers" in d:
+        parts.append("of the trigger's patch change outside them: " + ", ".join(
+            f"{k} {100 * v:.0f}%" for k, v in d["trigger_outside_kept_layers"].items()))
     if "trigger_outside_kept" in d:
         parts.append(f"{100 * d['trigger_outside_kept']:.0f}% of the trigger's change outside "
                      "them")
@@ -886,7 +929,8 @@ def run(*, name: str = "backdoor-mnist", quick: bool = False, out: Path, seed: i
                 t_train = time.perf_counter() - t
                 ev = functools.partial(evaluate, trigger=attack)
                 rs = _defend(model, w_bd, benign, budgets, ev, key, init_params=init_plain,
-                             row_space=True)
+                             row_space=True,
+                             probe=(x_tr[attacker_idx], triggers[attack]))
                 for r in rs:
                     r.pop("_params", None)
                     if r["defense"] == "none":

@@ -310,7 +310,8 @@ def test_layer_principal_row_records_and_says_what_was_kept():
         "ranks": {"conv1": 14, "fc1": 47}, "full_ranks": {"conv1": 26, "fc1": 400},
         "dims": {"conv1": 26, "fc1": 401}, "folds": 5, "benign_acc": [0.8, 0.972, 0.98],
         "benign_acc_undefended": 0.98, "qualified": True, "removed_energy": 0.61})
-    d = backdoor.layer_principal_details(info)
+    d = {**backdoor.layer_principal_details(info),
+         "trigger_outside_kept_layers": {"conv1": 0.042, "fc1": 0.99}}
     assert d["principal_held_out_acc"] == 0.972 and d["layer_principal_energy"] == 0.97
     row = {**_poison_row("jaxpurify", 0.959, 0.0101, "benign-layer-principal"), "details": d}
     note = backdoor._note(row)
@@ -318,9 +319,50 @@ def test_layer_principal_row_records_and_says_what_was_kept():
             "(conv1 14/26, fc1 47/401): the smallest share within 1 pt of the undefended "
             "benign ACC (5-fold held out)") in note
     assert "61% of the filter updates' norm removed (outside each layer's leading" in note
+    assert "of the trigger's patch change outside them: conv1 4%, fc1 99%" in note
     rows = [_poison_row("none", 0.968, 0.995, budget=0.0), _poison_row("ft", 0.96, 0.9),
             _poison_row("fp", 0.95, 0.8), row]
     (t,) = backdoor._targets(rows, {"m": {"acc": 0.97, "asr_badnets": 0.003}})
     assert t["met"] and t["variant"] == "benign-layer-principal"
     assert "benign-layer-principal: ASR 1.0%, ACC drop 0.9 pt (every layer's update" in \
         t["reason"]
+
+
+def test_layer_trigger_outside_is_the_share_off_the_kept_benign_directions():
+    """For a dense layer the patches are the flattened features: recomputed from
+    ``layer_inputs`` with numpy (Gram of the benign features, eigh, the trigger's mean feature
+    change), the share agrees; keeping every direction leaves none of it outside, keeping
+    none all of it."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxpurify import attacks as A
+    from jaxpurify import multilayer as M
+
+    m = M.DesignedCNN(layers=(M.Conv(4, 3, "SAME", pool=2), M.Dense(6), M.Dense(3)),
+                      input_shape=(8, 8, 1), param_dtype=jnp.float64)
+    rng = np.random.default_rng(0)
+    x_benign, x_probe = rng.standard_normal((2, 20, 8, 8, 1))
+    w = m.materialize(m.init(jax.random.PRNGKey(0), jnp.asarray(x_benign[:1]))["params"])
+    trigger = functools.partial(A.apply_trigger, kind="badnets", value=3.0)
+    dims = {i.name: i.rows for i in m.layer_info()}
+    assert max(backdoor.layer_trigger_outside(m, w, x_benign, x_probe, trigger, dims).values()) \
+        < 1e-12
+    assert backdoor.layer_trigger_outside(m, w, x_benign, x_probe, trigger,
+                                          {"fc1": 0}) == {"fc1": 1.0}
+    share = backdoor.layer_trigger_outside(m, w, x_benign, x_probe, trigger, {"fc1": 5},
+                                           batch_size=7)["fc1"]
+
+    def features(x):
+        h = np.asarray(m.layer_inputs(w, jnp.asarray(x))["fc1"])
+        return np.hstack([h, np.ones((len(h), 1))])
+
+    q = features(x_benign)
+    v = np.linalg.eigh(q.T @ q)[1][:, ::-1][:, :5]
+    d = (features(trigger(jnp.asarray(x_probe))) - features(x_probe)).mean(axis=0)
+    assert 0 < share < 1
+    np.testing.assert_allclose(share, np.linalg.norm(d - v @ (v.T @ d)) / np.linalg.norm(d),
+                               rtol=1e-10)
