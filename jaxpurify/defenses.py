@@ -1058,26 +1058,38 @@ def _energy_bases(grams, energies, updates):
     return bases, ranks
 
 
-def _project_layers(p, p0, bases, ranks):
+def _project_layers(p, p0, bases, ranks, coefficients=None):
     """``p`` with every layer ``l`` of ``bases`` replaced by ``u_0 + V_r V_r^T (u - u_0)``,
-    ``V_r`` the first ``ranks[l]`` columns of ``bases[l]`` (traceable in ``ranks``)."""
+    ``V_r`` the first ``ranks[l]`` columns of ``bases[l]`` (traceable in ``ranks``);
+    ``coefficients``: the updates' ``(u - u_0) V`` per layer, if already computed."""
     from jaxpurify import multilayer as M
 
+    if coefficients is None:
+        coefficients = _update_coefficients(p, p0, bases)
     out = dict(p)
     for n, v in bases.items():
-        u0 = M.layer_vectors(p0[n])
         keep = jnp.arange(v.shape[1]) < ranks[n]
-        coefficients = (M.layer_vectors(p[n]) - u0) @ v
-        out[n] = M.with_layer_vectors(p[n], u0 + (coefficients * keep) @ v.T)
+        out[n] = M.with_layer_vectors(
+            p[n], M.layer_vectors(p0[n]) + (coefficients[n] * keep) @ v.T)
     return out
+
+
+def _update_coefficients(p, p0, bases):
+    """Per layer of ``bases``: the units' updates in its eigenvector coordinates."""
+    from jaxpurify import multilayer as M
+
+    return {n: (M.layer_vectors(p[n]) - M.layer_vectors(p0[n])) @ v for n, v in bases.items()}
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _count_correct(apply, p, p0, bases, ranks, x, y):
     """Images of ``x`` classified correctly after :func:`_project_layers` with each
-    candidate's ranks (``ranks[l][c]``), one candidate at a time (``lax.map``)."""
+    candidate's ranks (``ranks[l][c]``), one candidate at a time (``lax.map``); the updates'
+    coordinates do not depend on the candidate and are computed once."""
+    coefficients = _update_coefficients(p, p0, bases)
+
     def candidate(r):
-        q = _project_layers(p, p0, bases, r)
+        q = _project_layers(p, p0, bases, r, coefficients)
         return jnp.sum(jnp.argmax(apply(q, x), axis=-1) == y)
 
     return jax.lax.map(candidate, {n: jnp.asarray(r) for n, r in ranks.items()})
