@@ -920,7 +920,8 @@ LAYER_ENERGIES = (0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 0.9999, 1.0)
 @full_precision
 def layer_principal_projection(model, params, x_benign, y_benign, *, init_params,
                                max_drop: float = 0.01, energies=LAYER_ENERGIES,
-                               folds: int = 5, layers=None, batch_size: int = 50):
+                               folds: int = 5, layers=None, batch_size: int = 50,
+                               refine: Callable | None = None):
     r"""Every layer's update projected onto its benign inputs' leading principal directions.
 
     The multi-layer form of :func:`principal_projection`, for a
@@ -952,6 +953,15 @@ def layer_principal_projection(model, params, x_benign, y_benign, *, init_params
     compiled function per fold (``lax.map`` over candidates, so memory stays that of one
     forward pass).
 
+    With ``refine`` (e.g. fine-tuning on the benign images, the second half of fine-pruning),
+    every candidate is scored as it would be deployed: each fold projects, then calls
+    ``refine(params, x, y)`` on the fold's training images (the other folds) before counting
+    the held-out ones, and the chosen projection is refined on the whole budget. Fine-tuning
+    can restore the accuracy a small share costs, so a smaller share can qualify. Apart from
+    weight decay, what SGD adds to a layer lies in the span of that layer's benign input
+    patches (a unit's gradient is a sum of them), so directions that the projection removed
+    and benign images do not excite come back only as far as the features change.
+
     Args:
         model: a :class:`~jaxpurify.multilayer.DesignedCNN` (its deployed params are plain).
         params: the deployed plain params ``{layer: {"kernel", "bias"}}``.
@@ -962,13 +972,16 @@ def layer_principal_projection(model, params, x_benign, y_benign, *, init_params
         folds: cross-validation folds (``1``: score the images that define the directions).
         layers: the layers projected (default: all).
         batch_size: images per batch when accumulating the Gram matrices.
+        refine: optional ``refine(params, x, y) -> params`` applied after the projection, in
+            every fold and at the end (a pure function of its arguments).
 
     Returns:
         ``(params, DefenseInfo)``; ``details`` holds ``energy`` (chosen), ``energies``,
         ``ranks`` and ``full_ranks`` (per layer: directions kept, numerical rank of
         ``G_l``), ``dims`` (``fan_in + 1``), ``folds``, ``benign_acc`` (pooled held-out accuracy
-        per candidate), ``benign_acc_undefended``, ``qualified`` and ``removed_energy``
-        (``||u - u_hat|| / ||u - u_0||`` over the projected layers).
+        per candidate), ``benign_acc_undefended``, ``qualified``, ``refined`` and
+        ``removed_energy`` (``||u - u_hat|| / ||u - u_0||`` over the projected layers, before
+        ``refine``).
 
     Raises:
         TypeError: ``model`` is not a multi-layer designed CNN.
@@ -984,6 +997,11 @@ def layer_principal_projection(model, params, x_benign, y_benign, *, init_params
                         f"got {type(model).__name__} (one-hidden-layer CNNs: "
                         "principal_projection)")
     _check_rule(max_drop, folds, len(y))
+    if refine is not None and not callable(refine):
+        raise TypeError(f"refine must be a function (params, x, y) -> params, got {refine!r}")
+    if refine is not None and folds == 1:
+        raise ValueError("refine needs held-out images (folds >= 2): scoring the images it "
+                         "was fit to would favour every share")
     energies = sorted({float(e) for e in energies})
     if not energies or energies[0] <= 0 or energies[-1] > 1:
         raise ValueError(f"energies must be shares in (0, 1], got {energies}")
@@ -1009,9 +1027,15 @@ def layer_principal_projection(model, params, x_benign, y_benign, *, init_params
         held_out = fold_of_image == f
         grams = total if folds == 1 else {n: total[n] - fold_grams[f][n] for n in layers}
         bases, ranks = _energy_bases(grams, energies, updates)
-        correct += np.asarray(_count_correct(apply, p, p0, bases, ranks,
-                                             jnp.asarray(x[held_out]),
-                                             jnp.asarray(y[held_out])))
+        if refine is None:
+            correct += np.asarray(_count_correct(apply, p, p0, bases, ranks,
+                                                 jnp.asarray(x[held_out]),
+                                                 jnp.asarray(y[held_out])))
+            continue
+        for c in range(len(energies)):
+            q = refine(_project_layers(p, p0, bases, {n: r[c] for n, r in ranks.items()}),
+                       x[~held_out], y[~held_out])
+            correct[c] += _correct(apply, q, x[held_out], y[held_out])
     scores = correct / len(y)
     base = accuracy(model, p, x, y)
     chosen = next((i for i, a in enumerate(scores) if a >= base - max_drop), None)
@@ -1021,13 +1045,15 @@ def layer_principal_projection(model, params, x_benign, y_benign, *, init_params
     removed = sum(float(jnp.sum((M.layer_vectors(p[n]) - M.layer_vectors(out[n])) ** 2))
                   for n in layers)
     norm = sum(float(jnp.sum(u ** 2)) for u in updates.values())
+    if refine is not None:
+        out = refine(out, x, y)
     return jax.block_until_ready(out), DefenseInfo("jaxpurify", time.perf_counter() - t0, {
         "variant": "benign-layer-principal", "energy": energies[i], "energies": energies,
         "ranks": {n: int(ranks[n][0]) for n in layers},
         "full_ranks": {n: M.gram_rank(total[n]) for n in layers},
         "dims": {n: int(total[n].shape[0]) for n in layers}, "folds": folds,
         "benign_acc": [float(a) for a in scores], "benign_acc_undefended": base,
-        "qualified": chosen is not None,
+        "qualified": chosen is not None, "refined": refine is not None,
         "removed_energy": float(np.sqrt(removed / max(norm, 1e-60)))})
 
 
@@ -1079,6 +1105,16 @@ def _update_coefficients(p, p0, bases):
     from jaxpurify import multilayer as M
 
     return {n: (M.layer_vectors(p[n]) - M.layer_vectors(p0[n])) @ v for n, v in bases.items()}
+
+
+def _correct(apply, p, x, y) -> int:
+    """Images of ``x`` that ``apply(p, .)`` classifies as ``y``."""
+    return int(_count_plain(apply, p, jnp.asarray(x), jnp.asarray(y)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _count_plain(apply, p, x, y):
+    return jnp.sum(jnp.argmax(apply(p, x), axis=-1) == y)
 
 
 @functools.partial(jax.jit, static_argnums=0)

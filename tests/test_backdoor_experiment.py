@@ -309,7 +309,8 @@ def test_layer_principal_row_records_and_says_what_was_kept():
         "variant": "benign-layer-principal", "energy": 0.97, "energies": [0.9, 0.97, 1.0],
         "ranks": {"conv1": 14, "fc1": 47}, "full_ranks": {"conv1": 26, "fc1": 400},
         "dims": {"conv1": 26, "fc1": 401}, "folds": 5, "benign_acc": [0.8, 0.972, 0.98],
-        "benign_acc_undefended": 0.98, "qualified": True, "removed_energy": 0.61})
+        "benign_acc_undefended": 0.98, "qualified": True, "removed_energy": 0.61,
+        "refined": False})
     d = {**backdoor.layer_principal_details(info),
          "trigger_outside_kept_layers": {"conv1": 0.042, "fc1": 0.99}}
     assert d["principal_held_out_acc"] == 0.972 and d["layer_principal_energy"] == 0.97
@@ -320,6 +321,11 @@ def test_layer_principal_row_records_and_says_what_was_kept():
             "benign ACC (5-fold held out)") in note
     assert "61% of the filter updates' norm removed (outside each layer's leading" in note
     assert "of the trigger's patch change outside them: conv1 4%, fc1 99%" in note
+    assert "FT recipe" not in note
+    refined = {**row, "variant": "benign-layer-principal+ft",
+               "details": {**d, "refined": True}}
+    assert ("(5-fold held out); then the FT recipe on the budget (also in each fold)"
+            in backdoor._note(refined))
     rows = [_poison_row("none", 0.968, 0.995, budget=0.0), _poison_row("ft", 0.96, 0.9),
             _poison_row("fp", 0.95, 0.8), row]
     (t,) = backdoor._targets(rows, {"m": {"acc": 0.97, "asr_badnets": 0.003}})

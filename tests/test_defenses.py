@@ -532,6 +532,59 @@ def test_layer_principal_projection_scores_shares_on_held_out_images(deep_poison
     assert _max_diff(q, expect) < 1e-10
 
 
+def test_layer_principal_projection_refines_every_candidate_on_the_fold(deep_poisoned):
+    """With ``refine`` every candidate is refined on its fold's training images before the
+    held-out images are counted, and the chosen projection on the whole budget. With an
+    identity ``refine`` the loop scores exactly what the compiled ``lax.map`` path scores;
+    with a ``refine`` that moves the network, the held-out counts are those of the refined
+    candidates (recomputed here with numpy) and the returned network is the refined
+    projection."""
+    from jaxpurify import multilayer as M
+
+    m, p0, w, x, y = deep_poisoned
+    x, y = x[:12], y[:12]
+    energies = [0.3, 0.5, 0.7, 0.9, 1.0]
+    names = [i.name for i in m.layer_info()]
+    plain_q, plain = D.layer_principal_projection(m, w, x, y, init_params=p0,
+                                                  energies=energies, folds=3, max_drop=0.05)
+    calls = []
+
+    def identity(q, xs, ys):
+        calls.append(len(ys))
+        return q
+
+    q, info = D.layer_principal_projection(m, w, x, y, init_params=p0, energies=energies,
+                                           folds=3, max_drop=0.05, refine=identity)
+    assert info.details["benign_acc"] == plain.details["benign_acc"]
+    assert info.details["energy"] == plain.details["energy"] and info.details["refined"]
+    assert _max_diff(q, plain_q) == 0.0
+    assert calls == [8] * (3 * len(energies)) + [12]  # every fold's candidates, then the budget
+
+    def shift(q, xs, ys):  # a data-dependent move of the last layer's biases
+        bias = q["fc2"]["bias"] + jnp.mean(xs) * jnp.arange(3.0) - 0.1 * jnp.bincount(ys, length=3)
+        return {**q, "fc2": {**q["fc2"], "bias": bias}}
+
+    q, info = D.layer_principal_projection(m, w, x, y, init_params=p0, energies=energies,
+                                           folds=3, max_drop=0.05, refine=shift)
+    fold = np.arange(len(y)) % 3
+    correct = np.zeros(len(energies))
+    for f in range(3):
+        grams = M.patch_grams(m, w, x[fold != f])[0]
+        for i, e in enumerate(energies):
+            pf = shift(_numpy_layer_projection(m, p0, w, grams, e, names),
+                       x[fold != f], y[fold != f])
+            pred = np.argmax(np.asarray(m.apply_plain(pf, x[fold == f])), axis=-1)
+            correct[i] += np.sum(pred == np.asarray(y)[fold == f])
+    np.testing.assert_array_equal(np.asarray(info.details["benign_acc"]) * len(y), correct)
+    expect = shift(_numpy_layer_projection(m, p0, w, M.patch_grams(m, w, x)[0],
+                                           info.details["energy"], names), x, y)
+    assert _max_diff(q, expect) < 1e-10
+    with pytest.raises(TypeError, match="refine must be a function"):
+        D.layer_principal_projection(m, w, x, y, init_params=p0, refine="ft")
+    with pytest.raises(ValueError, match="refine needs held-out images"):
+        D.layer_principal_projection(m, w, x, y, init_params=p0, refine=identity, folds=1)
+
+
 def test_layer_principal_projection_leaves_other_layers_alone(deep_poisoned):
     m, p0, w, x, y = deep_poisoned
     q, info = D.layer_principal_projection(m, w, x, y, init_params=p0, layers=("fc1",),
