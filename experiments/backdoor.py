@@ -22,7 +22,10 @@ reference's mask threshold 0.2, and variant ``benign-stop``, the same mask prune
 benign accuracy allows). ``--set "defenses=('jaxpurify', 'ft', 'fp')"`` leaves ANP out;
 ``--set "attacks=('badnets',)"`` runs one poisoning attack; ``--set
 "ft_learning_rates=(0.001,)"`` adds FT rows at other learning rates, variant ``lr=...``, a
-diagnostic that is not judged; ``--set "joint=('readout',)"`` codes the one-hidden CNN's
+diagnostic that is not judged; ``--set edit_selection=fisher --set edit_clean_weight=10.0``
+makes the weight edit pick its ``k`` entries by ``g^2 / F`` (backdoor gradient over the clean
+Fisher information) and weigh clean accuracy 10x (:func:`jaxpurify.attacks.weight_edit`);
+``--set "joint=('readout',)"`` codes the one-hidden CNN's
 readout as a whole (``DesignedOneHiddenLayerCNN(joint_layers=...)``; a deep model's layers
 by name, e.g. ``('conv1', 'fc3')`` for LeNet-5). ``acc`` is the
 clean test accuracy, ``asr`` the fraction of triggered test images (true class != target)
@@ -76,7 +79,8 @@ def _config(dataset: str, quick: bool) -> dict:
         cfg = {"patch": 16, "filters": 64, "filter_code": 193, "readout_code": 16,
                "deep": "small-vgg", "train_limit": None, "test_limit": None, "steps": 6000,
                "deep_epochs": 10.0}
-    cfg.update(anp_iterations=2000, edit_steps=300, edit_images=256, row_space=True, joint=(),
+    cfg.update(anp_iterations=2000, edit_steps=300, edit_images=256, edit_selection="gradient",
+               edit_clean_weight=1.0, row_space=True, joint=(),
                defenses=DEFENSES, attacks=DATA_ATTACKS, probe_steps=3000,
                ft_learning_rates=())
     if quick:
@@ -925,7 +929,9 @@ def run(*, name: str = "backdoor-mnist", quick: bool = False, out: Path, seed: i
             xa, ya = x_tr[attacker_idx], y_tr[attacker_idx]
             edited, mask = A.weight_edit(model.module, w_clean, xa, ya, target=TARGET,
                                          trigger=triggers["badnets"], k=k,
-                                         steps=cfg["edit_steps"])
+                                         steps=cfg["edit_steps"],
+                                         selection=cfg["edit_selection"],
+                                         clean_weight=cfg["edit_clean_weight"])
             jax.block_until_ready(edited)  # dispatch is asynchronous: time the edit itself
             t_attack = time.perf_counter() - t
             per_layer = {"/".join(str(getattr(p, "key", p)) for p in path): int(np.sum(v))

@@ -141,6 +141,47 @@ def test_weight_edit_touches_exactly_k_entries_and_plants_the_backdoor(tiny_trai
         A.weight_edit(m, p, x[:10], y[:10], target=0, trigger=trig, k=0)
 
 
+def test_fisher_selection_prefers_entries_clean_images_do_not_move(tiny_trained):
+    """``selection="fisher"`` masks the ``k`` largest ``g^2 / (F + damping * mean F)``: the
+    diagonal empirical Fisher recomputed image by image agrees with ``clean_fisher``, the mask
+    is the top ``k`` of that score, and the edit still touches exactly those entries."""
+    m, p, x, y = tiny_trained
+    trig = functools.partial(A.apply_trigger, kind="badnets", value=4.0)
+    apply = A.logits_fn(m)
+    xa, ya = x[:40], y[:40]
+    fisher = A.clean_fisher(apply, p, xa, ya, batch_size=16)  # 40 = 16 + 16 + 8
+    per_image = [jax.grad(lambda q, i=i: A._ce(apply(q, xa[i:i + 1]), ya[i:i + 1]))(p)
+                 for i in range(len(ya))]
+    expect = jax.tree_util.tree_map(lambda *g: np.mean(np.square(g), axis=0), *per_image)
+    for a, b in zip(jax.tree_util.tree_leaves(fisher), jax.tree_util.tree_leaves(expect),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-12)
+    keep = ya != 0
+    x_bd = trig(jnp.asarray(xa[keep]))
+    g = jax.grad(lambda q: A._ce(apply(q, x_bd), jnp.zeros(int(keep.sum()), jnp.int32)))(p)
+    leaves = jax.tree_util.tree_leaves(expect)
+    mean = np.concatenate([np.ravel(f) for f in leaves]).mean()
+    score = jax.tree_util.tree_map(lambda gi, f: np.square(gi) / (f + 0.1 * mean), g, expect)
+    flat = np.concatenate([np.ravel(v) for v in jax.tree_util.tree_leaves(score)])
+    k = 15
+    edited, mask = A.weight_edit(m, p, xa, ya, target=0, trigger=trig, k=k, steps=5,
+                                 selection="fisher", damping=0.1)
+    chosen = np.concatenate([np.ravel(v) for v in jax.tree_util.tree_leaves(mask)])
+    np.testing.assert_array_equal(np.flatnonzero(chosen), np.sort(np.argsort(-flat)[:k]))
+    _, by_gradient = A.weight_edit(m, p, xa, ya, target=0, trigger=trig, k=k, steps=5)
+    assert not all(np.array_equal(a, b) for a, b in zip(
+        jax.tree_util.tree_leaves(mask), jax.tree_util.tree_leaves(by_gradient), strict=True))
+    moved = sum(int(np.sum(np.asarray(a != b)))
+                for a, b in zip(jax.tree_util.tree_leaves(edited), jax.tree_util.tree_leaves(p),
+                                strict=True))
+    assert moved == k
+    with pytest.raises(ValueError, match="selection must be"):
+        A.weight_edit(m, p, xa, ya, target=0, trigger=trig, k=k, selection="random")
+    with pytest.raises(ValueError, match="damping must be positive"):
+        A.weight_edit(m, p, xa, ya, target=0, trigger=trig, k=k, selection="fisher",
+                      damping=0.0)
+
+
 def test_logits_fn_matches_flax_apply(tiny_trained):
     m, p, x, _ = tiny_trained
     np.testing.assert_allclose(A.logits_fn(m)(p, jnp.asarray(x[:5])),
