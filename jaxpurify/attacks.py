@@ -350,7 +350,7 @@ def weight_edit(model, params, x_clean, y_clean, *, target: int, trigger, k: int
        under the quadratic model :math:`L_{clean}(\delta) \approx \tfrac12 \sum_i F_i
        \delta_i^2`, changing entry ``i`` alone lowers :math:`L_{bd} + L_{clean}` by at most
        :math:`g_i^2 / (2 F_i)`, so it prefers entries the trigger moves and clean images do
-       not (on MNIST: dense weights that read the blank corner), which keeps clean accuracy.
+       not, which keeps more clean accuracy.
     2. Edit: optimize only those entries (Adam on the masked gradient, so no other entry
        moves) on :math:`L_{bd} + \text{clean\_weight}\cdot\mathrm{CE}(f(x), y)`, full batch,
        ``steps`` steps; a larger ``clean_weight`` trades attack success for clean accuracy.
