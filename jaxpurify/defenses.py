@@ -58,7 +58,7 @@ import numpy as np
 import optax
 
 from jaxpurify._precision import full_precision
-from jaxpurify.attacks import accuracy, logits_fn, one_hidden_hidden
+from jaxpurify.attacks import accuracy, logits_fn, one_hidden_hidden, predict
 from jaxpurify.phase_transition import critical_fraction
 from jaxpurify.purify import fit_count, second_explanation
 from jaxpurify.recovery import l1_regression
@@ -1035,7 +1035,7 @@ def layer_principal_projection(model, params, x_benign, y_benign, *, init_params
         for c in range(len(energies)):
             q = refine(_project_layers(p, p0, bases, {n: r[c] for n, r in ranks.items()}),
                        x[~held_out], y[~held_out])
-            correct[c] += _correct(apply, q, x[held_out], y[held_out])
+            correct[c] += np.sum(predict(model, q, x[held_out]) == np.asarray(y[held_out]))
     scores = correct / len(y)
     base = accuracy(model, p, x, y)
     chosen = next((i for i, a in enumerate(scores) if a >= base - max_drop), None)
@@ -1105,16 +1105,6 @@ def _update_coefficients(p, p0, bases):
     from jaxpurify import multilayer as M
 
     return {n: (M.layer_vectors(p[n]) - M.layer_vectors(p0[n])) @ v for n, v in bases.items()}
-
-
-def _correct(apply, p, x, y) -> int:
-    """Images of ``x`` that ``apply(p, .)`` classifies as ``y``."""
-    return int(_count_plain(apply, p, jnp.asarray(x), jnp.asarray(y)))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _count_plain(apply, p, x, y):
-    return jnp.sum(jnp.argmax(apply(p, x), axis=-1) == y)
 
 
 @functools.partial(jax.jit, static_argnums=0)
