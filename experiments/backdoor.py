@@ -211,6 +211,15 @@ def _readout_probe(model: _Model, params, x, y, evaluate, key, init_params, step
             "seconds": info.seconds}
 
 
+def edited_row_fraction(module, mask) -> dict:
+    """Per designed layer: the largest share of one recovery problem's entries (a unit vector,
+    or the whole layer where it is coded as a whole) that the edit ``mask`` changed -- the
+    fraction the Donoho-Tanner threshold bounds (a diagnostic of the attack)."""
+    ones = jax.tree_util.tree_map(lambda m: jnp.asarray(m, jnp.float32), mask)
+    return {name: float(jnp.max(jnp.sum(v, axis=1)) / v.shape[1])
+            for name, (_, v, _) in D._designed_layers(module, ones).items()}
+
+
 def _max_diff(a, b) -> float:
     return max(float(jnp.max(jnp.abs(u - v))) for u, v in
                zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True))
@@ -669,19 +678,35 @@ def _targets(rows, clean) -> list[dict]:
                 acc_ok = abs(jp["acc"] - ref["acc"]) <= 0.001
                 asr_ok = jp["asr"] <= ref["asr_badnets"] + 0.01
                 rec = jp["details"].get("recovery", {})
-                worst = max((v["max_row_fraction"] for v in rec.values()), default=0.0)
+                flagged = max((v["max_row_fraction"] for v in rec.values()), default=0.0)
                 crit = min((v["critical_fraction"] for v in rec.values()), default=0.0)
                 err = jp["details"].get("exact_error", float("nan"))
                 certified = bool(jp["details"].get("certified"))
-                beyond = (f"worst corrupted fraction of a row {worst:.2f} vs Donoho-Tanner "
-                          f"critical fraction {crit:.2f}")
+                edited = [r for r in rs if r["k"] == k and r.get("defense") == "none"]
+                edited = edited[0]["details"].get("edited_row_fraction") if edited else None
+                # The solver's flagged share of a failed row is 1 - n/m (it interpolates n of
+                # the m entries), not the attack's: quote the attack's where it was recorded.
+                if edited:
+                    layer = max(edited, key=edited.get)
+                    crit = rec.get(layer, {}).get("critical_fraction", crit)
+                    beyond = (f"the edit changed {edited[layer]:.2f} of one unit vector of "
+                              f"{layer} vs Donoho-Tanner critical fraction {crit:.2f}; the "
+                              f"recovery flagged {flagged:.2f} of a row")
+                    concentrated = edited[layer] >= crit
+                else:
+                    beyond = (f"the recovery flagged {flagged:.2f} of a row as corrupted vs "
+                              f"Donoho-Tanner critical fraction {crit:.2f} (the edit's own "
+                              f"share per row was not recorded)")
+                    concentrated = None
                 if acc_ok and asr_ok and certified:
                     reason = f"recovery exact and certified (max|w-w_clean| = {err:.1e})"
                 elif acc_ok and asr_ok:  # the behaviour is back, the weights are not
                     reason = (f"ACC and ASR restored, but the weights are not exactly the clean "
                               f"ones (max|w-w_clean| = {err:.1e}, not certified; {beyond})")
-                elif worst >= crit:
+                elif concentrated:
                     reason = f"edits concentrate in one unit vector: {beyond}"
+                elif flagged >= crit or concentrated is False:
+                    reason = f"recovery failed (not certified): {beyond}"
                 else:
                     reason = f"recovery certified={certified}, max|w-w_clean| = {err:.1e}"
                 out.append({"model": model, "attack": attack, "k": k,
@@ -943,6 +968,7 @@ def run(*, name: str = "backdoor-mnist", quick: bool = False, out: Path, seed: i
                     r["details"]["exact_error"] = _max_diff(q, w_clean)
                 if r["defense"] == "none":
                     r["details"]["edited"] = per_layer
+                    r["details"]["edited_row_fraction"] = edited_row_fraction(model.module, mask)
                     r["seconds"] = t_attack
                 rows.append({"dataset": dataset, "model": model_name, "attack": "weight-edit",
                              "poison_rate": None, "k": k, **r})

@@ -16,6 +16,11 @@ def _edit_row(k, acc, asr, certified, error, worst=0.1):
             "details": {"certified": certified, "exact_error": error, "recovery": rec}}
 
 
+def _none_row(k, edited):
+    return {"model": "m", "attack": "weight-edit", "k": k, "variant": None, "defense": "none",
+            "acc": 0.9, "asr": 0.9, "details": {"edited_row_fraction": edited}}
+
+
 def test_weight_edit_verdicts():
     rows = [_edit_row(10, 0.95, 0.01, True, 3e-7),
             _edit_row(30, 0.9498, 0.008, False, 5e-2, worst=0.5),
@@ -24,8 +29,48 @@ def test_weight_edit_verdicts():
     assert got[10]["met"] and got[10]["reason"].startswith("recovery exact and certified")
     # behaviour restored without exact weights: met, and the reason must not say "exact"
     assert got[30]["met"] and "not exactly the clean ones" in got[30]["reason"]
-    assert "0.50 vs Donoho-Tanner critical fraction 0.40" in got[30]["reason"]
-    assert not got[100]["met"] and got[100]["reason"].startswith("edits concentrate")
+    # without the edit's own share, the solver's flagged share is quoted as just that
+    assert "recovery flagged 0.50 of a row as corrupted" in got[30]["reason"]
+    assert "not recorded" in got[30]["reason"]
+    assert not got[100]["met"] and got[100]["reason"].startswith("recovery failed")
+    assert "concentrate" not in got[100]["reason"]
+
+
+def test_weight_edit_verdict_quotes_the_edits_own_share_per_unit():
+    rows = [_edit_row(100, 0.94, 0.004, False, 0.6, worst=0.75),
+            _none_row(100, {"conv": 0.05, "readout": 0.55}),
+            _edit_row(30, 0.94, 0.004, False, 0.6, worst=0.75),
+            _none_row(30, {"conv": 0.0, "readout": 0.3})]
+    got = {t["k"]: t for t in backdoor._targets(rows, CLEAN)}
+    assert got[100]["reason"].startswith("edits concentrate in one unit vector")
+    assert "changed 0.55 of one unit vector of readout vs Donoho-Tanner critical fraction 0.40"\
+        in got[100]["reason"] and "flagged 0.75" in got[100]["reason"]
+    # below the threshold for typical supports and still failed: not called concentrated
+    assert got[30]["reason"].startswith("recovery failed") and "changed 0.30" in got[30]["reason"]
+
+
+def test_edited_row_fraction_counts_edits_per_recovery_problem():
+    import jax
+    import numpy as np
+
+    from jaxpurify.models import DesignedOneHiddenLayerCNN
+
+    def fractions(joint):
+        module = DesignedOneHiddenLayerCNN(4, 4, 1, 8, 3, num_classes=3, pool="mean",
+                                           joint_layers=joint)
+        plain = module.materialize(module.init(jax.random.PRNGKey(0),
+                                               np.zeros((1, 8, 8, 1), np.float32))["params"])
+        mask = jax.tree_util.tree_map(lambda v: np.zeros(v.shape, bool), plain)
+        flat = mask["conv"]["kernel"].reshape(-1, 4)  # (16 weights, 4 filters), a view
+        flat[:5, 2] = True  # 5 of filter 2's 16 weights ...
+        mask["conv"]["bias"][2] = True  # ... and its bias: 6 of 17 entries
+        mask["readout"]["kernel"][1, 0] = mask["readout"]["kernel"][3, 0] = True  # 2 of 4
+        mask["readout"]["kernel"][0, 2] = True
+        return backdoor.edited_row_fraction(module, mask)
+
+    per_unit = fractions(())
+    assert per_unit == pytest.approx({"conv": 6 / 17, "readout": 2 / 4})
+    assert fractions(("readout",)) == pytest.approx({"conv": 6 / 17, "readout": 3 / 12})
 
 
 def test_rejudge_rewrites_verdicts_from_the_stored_rows(tmp_path):
