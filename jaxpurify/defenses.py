@@ -573,8 +573,11 @@ def recover_designed(model, params, *, rtol: float | None = None, method="admm",
         to rounding, :func:`jaxpurify.purify.exactly_fit`, and none is ambiguous:
         ``ambiguous_rows`` counts the rows whose judged-corrupted entries another vector of
         ``range(A)`` fits exactly, more than ``n`` of them; see
-        :func:`jaxpurify.purify.second_explanation`), max_row_fraction (largest corrupted
-        fraction of a row), ratio and the Donoho-Tanner critical_fraction at that ratio.
+        :func:`jaxpurify.purify.second_explanation`), max_row_fraction (largest fraction of
+        a row the solver judged corrupted: the true share where recovery is exact; on a row
+        it fails on, typically ``1 - n/m`` (the L1 fit interpolates ``n`` of the ``m``
+        entries and flags the rest), not the attacker's share), ratio and the Donoho-Tanner
+        critical_fraction at that ratio.
     """
     p = dict(_unwrap(params))
     report = {}
