@@ -682,8 +682,9 @@ def _targets(rows, clean) -> list[dict]:
                 crit = min((v["critical_fraction"] for v in rec.values()), default=0.0)
                 err = jp["details"].get("exact_error", float("nan"))
                 certified = bool(jp["details"].get("certified"))
-                edited = [r for r in rs if r["k"] == k and r.get("defense") == "none"]
-                edited = edited[0]["details"].get("edited_row_fraction") if edited else None
+                undefended = [r for r in rs if r["k"] == k and r.get("defense") == "none"]
+                edited = (undefended[0]["details"].get("edited_row_fraction")
+                          if undefended else None)
                 # The solver's flagged share of a failed row is 1 - n/m (it interpolates n of
                 # the m entries), not the attack's: quote the attack's where it was recorded.
                 if edited:
@@ -697,7 +698,7 @@ def _targets(rows, clean) -> list[dict]:
                     beyond = (f"the recovery flagged {flagged:.2f} of a row as corrupted vs "
                               f"Donoho-Tanner critical fraction {crit:.2f} (the edit's own "
                               f"share per row was not recorded)")
-                    concentrated = None
+                    concentrated = False
                 if acc_ok and asr_ok and certified:
                     reason = f"recovery exact and certified (max|w-w_clean| = {err:.1e})"
                 elif acc_ok and asr_ok:  # the behaviour is back, the weights are not
@@ -705,7 +706,7 @@ def _targets(rows, clean) -> list[dict]:
                               f"ones (max|w-w_clean| = {err:.1e}, not certified; {beyond})")
                 elif concentrated:
                     reason = f"edits concentrate in one unit vector: {beyond}"
-                elif flagged >= crit or concentrated is False:
+                elif not certified:
                     reason = f"recovery failed (not certified): {beyond}"
                 else:
                     reason = f"recovery certified={certified}, max|w-w_clean| = {err:.1e}"
