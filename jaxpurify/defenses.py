@@ -7,6 +7,9 @@ Each returns ``(params, DefenseInfo)``.
 
 * :func:`fine_tune`: the usual recipe, SGD (lr 0.01, momentum 0.9, weight decay 5e-4) for a
   few epochs (default 10) of minibatches of 128 on the benign set.
+* :func:`distill`: the deployed network's logits on augmented benign images distilled into
+  another network (Adam on the squared logit difference), a ``refine`` step that gives back
+  what a projection cost on benign inputs.
 * :func:`fine_prune` (Liu, Dolan-Gavitt & Garg, *Fine-Pruning*, RAID 2018): prune the last
   convolutional layer's channels in increasing order of mean activation on benign data
   until the accuracy on a held-out part of the benign budget drops by more than
@@ -70,6 +73,7 @@ __all__ = [
     "anp",
     "anp_prune",
     "channel_activations",
+    "distill",
     "fine_prune",
     "fine_tune",
     "jaxpurify_defense",
@@ -240,6 +244,95 @@ def fine_tune(model, params, x_benign, y_benign, *, epochs: int = 10, learning_r
                                   weight_decay=weight_decay, batch_size=batch_size, key=key,
                                   update_mask=update_mask)
     return out, DefenseInfo("ft", time.perf_counter() - t0, {"steps": steps, "epochs": epochs})
+
+
+def distill(model, params, x_benign, y_benign=None, *, teacher, steps: int = 300,
+            learning_rate: float = 3e-4, batch_size: int = 64, hflip: bool = False,
+            crop: int = 0, key=None):
+    r"""Pull ``params`` toward the ``teacher``'s logits on (augmented) benign images.
+
+    Minimizes, over every deployed parameter ``q`` (starting from ``params``),
+
+    .. math:: \frac{1}{BC} \sum_{x \in \text{batch}} \| f_q(a(x)) - f_T(a(x)) \|_2^2
+
+    with Adam (cosine decay from ``learning_rate`` over ``steps`` steps), each step on
+    ``batch_size`` benign images drawn without replacement and augmented by ``a`` (random
+    horizontal flips and shifts by up to ``crop`` pixels, if asked). The labels are not used:
+    the teacher's ten logits per image carry more than one label, and the augmentations make
+    new images the teacher labels for free. As the ``refine`` step of
+    :func:`layer_principal_projection` with ``teacher`` the *deployed* network, it gives back
+    what the projection cost on benign inputs; the teacher's logits on benign images carry
+    part of a backdoor's vote too, so the backdoor comes back the longer it runs.
+
+    Args:
+        model: a model :func:`network` knows.
+        params: the student's starting params (e.g. a projected network).
+        x_benign: benign images ``(N, H, W, C)``.
+        y_benign: ignored (the ``refine(params, x, y)`` signature).
+        teacher: the teacher's params (same structure; held fixed).
+        steps, learning_rate, batch_size: Adam steps, peak rate, images per step.
+        hflip, crop: augmentations (CIFAR-10: ``True``, 4).
+        key: PRNG key of the batches and augmentations (default ``PRNGKey(0)``).
+
+    Returns:
+        ``(params, DefenseInfo)``; ``details`` holds ``steps`` and ``logit_mse`` (the mean
+        squared logit difference on the un-augmented benign images, before and after).
+
+    Raises:
+        ValueError: no benign images, ``steps < 1``, a bad ``batch_size`` or ``crop``, or a
+            teacher whose structure differs from ``params``.
+    """
+    t0 = time.perf_counter()
+    if x_benign is None or len(x_benign) == 0:
+        raise ValueError("distill needs benign images (x with at least one example)")
+    x = jnp.asarray(x_benign)
+    n = x.shape[0]
+    if not (isinstance(steps, int | np.integer) and steps >= 1):
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if not 1 <= batch_size or crop < 0:
+        raise ValueError(f"batch_size must be >= 1 and crop >= 0, got {batch_size}, {crop}")
+    p, t = _unwrap(params), _unwrap(teacher)
+    if jax.tree_util.tree_structure(p) != jax.tree_util.tree_structure(t):
+        raise ValueError("teacher must have the structure of params (the deployed network)")
+    apply = network(model).apply
+    config = (apply, float(learning_rate), int(steps), int(min(batch_size, n)), bool(hflip),
+              int(crop))
+    mse = jax.jit(lambda q: jnp.mean((apply(q, x) - apply(t, x)) ** 2))
+    before = float(mse(p))
+    state = _distill_init(config, p)
+    key = jax.random.PRNGKey(0) if key is None else key
+    for k in jax.random.split(key, int(steps)):
+        p, state = _distill_step(config, p, state, t, x, k)
+    return jax.block_until_ready(p), DefenseInfo("distill", time.perf_counter() - t0, {
+        "steps": int(steps), "logit_mse": (before, float(mse(p)))})
+
+
+def _distill_tx(config):
+    _, learning_rate, steps, *_ = config
+    return optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _distill_init(config, params):
+    return _distill_tx(config).init(params)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _distill_step(config, params, state, teacher, x, key):
+    """One Adam step of :func:`distill` (a Python loop over it: see :func:`train_masked`)."""
+    from jaxpurify.multilayer import _flip, _random_crop
+
+    apply, _, _, batch_size, hflip, crop = config
+    k_batch, k_flip, k_crop = jax.random.split(key, 3)
+    xb = x[jax.random.choice(k_batch, x.shape[0], (batch_size,), replace=False)]
+    if hflip:
+        xb = _flip(k_flip, xb)
+    if crop:
+        xb = _random_crop(k_crop, xb, crop)
+    target = apply(teacher, xb)
+    g = jax.grad(lambda q: jnp.mean((apply(q, xb) - target) ** 2))(params)
+    u, state = _distill_tx(config).update(g, state, params)
+    return optax.apply_updates(params, u), state
 
 
 # --------------------------------------------------------------------------- fine-pruning

@@ -585,6 +585,67 @@ def test_layer_principal_projection_refines_every_candidate_on_the_fold(deep_poi
         D.layer_principal_projection(m, w, x, y, init_params=p0, refine=identity, folds=1)
 
 
+def _logit_mse(m, a, b, x):
+    return float(jnp.mean((m.apply_plain(a, x) - m.apply_plain(b, x)) ** 2))
+
+
+def test_distill_keeps_a_student_that_already_matches_its_teacher(deep_poisoned):
+    """The loss's gradient is zero at ``params == teacher``, so Adam moves nothing (the
+    reported MSE is that of two evaluations of one network: rounding only)."""
+    m, _, w, x, _ = deep_poisoned
+    q, info = D.distill(m, w, x, teacher=w, steps=5, hflip=True, crop=1)
+    assert _max_diff(q, w) == 0.0
+    assert max(info.details["logit_mse"]) < 1e-28  # the same network evaluated twice
+
+
+def test_distill_full_batch_step_is_an_adam_step_on_the_logit_mse(deep_poisoned):
+    """With the whole budget as the batch and no augmentation one step is one Adam step
+    (peak rate: the cosine schedule's step 0) on ``mean (f_q(x) - f_T(x))^2``, whatever
+    order the batch was drawn in."""
+    m, p0, w, x, _ = deep_poisoned
+    q, _ = D.distill(m, p0, x, teacher=w, steps=1, learning_rate=1e-2, batch_size=len(x))
+    tx = optax.adam(1e-2)
+    loss = lambda s: jnp.mean((m.apply_plain(s, x) - m.apply_plain(w, x)) ** 2)  # noqa: E731
+    u, _ = tx.update(jax.grad(loss)(p0), tx.init(p0), p0)
+    assert _max_diff(q, optax.apply_updates(p0, u)) < 1e-12
+
+
+def test_distill_pulls_a_projected_network_back_toward_its_teacher(deep_poisoned):
+    """A layer-principal projection at a small share changes the benign logits; distilling
+    the deployed network into it (augmented, float64 kept) takes most of that back, and it
+    serves as the projection's ``refine`` step."""
+    m, p0, w, x, y = deep_poisoned
+    proj, _ = D.layer_principal_projection(m, w, x, y, init_params=p0, energies=(0.5,),
+                                           max_drop=0.99)
+    q, info = D.distill(m, proj, x, y, teacher=w, steps=200, learning_rate=3e-3,
+                        batch_size=16, hflip=True, crop=1, key=jax.random.PRNGKey(3))
+    _same_structure(q, w)
+    assert all(a.dtype == jnp.float64 for a in jax.tree_util.tree_leaves(q))
+    before, after = info.details["logit_mse"]
+    assert before == pytest.approx(_logit_mse(m, proj, w, x), rel=1e-9) and before > 1e-3
+    assert after == pytest.approx(_logit_mse(m, q, w, x), rel=1e-9) and after < 0.2 * before
+
+    def refine(params, xs, ys):
+        return D.distill(m, params, xs, ys, teacher=w, steps=20, learning_rate=3e-3)[0]
+
+    r, rinfo = D.layer_principal_projection(m, w, x, y, init_params=p0, energies=(0.5, 1.0),
+                                            folds=3, refine=refine)
+    assert rinfo.details["refined"]
+    _same_structure(r, w)
+
+
+def test_distill_checks_its_arguments(deep_poisoned):
+    m, p0, w, x, _ = deep_poisoned
+    with pytest.raises(ValueError, match="needs benign images"):
+        D.distill(m, p0, x[:0], teacher=w)
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        D.distill(m, p0, x, teacher=w, steps=0)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        D.distill(m, p0, x, teacher=w, batch_size=0)
+    with pytest.raises(ValueError, match="teacher must have the structure"):
+        D.distill(m, p0, x, teacher={"fc2": w["fc2"]})
+
+
 def test_layer_principal_projection_leaves_other_layers_alone(deep_poisoned):
     m, p0, w, x, y = deep_poisoned
     q, info = D.layer_principal_projection(m, w, x, y, init_params=p0, layers=("fc1",),
