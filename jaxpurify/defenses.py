@@ -297,14 +297,20 @@ def distill(model, params, x_benign, y_benign=None, *, teacher, steps: int = 300
     apply = network(model).apply
     config = (apply, float(learning_rate), int(steps), int(min(batch_size, n)), bool(hflip),
               int(crop))
-    mse = jax.jit(lambda q: jnp.mean((apply(q, x) - apply(t, x)) ** 2))
-    before = float(mse(p))
+    before = float(_logit_mse(apply, p, t, x))
     state = _distill_init(config, p)
     key = jax.random.PRNGKey(0) if key is None else key
     for k in jax.random.split(key, int(steps)):
         p, state = _distill_step(config, p, state, t, x, k)
     return jax.block_until_ready(p), DefenseInfo("distill", time.perf_counter() - t0, {
-        "steps": int(steps), "logit_mse": (before, float(mse(p)))})
+        "steps": int(steps), "logit_mse": (before, float(_logit_mse(apply, p, t, x)))})
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logit_mse(apply, params, teacher, x):
+    """``mean (f_q(x) - f_T(x))^2`` (jitted with the arrays as arguments: closed over, XLA
+    would constant-fold the teacher's forward pass at compile time)."""
+    return jnp.mean((apply(params, x) - apply(teacher, x)) ** 2)
 
 
 def _distill_tx(config):
