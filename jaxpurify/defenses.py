@@ -279,8 +279,9 @@ def distill(model, params, x_benign, y_benign=None, *, teacher, steps: int = 300
         squared logit difference on the un-augmented benign images, before and after).
 
     Raises:
-        ValueError: no benign images, ``steps < 1``, a bad ``batch_size`` or ``crop``, or a
-            teacher whose structure differs from ``params``.
+        ValueError: no benign images, ``steps < 1``, a bad ``batch_size`` or ``crop``, a
+            teacher whose structure differs from ``params``, non-finite logits before
+            distilling (NaN/Inf params) or after (diverged).
     """
     t0 = time.perf_counter()
     if x_benign is None or len(x_benign) == 0:
@@ -298,12 +299,19 @@ def distill(model, params, x_benign, y_benign=None, *, teacher, steps: int = 300
     config = (apply, float(learning_rate), int(steps), int(min(batch_size, n)), bool(hflip),
               int(crop))
     before = float(_logit_mse(apply, p, t, x))
+    if not np.isfinite(before):
+        raise ValueError("the student's or the teacher's logits on the benign images are not "
+                         "finite: check both params for NaN/Inf before distilling")
     state = _distill_init(config, p)
     key = jax.random.PRNGKey(0) if key is None else key
     for k in jax.random.split(key, int(steps)):
         p, state = _distill_step(config, p, state, t, x, k)
+    after = float(_logit_mse(apply, p, t, x))
+    if not np.isfinite(after):
+        raise ValueError(f"distillation diverged (non-finite logits after {steps} steps at "
+                         f"learning_rate={learning_rate:g}): lower the learning rate")
     return jax.block_until_ready(p), DefenseInfo("distill", time.perf_counter() - t0, {
-        "steps": int(steps), "logit_mse": (before, float(_logit_mse(apply, p, t, x)))})
+        "steps": int(steps), "logit_mse": (before, after)})
 
 
 @functools.partial(jax.jit, static_argnums=0)

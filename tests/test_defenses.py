@@ -644,6 +644,11 @@ def test_distill_checks_its_arguments(deep_poisoned):
         D.distill(m, p0, x, teacher=w, batch_size=0)
     with pytest.raises(ValueError, match="teacher must have the structure"):
         D.distill(m, p0, x, teacher={"fc2": w["fc2"]})
+    broken = {**w, "fc2": {**w["fc2"], "bias": w["fc2"]["bias"].at[0].set(jnp.nan)}}
+    with pytest.raises(ValueError, match="not finite: check both params"):
+        D.distill(m, p0, x, teacher=broken)
+    with pytest.raises(ValueError, match="distillation diverged"):
+        D.distill(m, p0, x, teacher=w, steps=3, learning_rate=1e200)  # float64: logits ~1e600
 
 
 def test_layer_principal_projection_leaves_other_layers_alone(deep_poisoned):
