@@ -197,9 +197,14 @@ def train_masked(apply_fn: Callable, params, x, y, *, optimizer, steps: int, bat
 
 
 def _make_tx(optimizer):
+    """An optax transformation from itself or from a hashable tuple: ``("sgd", lr, momentum,
+    weight_decay)`` or ``("adam-cosine", peak_lr, steps)`` (what :func:`distill` runs)."""
     if isinstance(optimizer, tuple) and optimizer and optimizer[0] == "sgd":
         _, lr, momentum, wd = optimizer
         return sgd(lr, momentum=momentum, weight_decay=wd)
+    if isinstance(optimizer, tuple) and optimizer and optimizer[0] == "adam-cosine":
+        _, lr, steps = optimizer
+        return optax.adam(optax.cosine_decay_schedule(lr, steps))
     return optimizer
 
 
@@ -296,13 +301,13 @@ def distill(model, params, x_benign, y_benign=None, *, teacher, steps: int = 300
     if jax.tree_util.tree_structure(p) != jax.tree_util.tree_structure(t):
         raise ValueError("teacher must have the structure of params (the deployed network)")
     apply = network(model).apply
-    config = (apply, float(learning_rate), int(steps), int(min(batch_size, n)), bool(hflip),
-              int(crop))
+    tx = ("adam-cosine", float(learning_rate), int(steps))
+    config = (apply, tx, int(min(batch_size, n)), bool(hflip), int(crop))
     before = float(_logit_mse(apply, p, t, x))
     if not np.isfinite(before):
         raise ValueError("the student's or the teacher's logits on the benign images are not "
                          "finite: check both params for NaN/Inf before distilling")
-    state = _distill_init(config, p)
+    state = _init_state(tx, p)
     key = jax.random.PRNGKey(0) if key is None else key
     for k in jax.random.split(key, int(steps)):
         p, state = _distill_step(config, p, state, t, x, k)
@@ -321,22 +326,12 @@ def _logit_mse(apply, params, teacher, x):
     return jnp.mean((apply(params, x) - apply(teacher, x)) ** 2)
 
 
-def _distill_tx(config):
-    _, learning_rate, steps, *_ = config
-    return optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _distill_init(config, params):
-    return _distill_tx(config).init(params)
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _distill_step(config, params, state, teacher, x, key):
     """One Adam step of :func:`distill` (a Python loop over it: see :func:`train_masked`)."""
     from jaxpurify.multilayer import _flip, _random_crop
 
-    apply, _, _, batch_size, hflip, crop = config
+    apply, tx, batch_size, hflip, crop = config
     k_batch, k_flip, k_crop = jax.random.split(key, 3)
     xb = x[jax.random.choice(k_batch, x.shape[0], (batch_size,), replace=False)]
     if hflip:
@@ -345,7 +340,7 @@ def _distill_step(config, params, state, teacher, x, key):
         xb = _random_crop(k_crop, xb, crop)
     target = apply(teacher, xb)
     g = jax.grad(lambda q: jnp.mean((apply(q, xb) - target) ** 2))(params)
-    u, state = _distill_tx(config).update(g, state, params)
+    u, state = _make_tx(tx).update(g, state, params)
     return optax.apply_updates(params, u), state
 
 
