@@ -390,7 +390,7 @@ def layer_trigger_outside(module, params, x_benign, x_probe, trigger, ranks: dic
             sums[name] = sums.get(name, 0.0) + change
     out = {}
     for name, r in ranks.items():
-        v = np.linalg.eigh(grams[name])[1][:, ::-1][:, :r]
+        v = M.principal_directions(grams[name])[1][:, :r]
         d = sums[name]
         out[name] = float(np.linalg.norm(d - v @ (v.T @ d)) / np.linalg.norm(d))
     return out

@@ -235,9 +235,8 @@ def _trajectory_row_space(model, x, y, seed: int, *, n: int = 32, steps: int = 1
     for info in model.layer_info():
         delta = np.asarray(ML.layer_vectors(p[info.name]) - ML.layer_vectors(p0[info.name]),
                            np.float64)
-        ev, vecs = np.linalg.eigh(final_gram[info.name])
-        keep = np.sqrt(np.clip(ev, 0, None)) > 1e-6 * np.sqrt(max(ev.max(), 0))
-        basis = vecs[:, keep]
+        basis = ML.principal_directions(final_gram[info.name])[1][
+            :, :ML.gram_rank(final_gram[info.name])]
         resid = delta - (delta @ basis) @ basis.T
         out["layers"][info.name] = {
             "dim": info.rows,

@@ -281,7 +281,8 @@ def distill(model, params, x_benign, y_benign=None, *, teacher, steps: int = 300
 
     Returns:
         ``(params, DefenseInfo)``; ``details`` holds ``steps`` and ``logit_mse`` (the mean
-        squared logit difference on the un-augmented benign images, before and after).
+        squared logit difference on the un-augmented benign images, before and after,
+        evaluated 1024 images at a time).
 
     Raises:
         ValueError: no benign images, ``steps < 1``, a bad ``batch_size`` or ``crop``, a
@@ -303,7 +304,7 @@ def distill(model, params, x_benign, y_benign=None, *, teacher, steps: int = 300
     apply = network(model).apply
     tx = ("adam-cosine", float(learning_rate), int(steps))
     config = (apply, tx, int(min(batch_size, n)), bool(hflip), int(crop))
-    before = float(_logit_mse(apply, p, t, x))
+    before = _logit_mse(apply, p, t, x)
     if not np.isfinite(before):
         raise ValueError("the student's or the teacher's logits on the benign images are not "
                          "finite: check both params for NaN/Inf before distilling")
@@ -311,7 +312,7 @@ def distill(model, params, x_benign, y_benign=None, *, teacher, steps: int = 300
     key = jax.random.PRNGKey(0) if key is None else key
     for k in jax.random.split(key, int(steps)):
         p, state = _distill_step(config, p, state, t, x, k)
-    after = float(_logit_mse(apply, p, t, x))
+    after = _logit_mse(apply, p, t, x)
     if not np.isfinite(after):
         raise ValueError(f"distillation diverged (non-finite logits after {steps} steps at "
                          f"learning_rate={learning_rate:g}): lower the learning rate")
@@ -319,11 +320,27 @@ def distill(model, params, x_benign, y_benign=None, *, teacher, steps: int = 300
         "steps": int(steps), "logit_mse": (before, after)})
 
 
+def _squared_gaps(apply, params, x, target_logits):
+    """``(f_q(x) - target)^2`` per image and logit: the terms of the distillation loss."""
+    return (apply(params, x) - target_logits) ** 2
+
+
+def _logit_mse(apply, params, teacher, x, *, batch_size: int = 1024) -> float:
+    """``mean (f_q(x) - f_T(x))^2`` over all of ``x``, ``batch_size`` images at a time."""
+    total, count = 0.0, 0
+    for i in range(0, int(x.shape[0]), batch_size):
+        s, c = _squared_gap_sum(apply, params, teacher, x[i:i + batch_size])
+        total, count = total + float(s), count + int(c)
+    return total / count
+
+
 @functools.partial(jax.jit, static_argnums=0)
-def _logit_mse(apply, params, teacher, x):
-    """``mean (f_q(x) - f_T(x))^2`` (jitted with the arrays as arguments: closed over, XLA
-    would constant-fold the teacher's forward pass at compile time)."""
-    return jnp.mean((apply(params, x) - apply(teacher, x)) ** 2)
+def _squared_gap_sum(apply, params, teacher, x):
+    """The sum and count of :func:`_squared_gaps` on ``x`` against the teacher (jitted with
+    the arrays as arguments: closed over, XLA would constant-fold the teacher's forward pass
+    at compile time)."""
+    gaps = _squared_gaps(apply, params, x, apply(teacher, x))
+    return jnp.sum(gaps), gaps.size
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -339,7 +356,7 @@ def _distill_step(config, params, state, teacher, x, key):
     if crop:
         xb = _random_crop(k_crop, xb, crop)
     target = apply(teacher, xb)
-    g = jax.grad(lambda q: jnp.mean((apply(q, xb) - target) ** 2))(params)
+    g = jax.grad(lambda q: jnp.mean(_squared_gaps(apply, q, xb, target)))(params)
     u, state = _make_tx(tx).update(g, state, params)
     return optax.apply_updates(params, u), state
 
@@ -1179,8 +1196,7 @@ def _energy_bases(grams, energies, updates):
 
     bases, ranks = {}, {}
     for n, g in grams.items():
-        lam, vec = np.linalg.eigh(np.asarray(g, np.float64))
-        lam, vec = np.clip(lam[::-1], 0, None), vec[:, ::-1]
+        lam, vec = M.principal_directions(g)
         full = M.gram_rank(g)
         share = np.cumsum(lam) / max(lam.sum(), 1e-300)
         ranks[n] = np.array([full if e >= 1 else min(int(np.searchsorted(share, e)) + 1, full)

@@ -61,6 +61,7 @@ __all__ = [
     "gram_rank",
     "layer_patches",
     "patch_grams",
+    "principal_directions",
     "row_space_ranks",
     "train",
     "with_layer_vectors",
@@ -924,6 +925,17 @@ def patch_grams(model: DesignedCNN, plain: dict, x, *, batch_size: int = 50):
             grams[name] = grams.get(name, 0.0) + q.T @ q
             rows[name] = rows.get(name, 0) + q.shape[0]
     return grams, rows
+
+
+def principal_directions(gram) -> tuple[np.ndarray, np.ndarray]:
+    """Eigen-decomposition of a patch Gram matrix, leading direction first.
+
+    Returns ``(lam, v)``: the eigenvalues of ``gram`` (in float64) in decreasing order, clipped
+    at 0 (round-off makes the null ones slightly negative), and the orthonormal eigenvectors
+    as the columns of ``v`` in the same order, so ``v[:, :r]`` spans the ``r`` directions that
+    hold the most patch energy (``v[:, :gram_rank(gram)]``: the patches' span)."""
+    lam, v = np.linalg.eigh(np.asarray(gram, np.float64))
+    return np.clip(lam[::-1], 0, None), v[:, ::-1]
 
 
 def gram_rank(gram, rtol: float = 1e-6) -> int:

@@ -634,6 +634,17 @@ def test_distill_pulls_a_projected_network_back_toward_its_teacher(deep_poisoned
     _same_structure(r, w)
 
 
+def test_distill_reports_the_logit_mse_of_the_whole_budget_in_chunks(deep_poisoned):
+    """The reported MSE is accumulated a chunk at a time (large budgets would not fit one
+    batch); ragged chunks give the mean over every image and logit, not a mean of means."""
+    m, p0, w, x, _ = deep_poisoned
+    apply = D.network(m).apply
+    whole = _logit_mse(m, p0, w, x)
+    assert len(x) % 7 != 0 and whole > 1e-3
+    assert D._logit_mse(apply, p0, w, x, batch_size=7) == pytest.approx(whole, rel=1e-12)
+    assert D._logit_mse(apply, p0, w, x) == pytest.approx(whole, rel=1e-12)
+
+
 def test_distill_checks_its_arguments(deep_poisoned):
     m, p0, w, x, _ = deep_poisoned
     with pytest.raises(ValueError, match="needs benign images"):

@@ -22,8 +22,12 @@ from jaxpurify.multilayer import (
     LeNet5,
     SmallVGG,
     accuracy,
+    gram_rank,
+    layer_patches,
     layer_vectors,
+    patch_grams,
     predict,
+    principal_directions,
     purify_layers,
     row_space_ranks,
     train,
@@ -276,6 +280,24 @@ def test_row_space_is_full_for_conv_layers():
     assert ranks["conv1"]["rank"] == ranks["conv1"]["dim"] == 26
     assert ranks["conv1"]["patch_rows"] == 24 * 24
     assert ranks["fc1"]["rank"] == 1  # one image: one feature vector (with its 1)
+
+
+def test_principal_directions_order_the_patch_energy_and_span_the_patches():
+    """The eigenpairs of a layer's patch Gram come leading first, reconstruct it, and their
+    first ``gram_rank`` directions hold every patch (three images: fc1 has rank 3 of 91)."""
+    model = tiny()
+    plain = model.materialize(init(model))
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 28, 28, 1), jnp.float64)
+    g = patch_grams(model, plain, x)[0]["fc1"]
+    lam, v = principal_directions(g)
+    assert np.all(np.diff(lam) <= 0) and np.all(lam >= 0)
+    np.testing.assert_allclose(v @ np.diag(lam) @ v.T, g, atol=1e-10 * lam[0])
+    np.testing.assert_allclose(v.T @ v, np.eye(len(lam)), atol=1e-12)
+    r = gram_rank(g)
+    q = np.asarray(layer_patches(model, plain, x)["fc1"])
+    assert r == 3
+    np.testing.assert_allclose(q - (q @ v[:, :r]) @ v[:, :r].T, 0.0, atol=1e-10)
+    assert np.linalg.norm(q @ v[:, r - 1]) > 1e-6  # the r-th direction carries patches
 
 
 def _mnist_slice():
