@@ -22,7 +22,10 @@ reference's mask threshold 0.2, and variant ``benign-stop``, the same mask prune
 benign accuracy allows). ``--set "defenses=('jaxpurify', 'ft', 'fp')"`` leaves ANP out;
 ``--set "attacks=('badnets',)"`` runs one poisoning attack; ``--set
 "ft_learning_rates=(0.001,)"`` adds FT rows at other learning rates, variant ``lr=...``, a
-diagnostic that is not judged; ``--set edit_selection=fisher --set edit_clean_weight=10.0``
+diagnostic that is not judged; ``--set "ft_recipes=('backdoorbench',)"`` adds FT rows with
+BackdoorBench's recipe (:data:`jaxpurify.defenses.BACKDOORBENCH_FT`: cosine decay over 100
+epochs, augmented minibatches), variant ``backdoorbench``, a published baseline the verdict
+compares against like the FT row; ``--set edit_selection=fisher --set edit_clean_weight=10.0``
 makes the weight edit pick its ``k`` entries by ``g^2 / F`` (backdoor gradient over the clean
 Fisher information) and weigh clean accuracy 10x (:func:`jaxpurify.attacks.weight_edit`);
 ``--set "joint=('readout',)"`` codes the one-hidden CNN's
@@ -82,7 +85,7 @@ def _config(dataset: str, quick: bool) -> dict:
     cfg.update(anp_iterations=2000, edit_steps=300, edit_images=256, edit_selection="gradient",
                edit_clean_weight=1.0, row_space=True, joint=(),
                defenses=DEFENSES, attacks=DATA_ATTACKS, probe_steps=3000,
-               ft_learning_rates=())
+               ft_learning_rates=(), ft_recipes=())
     if quick:
         # the benign row-space option is slow where it applies (CIFAR-10: 64 L1 problems of
         # 769 x 400 past their recovery threshold, ~10 min on 2 CPU cores): full run only
@@ -164,6 +167,7 @@ class _Model:
         from jaxpurify.models import DesignedOneHiddenLayerCNN
 
         self.name = name
+        self.dataset = dataset
         self.cfg = cfg
         joint = tuple(j for j in cfg["joint"] if j in _layer_names(name))  # this model's
         if name == "one-hidden":
@@ -300,6 +304,9 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
         for lr in model.cfg["ft_learning_rates"]:  # a diagnostic beside the recipe's 0.01
             measured("ft", f"lr={lr:g}",
                      *D.fine_tune(m, params, xb, yb, key=key, learning_rate=lr))
+        for recipe in model.cfg["ft_recipes"]:  # other published FT recipes (judged)
+            measured("ft", recipe, *D.fine_tune(m, params, xb, yb, key=key,
+                                                 **ft_recipe(recipe, model.dataset)))
         if "jaxpurify" in model.cfg["defenses"]:  # the readout re-fit in both subspaces
             for subspace, variant in (("plain", "benign-readout"),
                                       ("designed", "designed-readout")):
@@ -342,6 +349,19 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
                     rows[-1]["details"]["trigger_outside_kept_layers"] = layer_trigger_outside(
                         m, params, xb, *probe, info.details["ranks"])
     return rows
+
+
+#: Published fine-tuning recipes beside :func:`jaxpurify.defenses.fine_tune`'s default, by
+#: the ``variant`` their rows carry (``ft_recipes``); the verdict compares against them too.
+FT_RECIPES = {"backdoorbench": D.BACKDOORBENCH_FT}
+
+
+def ft_recipe(name: str, dataset: str) -> dict:
+    """The keyword arguments of :func:`jaxpurify.defenses.fine_tune` for a published recipe
+    on ``dataset`` (BackdoorBench flips CIFAR-10 images only, never digits)."""
+    if name not in FT_RECIPES:
+        raise ValueError(f"unknown FT recipe {name!r}; choose from {sorted(FT_RECIPES)}")
+    return {**FT_RECIPES[name], **({"hflip": False} if dataset == "mnist" else {})}
 
 
 def _fine_tuned(module, params, x, y, *, key):
@@ -450,7 +470,10 @@ def _note(r) -> str:
                      f"certified={d.get('certified')}")
     if "exact_error" in d:
         parts.append(f"max|w-w_clean|={d['exact_error']:.1e}")
-    if r["defense"] == "ft" and r.get("variant"):
+    if r["defense"] == "ft" and r.get("variant") in FT_RECIPES:
+        parts.append(f"{r['variant']}'s published FT recipe ({d.get('steps')} steps; judged "
+                     "like FT)")
+    elif r["defense"] == "ft" and r.get("variant"):
         parts.append("diagnostic: the FT recipe at another SGD learning rate (not judged)")
     if r.get("variant") == "benign-readout":
         parts.append(f"{d.get('layer')} reset to its init, re-fit on the budget")
@@ -774,8 +797,10 @@ def _poisoning_targets(model, attack, rate, sel, clean_asr=None, reasons=None) -
     each may fail (default: this experiment's, ``_VARIANT_WHY``)."""
     reasons = reasons or _VARIANT_WHY
     at = [r for r in sel if r["budget"] == 0.01 and r["acc"] is not None]
-    base = {r["defense"]: r for r in at  # the published recipes, not the diagnostic variants
-            if r["defense"] in ("ft", "fp", "anp") and r.get("variant") is None}
+    # the published recipes (FT also under BackdoorBench's), not the diagnostic variants
+    base = {r["defense"] + (f" ({r['variant']})" if r.get("variant") else ""): r for r in at
+            if r["defense"] in ("ft", "fp", "anp") and r.get("variant") in (None, *FT_RECIPES)}
+    judged = [b for b in base if b.split(" ")[0] in ("ft", "fp")]
     variants = [r for r in at if r["defense"] == "jaxpurify" and r.get("variant") in reasons]
     if not variants:
         return []
@@ -789,7 +814,7 @@ def _poisoning_targets(model, attack, rate, sel, clean_asr=None, reasons=None) -
 
     def judge(jp):
         small = jp["asr"] < 0.05 and none["acc"] - jp["acc"] < 0.02
-        dominates = all(judge_one(jp, base[b]) for b in ("ft", "fp") if b in base)
+        dominates = all(judge_one(jp, base[b]) for b in judged)
         return small, dominates
 
     # the best variant: one that meets the target, else the lowest ASR among those within
@@ -821,10 +846,12 @@ def _poisoning_targets(model, attack, rate, sel, clean_asr=None, reasons=None) -
               + (": the hidden features carry the trigger as evidence for the target class, "
                  "so a readout's low ASR from few labels comes with under-fitting"
                  if carries else ""))
-    beaten = [b.upper() for b in ("ft", "fp") if b in base and not judge_one(jp, base[b])]
+    beaten = [_baseline_name(b) for b in judged if not judge_one(jp, base[b])]
     reason = (took + f"at {jp['n_benign']} benign images, " + "; ".join(parts)
               + f". FT ASR {_pct(base.get('ft'))}, FP {_pct(base.get('fp'))}, "
               f"ANP {_pct(base.get('anp'))}"
+              + "".join(f", {_baseline_name(b)} {_pct(base[b])}" for b in judged
+                        if " " in b)
               + (f"; {' and '.join(beaten)} better on both ACC and ASR than {jp['variant']}"
                  if beaten else "") + probed)
     return [{"model": model, "attack": attack, "poison_rate": rate,
@@ -835,6 +862,12 @@ def _poisoning_targets(model, attack, rate, sel, clean_asr=None, reasons=None) -
              "met": bool(small and dominates),
              "asr_acc_met": bool(small), "dominates_ft_fp": bool(dominates),
              "reason": reason}]
+
+
+def _baseline_name(label: str) -> str:
+    """``"ft (backdoorbench)"`` -> ``"FT (backdoorbench)"``."""
+    defense, _, variant = label.partition(" ")
+    return defense.upper() + (f" {variant}" if variant else "")
 
 
 def _pct(r) -> str:
@@ -909,6 +942,8 @@ def run(*, name: str = "backdoor-mnist", quick: bool = False, out: Path, seed: i
     if set(cfg["attacks"]) - set(DATA_ATTACKS):
         raise ValueError(f"unknown attacks {sorted(set(cfg['attacks']) - set(DATA_ATTACKS))}; "
                          f"choose from {list(DATA_ATTACKS)} (the weight edit runs per ks)")
+    for recipe in cfg["ft_recipes"]:
+        ft_recipe(recipe, dataset)  # an unknown name fails before any training
     models = tuple(models or cfg["models"])
     unknown = set(cfg["joint"]) - {*_layer_names("one-hidden"), *_layer_names(cfg["deep"])}
     if unknown:

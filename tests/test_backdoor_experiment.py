@@ -152,6 +152,25 @@ def test_ft_at_another_learning_rate_is_a_diagnostic_not_the_baseline(tmp_path):
     assert (tmp_path / "b.png").stat().st_size > 0
 
 
+def test_backdoorbench_ft_recipe_is_a_baseline_the_verdict_compares_against():
+    rows = [_poison_row("none", 0.95, 0.99, budget=0.0), _poison_row("ft", 0.95, 0.90),
+            _poison_row("fp", 0.94, 0.92),
+            _poison_row("jaxpurify", 0.94, 0.02, "benign-readout")]
+    (t,) = backdoor._targets(rows, CLEAN)
+    assert t["met"]
+    rows.append({**_poison_row("ft", 0.945, 0.01, "backdoorbench"), "details": {"steps": 200}})
+    (t,) = backdoor._targets(rows, CLEAN)
+    assert not t["met"] and t["asr_acc_met"] and not t["dominates_ft_fp"]
+    assert "FT (backdoorbench) 1.0%" in t["reason"]
+    assert t["reason"].endswith("FT (backdoorbench) better on both ACC and ASR than "
+                                "benign-readout")
+    assert "published FT recipe (200 steps; judged like FT)" in backdoor._note(rows[-1])
+    assert backdoor.ft_recipe("backdoorbench", "mnist")["hflip"] is False
+    assert backdoor.ft_recipe("backdoorbench", "cifar10")["hflip"] is True
+    with pytest.raises(ValueError, match="unknown FT recipe 'sam'"):
+        backdoor.ft_recipe("sam", "mnist")
+
+
 def test_unknown_defense_or_attack_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match=r"unknown defenses \['bogus'\]"):
         backdoor.run(out=tmp_path, quick=True, defenses=("ft", "bogus"))
@@ -159,6 +178,8 @@ def test_unknown_defense_or_attack_is_refused_before_anything_runs(tmp_path):
         backdoor.run(out=tmp_path, quick=True, attacks=("badnets", "weight-edit"))
     with pytest.raises(ValueError, match=r"joint: unknown layers \['fc9'\]; .* lenet5 \['conv1'"):
         backdoor.run(out=tmp_path, quick=True, joint=("readout", "fc3", "fc9"))
+    with pytest.raises(ValueError, match="unknown FT recipe 'bogus'"):
+        backdoor.run(out=tmp_path, quick=True, ft_recipes=("bogus",))
     assert not any(tmp_path.iterdir())
 
 

@@ -116,6 +116,49 @@ def test_fine_tune_runs_and_respects_the_mask(designed):
         D.fine_tune(m, w, x[:0], y[:0])
 
 
+def test_fine_tune_cosine_schedule_decays_the_rate_over_the_steps(designed):
+    """Full batch, two epochs: the cosine recipe is one SGD step at the peak rate and one at
+    half of it (momentum and coupled weight decay as in torch's SGD)."""
+    m, w, x, y, *_ = designed
+    xb, yb = jnp.asarray(x[:64]), jnp.asarray(y[:64])
+    out, info = D.fine_tune(m, w, xb, yb, epochs=2, batch_size=64, schedule="cosine",
+                            learning_rate=0.05)
+    assert info.details["steps"] == 2
+    apply = D.network(m).apply
+    grad = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        apply(p, xb), yb).mean())
+    p, velocity = w, jax.tree_util.tree_map(jnp.zeros_like, w)
+    for lr in (0.05, 0.025):
+        g = jax.tree_util.tree_map(lambda a, b: a + 5e-4 * b, grad(p), p)
+        velocity = jax.tree_util.tree_map(lambda v, a: 0.9 * v + a, velocity, g)
+        p = jax.tree_util.tree_map(lambda a, v, lr=lr: a - lr * v, p, velocity)
+    assert _max_diff(out, p) < 1e-6
+    constant, _ = D.fine_tune(m, w, xb, yb, epochs=2, batch_size=64, learning_rate=0.05)
+    assert _max_diff(constant, p) > 1e-5  # a constant rate takes the second step in full
+    with pytest.raises(ValueError, match="schedule must be"):
+        D.fine_tune(m, w, xb, yb, schedule="step")
+
+
+def test_fine_tune_augments_its_minibatches(designed):
+    """Flips change nothing on mirror-symmetric images and change the step on the others;
+    shifts change it on any image. BackdoorBench's recipe runs as a preset."""
+    m, w, x, y, *_ = designed
+    xb, yb = x[:64], y[:64]
+    mirrored = (xb + xb[:, :, ::-1]) / 2
+    kw = {"epochs": 3, "batch_size": 64, "key": jax.random.PRNGKey(5)}
+    plain, _ = D.fine_tune(m, w, mirrored, yb, **kw)
+    flipped, _ = D.fine_tune(m, w, mirrored, yb, hflip=True, **kw)
+    assert _max_diff(plain, flipped) < 1e-5
+    plain, _ = D.fine_tune(m, w, xb, yb, **kw)
+    assert _max_diff(plain, D.fine_tune(m, w, xb, yb, hflip=True, **kw)[0]) > 1e-3
+    assert _max_diff(plain, D.fine_tune(m, w, mirrored, yb, crop=2, **kw)[0]) > 1e-3
+    out, info = D.fine_tune(m, w, xb, yb, **{**D.BACKDOORBENCH_FT, "epochs": 2})
+    _same_structure(out, w)
+    assert info.details["steps"] == 2  # one minibatch of 256 covers the 64 images
+    with pytest.raises(ValueError, match="crop must be >= 0"):
+        D.fine_tune(m, w, xb, yb, crop=-1)
+
+
 def test_fine_prune_prunes_dormant_channels_and_keeps_them_pruned(designed):
     m, w, x, y, *_ = designed
     # make channels 0 and 1 dormant: large negative bias
