@@ -982,7 +982,8 @@ def row_space_defense(model, params, x_benign, *, init_params, method="admm",
 
 @full_precision
 def principal_projection(model, params, x_benign, y_benign, *, init_params,
-                         max_drop: float = 0.01, ranks=None, folds: int = 5):
+                         max_drop: float = 0.01, ranks=None, folds: int = 5,
+                         refine: Callable | None = None):
     r"""Filter updates projected onto the benign patches' leading principal directions.
 
     With ``V_r`` the top ``r`` right singular vectors of the augmented benign patches
@@ -1008,6 +1009,11 @@ def principal_projection(model, params, x_benign, y_benign, *, init_params,
     (``folds=1``) is optimistic, the more so the closer ``r`` is to the number of images: a
     benign image's own residual outside ``V_r`` is smaller than an unseen one's.
 
+    With ``refine`` (e.g. the FT recipe), every candidate is scored as it would be deployed,
+    as in :func:`layer_principal_projection`: each fold projects, then calls
+    ``refine(params, x, y)`` on its training images before counting the held-out ones, and
+    the chosen projection is refined on the whole budget.
+
     Args:
         model: a one-hidden-layer CNN (plain or designed; the deployed params are plain).
         params: the deployed params.
@@ -1017,14 +1023,18 @@ def principal_projection(model, params, x_benign, y_benign, *, init_params,
         ranks: the candidate ranks (default: ``1, 2, 4, ...`` below the patches' rank, then
             that rank).
         folds: cross-validation folds for choosing the rank (``1``: score the images that
-            define the directions). Every fold and candidate is built and scored in one
-            ``vmap``.
+            define the directions). Without ``refine`` every fold and candidate is built and
+            scored in one ``vmap``.
+        refine: optional ``refine(params, x, y) -> params`` applied after the projection, in
+            every fold and at the end (a pure function of its arguments; needs
+            ``folds >= 2``).
 
     Returns:
         ``(params, DefenseInfo)``; ``details`` holds ``rank`` (chosen), ``full_rank``,
         ``ranks``, ``folds``, ``benign_acc`` (pooled held-out accuracy per candidate),
-        ``benign_acc_undefended``, ``qualified`` (whether any candidate met the rule) and
-        ``removed_energy`` (``||w - w_hat|| / ||w - w_0||`` over all filters).
+        ``benign_acc_undefended``, ``qualified`` (whether any candidate met the rule),
+        ``refined`` and ``removed_energy`` (``||w - w_hat|| / ||w - w_0||`` over all
+        filters, before ``refine``).
     """
     from jaxpurify import subspaces as S
     from jaxpurify.models import DesignedOneHiddenLayerCNN, OneHiddenLayerCNN
@@ -1032,6 +1042,7 @@ def principal_projection(model, params, x_benign, y_benign, *, init_params,
     t0 = time.perf_counter()
     x, y = _check_data(x_benign, y_benign)
     _check_rule(max_drop, folds, len(y))
+    _check_refine(refine, folds)
     plain = model.plain_model() if isinstance(model, DesignedOneHiddenLayerCNN) else model
     if not isinstance(plain, OneHiddenLayerCNN):
         raise TypeError("principal_projection needs a one-hidden-layer CNN (its filters move "
@@ -1048,19 +1059,25 @@ def principal_projection(model, params, x_benign, y_benign, *, init_params,
     if ranks[0] < 1 or ranks[-1] > full:
         raise ValueError(f"ranks must lie in [1, {full}] (the benign patches' rank), got "
                          f"{ranks}")
-    correct = _held_out_correct(logits_fn(plain), p, w0, update, patches, x, y,
-                                jnp.asarray(ranks), folds)
+    if refine is None:
+        correct = _held_out_correct(logits_fn(plain), p, w0, update, patches, x, y,
+                                    jnp.asarray(ranks), folds)
+    else:
+        correct = _held_out_refined(plain, p, w0, update, patches, x, y, ranks, folds,
+                                    refine)
     scores = np.asarray(correct) / len(y)
     base = accuracy(plain, p, x, y)
     chosen = next((i for i, a in enumerate(scores) if a >= base - max_drop), None)
     r = ranks[-1 if chosen is None else chosen]
     out = S.with_filter_vectors(p, w0 + (update @ basis[:r].T) @ basis[:r])
     kept = S.filter_vectors(out) - w0
+    if refine is not None:
+        out = refine(out, x, y)
     return jax.block_until_ready(out), DefenseInfo("jaxpurify", time.perf_counter() - t0, {
         "variant": "benign-principal", "rank": r, "full_rank": full, "ranks": ranks,
         "folds": folds, "benign_acc": [float(a) for a in scores],
         "benign_acc_undefended": base, "qualified": chosen is not None,
-        "removed_energy": float(
+        "refined": refine is not None, "removed_energy": float(
             jnp.linalg.norm(update - kept) / jnp.maximum(jnp.linalg.norm(update), 1e-30))})
 
 
@@ -1091,6 +1108,25 @@ def _held_out_correct(apply, p, w0, update, patches, x, y, ranks, folds):
         return jax.vmap(candidate)(ranks)
 
     return jax.vmap(fold)(jnp.arange(folds)).sum(axis=0)
+
+
+def _held_out_refined(plain, p, w0, update, patches, x, y, ranks, folds, refine):
+    """:func:`_held_out_correct` with ``refine`` run on each fold's training images after
+    each candidate projection (a Python loop: ``refine`` is any function)."""
+    from jaxpurify import subspaces as S
+
+    fold_of_image = np.arange(len(y)) % folds
+    fold_of_row = np.repeat(fold_of_image, patches.shape[0] // len(y))
+    correct = np.zeros(len(ranks), np.int64)
+    for f in range(folds):
+        held_out = fold_of_image == f
+        basis = S.principal_row_basis(patches[fold_of_row != f]).T
+        for c, r in enumerate(ranks):
+            v = basis[:r]
+            q = refine(S.with_filter_vectors(p, w0 + (update @ v.T) @ v), x[~held_out],
+                       y[~held_out])
+            correct[c] += np.sum(predict(plain, q, x[held_out]) == np.asarray(y[held_out]))
+    return correct
 
 
 #: Candidate shares of each layer's benign patch energy kept by
@@ -1178,11 +1214,7 @@ def layer_principal_projection(model, params, x_benign, y_benign, *, init_params
                         f"got {type(model).__name__} (one-hidden-layer CNNs: "
                         "principal_projection)")
     _check_rule(max_drop, folds, len(y))
-    if refine is not None and not callable(refine):
-        raise TypeError(f"refine must be a function (params, x, y) -> params, got {refine!r}")
-    if refine is not None and folds == 1:
-        raise ValueError("refine needs held-out images (folds >= 2): scoring the images it "
-                         "was fit to would favour every share")
+    _check_refine(refine, folds)
     energies = sorted({float(e) for e in energies})
     if not energies or energies[0] <= 0 or energies[-1] > 1:
         raise ValueError(f"energies must be shares in (0, 1], got {energies}")
@@ -1245,6 +1277,15 @@ def _check_rule(max_drop, folds, n):
     if not (isinstance(folds, int | np.integer) and 1 <= folds <= n):
         raise ValueError(f"folds must be an integer in [1, {n}] (the benign images), got "
                          f"{folds!r}")
+
+
+def _check_refine(refine, folds):
+    """The ``refine`` argument of the principal projections."""
+    if refine is not None and not callable(refine):
+        raise TypeError(f"refine must be a function (params, x, y) -> params, got {refine!r}")
+    if refine is not None and folds == 1:
+        raise ValueError("refine needs held-out images (folds >= 2): scoring the images it "
+                         "was fit to would favour every candidate")
 
 
 def _energy_bases(grams, energies, updates):

@@ -473,6 +473,39 @@ def test_principal_projection_scores_ranks_on_held_out_images(blended_inside_spa
     assert in_sample.details["benign_acc"][-1] == in_sample.details["benign_acc_undefended"]
 
 
+def test_principal_projection_refines_every_candidate_on_the_fold(blended_inside_span):
+    """With ``refine``, each fold's candidate is refined on the fold's training images
+    before its held-out images are counted: an identity refine gives the plain rule's
+    counts and params exactly; a refine that records its calls sees every (fold, rank) on
+    the other folds' images, then the chosen projection on the whole budget."""
+    m, p0, w_bd, x, y, _ = blended_inside_span
+    ranks = [1, 4, 16, 56]
+    plain, info = D.principal_projection(m, w_bd, x, y, init_params=p0, ranks=ranks, folds=3)
+    same, same_info = D.principal_projection(m, w_bd, x, y, init_params=p0, ranks=ranks,
+                                             folds=3, refine=lambda q, xs, ys: q)
+    assert same_info.details["benign_acc"] == info.details["benign_acc"]
+    assert same_info.details["refined"] and not info.details["refined"]
+    assert _max_diff(same, plain) == 0.0
+    calls = []
+
+    def fine_tuned(q, xs, ys):
+        calls.append(len(xs))
+        return D.fine_tune(m, q, xs, ys, epochs=3, batch_size=20)[0]
+
+    q, refined = D.principal_projection(m, w_bd, x, y, init_params=p0, ranks=ranks, folds=3,
+                                        refine=fine_tuned)
+    assert calls == [40] * (3 * len(ranks)) + [60]
+    chosen = S.with_filter_vectors(  # the chosen projection, then refined on all 60
+        w_bd, S.filter_vectors(p0) + (S.filter_vectors(w_bd) - S.filter_vectors(p0))
+        @ (lambda v: v @ v.T)(S.principal_row_basis(S.augmented_patches(m, x))[
+            :, :refined.details["rank"]]))
+    assert _max_diff(q, D.fine_tune(m, chosen, x, y, epochs=3, batch_size=20)[0]) < 1e-10
+    with pytest.raises(ValueError, match="refine needs held-out images"):
+        D.principal_projection(m, w_bd, x, y, init_params=p0, folds=1, refine=fine_tuned)
+    with pytest.raises(TypeError, match="refine must be a function"):
+        D.principal_projection(m, w_bd, x, y, init_params=p0, refine="ft")
+
+
 def test_principal_projection_checks_its_arguments(blended_inside_span):
     m, p0, w_bd, x, y, _ = blended_inside_span
     with pytest.raises(ValueError, match="ranks must lie in"):
