@@ -111,3 +111,6 @@ def test_trigger_outside_span_is_zero_inside_and_one_orthogonal():
 def test_unknown_variants_are_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown jaxpurify variants"):
         row_space.run(quick=True, out=tmp_path, variants=("benign-typo",))
+    with pytest.raises(ValueError, match="unknown FT recipe 'bogus'"):
+        row_space.run(quick=True, out=tmp_path / "never", ft_recipes=("bogus",))
+    assert not (tmp_path / "never").exists()
