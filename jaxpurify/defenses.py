@@ -232,23 +232,13 @@ def _init_state(optimizer, params):
     return _make_tx(optimizer).init(params)
 
 
-def _augmented(augment, k_flip, k_crop, xb):
-    """``xb`` with random flips and shifts as ``augment = (hflip, crop)`` says."""
-    from jaxpurify.multilayer import _flip, _random_crop
-
-    hflip, crop = augment
-    if hflip:
-        xb = _flip(k_flip, xb)
-    if crop:
-        xb = _random_crop(k_crop, xb, crop)
-    return xb
-
-
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _train_step(apply_fn, optimizer, augment, params, state, x, y, idx, t, update_mask, key):
     """One masked update on the minibatch ``x[idx[t]]`` (augmented as ``augment`` says)."""
+    from jaxpurify.multilayer import _augment
+
     batch = idx[t]
-    xb = _augmented(augment, *jax.random.split(key), x[batch]) if any(augment) else x[batch]
+    xb = _augment(*jax.random.split(key), x[batch], *augment)
     g = jax.grad(lambda p: _ce(apply_fn(p, xb), y[batch]))(params)
     u, state = _make_tx(optimizer).update(g, state, params)
     u = jax.tree_util.tree_map(lambda a, m: jnp.where(m, a, 0), u, update_mask)
@@ -410,10 +400,12 @@ def _squared_gap_sum(apply, params, teacher, x):
 @functools.partial(jax.jit, static_argnums=0)
 def _distill_step(config, params, state, teacher, x, key):
     """One Adam step of :func:`distill` (a Python loop over it: see :func:`train_masked`)."""
+    from jaxpurify.multilayer import _augment
+
     apply, tx, batch_size, hflip, crop = config
     k_batch, k_flip, k_crop = jax.random.split(key, 3)
     xb = x[jax.random.choice(k_batch, x.shape[0], (batch_size,), replace=False)]
-    xb = _augmented((hflip, crop), k_flip, k_crop, xb)
+    xb = _augment(k_flip, k_crop, xb, hflip, crop)
     target = apply(teacher, xb)
     g = jax.grad(lambda q: jnp.mean(_squared_gaps(apply, q, xb, target)))(params)
     u, state = _make_tx(tx).update(g, state, params)

@@ -769,6 +769,16 @@ def _random_crop(key, xb, pad: int):
     return jax.vmap(cut)(padded, offsets)
 
 
+def _augment(k_flip, k_crop, xb, hflip: bool, crop: int):
+    """``xb`` randomly flipped (``hflip``) and shifted by up to ``crop`` pixels (``crop > 0``):
+    the CIFAR-10 training transforms that :func:`train` and the defenses' training share."""
+    if hflip:
+        xb = _flip(k_flip, xb)
+    if crop:
+        xb = _random_crop(k_crop, xb, crop)
+    return xb
+
+
 def train(model: DesignedCNN, params, x, y, *, epochs: float = 1.0, batch_size: int = 128,
           optimizer: optax.GradientTransformation | None = None, key=None,
           hflip: bool = False, crop: int = 0, progress: bool = True, desc: str = "train"):
@@ -811,11 +821,7 @@ def train(model: DesignedCNN, params, x, y, *, epochs: float = 1.0, batch_size: 
 
     @jax.jit
     def step(p, opt_state, xb, yb, k):
-        k_flip, k_crop = jax.random.split(k)
-        if hflip:
-            xb = _flip(k_flip, xb)
-        if crop:
-            xb = _random_crop(k_crop, xb, crop)
+        xb = _augment(*jax.random.split(k), xb, hflip, crop)
 
         def loss_fn(p):
             logits = model.apply({"params": p}, xb)
