@@ -797,10 +797,11 @@ def _poisoning_targets(model, attack, rate, sel, clean_asr=None, reasons=None) -
     each may fail (default: this experiment's, ``_VARIANT_WHY``)."""
     reasons = reasons or _VARIANT_WHY
     at = [r for r in sel if r["budget"] == 0.01 and r["acc"] is not None]
-    # the published recipes (FT also under BackdoorBench's), not the diagnostic variants
-    base = {r["defense"] + (f" ({r['variant']})" if r.get("variant") else ""): r for r in at
+    # the published recipes (FT also under BackdoorBench's), not the diagnostic variants,
+    # by (defense, variant)
+    base = {(r["defense"], r.get("variant")): r for r in at
             if r["defense"] in ("ft", "fp", "anp") and r.get("variant") in (None, *FT_RECIPES)}
-    judged = [b for b in base if b.split(" ")[0] in ("ft", "fp")]
+    judged = [b for b in base if b[0] in ("ft", "fp")]
     variants = [r for r in at if r["defense"] == "jaxpurify" and r.get("variant") in reasons]
     if not variants:
         return []
@@ -848,10 +849,9 @@ def _poisoning_targets(model, attack, rate, sel, clean_asr=None, reasons=None) -
                  if carries else ""))
     beaten = [_baseline_name(b) for b in judged if not judge_one(jp, base[b])]
     reason = (took + f"at {jp['n_benign']} benign images, " + "; ".join(parts)
-              + f". FT ASR {_pct(base.get('ft'))}, FP {_pct(base.get('fp'))}, "
-              f"ANP {_pct(base.get('anp'))}"
-              + "".join(f", {_baseline_name(b)} {_pct(base[b])}" for b in judged
-                        if " " in b)
+              + f". FT ASR {_pct(base.get(('ft', None)))}, FP {_pct(base.get(('fp', None)))}, "
+              f"ANP {_pct(base.get(('anp', None)))}"
+              + "".join(f", {_baseline_name(b)} {_pct(base[b])}" for b in judged if b[1])
               + (f"; {' and '.join(beaten)} better on both ACC and ASR than {jp['variant']}"
                  if beaten else "") + probed)
     return [{"model": model, "attack": attack, "poison_rate": rate,
@@ -864,10 +864,10 @@ def _poisoning_targets(model, attack, rate, sel, clean_asr=None, reasons=None) -
              "reason": reason}]
 
 
-def _baseline_name(label: str) -> str:
-    """``"ft (backdoorbench)"`` -> ``"FT (backdoorbench)"``."""
-    defense, _, variant = label.partition(" ")
-    return defense.upper() + (f" {variant}" if variant else "")
+def _baseline_name(baseline: tuple) -> str:
+    """``("ft", "backdoorbench")`` -> ``"FT (backdoorbench)"``; ``("fp", None)`` -> ``"FP"``."""
+    defense, variant = baseline
+    return defense.upper() + (f" ({variant})" if variant else "")
 
 
 def _pct(r) -> str:
