@@ -25,12 +25,14 @@ benign accuracy allows). ``--set "defenses=('jaxpurify', 'ft', 'fp')"`` leaves A
 diagnostic that is not judged; ``--set "ft_recipes=('backdoorbench',)"`` adds FT rows with
 BackdoorBench's recipe (:data:`jaxpurify.defenses.BACKDOORBENCH_FT`: cosine decay over 100
 epochs, augmented minibatches), variant ``backdoorbench``, a published baseline the verdict
-compares against like the FT row; ``--set edit_selection=fisher --set edit_clean_weight=10.0``
-makes the weight edit pick its ``k`` entries by ``g^2 / F`` (backdoor gradient over the clean
-Fisher information) and weigh clean accuracy 10x (:func:`jaxpurify.attacks.weight_edit`);
-``--set "joint=('readout',)"`` codes the one-hidden CNN's
-readout as a whole (``DesignedOneHiddenLayerCNN(joint_layers=...)``; a deep model's layers
-by name, e.g. ``('conv1', 'fc3')`` for LeNet-5). ``acc`` is the
+compares against like the FT row, and ``--set "fp_recipes=('backdoorbench',)"`` FP rows with
+BackdoorBench's (:data:`jaxpurify.defenses.BACKDOORBENCH_FP`: 1 % of the channels per step
+down to a 10 % relative drop, then its FT recipe), judged like FP; ``--set
+edit_selection=fisher --set edit_clean_weight=10.0`` makes the weight edit pick its ``k``
+entries by ``g^2 / F`` (backdoor gradient over the clean Fisher information) and weigh clean
+accuracy 10x (:func:`jaxpurify.attacks.weight_edit`); ``--set "joint=('readout',)"`` codes
+the one-hidden CNN's readout as a whole (``DesignedOneHiddenLayerCNN(joint_layers=...)``; a
+deep model's layers by name, e.g. ``('conv1', 'fc3')`` for LeNet-5). ``acc`` is the
 clean test accuracy, ``asr`` the fraction of triggered test images (true class != target)
 classified as the target. Writes ``metrics.json`` (``rows``, ``targets``), ``tables.md`` and
 ``backdoor.png``. ``python -m experiments.backdoor --rejudge DIR`` re-derives a run's verdicts;
@@ -85,7 +87,7 @@ def _config(dataset: str, quick: bool) -> dict:
     cfg.update(anp_iterations=2000, edit_steps=300, edit_images=256, edit_selection="gradient",
                edit_clean_weight=1.0, row_space=True, joint=(),
                defenses=DEFENSES, attacks=DATA_ATTACKS, probe_steps=3000,
-               ft_learning_rates=(), ft_recipes=())
+               ft_learning_rates=(), ft_recipes=(), fp_recipes=())
     if quick:
         # the benign row-space option is slow where it applies (CIFAR-10: 64 L1 problems of
         # 769 x 400 past their recovery threshold, ~10 min on 2 CPU cores): full run only
@@ -304,9 +306,10 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
         for lr in model.cfg["ft_learning_rates"]:  # a diagnostic beside the recipe's 0.01
             measured("ft", f"lr={lr:g}",
                      *D.fine_tune(m, params, xb, yb, key=key, learning_rate=lr))
-        for recipe in model.cfg["ft_recipes"]:  # other published FT recipes (judged)
-            measured("ft", recipe, *D.fine_tune(m, params, xb, yb, key=key,
-                                                 **ft_recipe(recipe, model.dataset)))
+        for defense, fn in (("ft", D.fine_tune), ("fp", D.fine_prune)):
+            for name in model.cfg[f"{defense}_recipes"]:  # other published recipes (judged)
+                measured(defense, name, *fn(m, params, xb, yb, key=key,
+                                            **recipe(defense, name, model.dataset)))
         if "jaxpurify" in model.cfg["defenses"]:  # the readout re-fit in both subspaces
             for subspace, variant in (("plain", "benign-readout"),
                                       ("designed", "designed-readout")):
@@ -351,17 +354,33 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
     return rows
 
 
-#: Published fine-tuning recipes beside :func:`jaxpurify.defenses.fine_tune`'s default, by
-#: the ``variant`` their rows carry (``ft_recipes``); the verdict compares against them too.
-FT_RECIPES = {"backdoorbench": D.BACKDOORBENCH_FT}
+#: Published recipes beside the defaults of :func:`jaxpurify.defenses.fine_tune` (``ft``)
+#: and :func:`jaxpurify.defenses.fine_prune` (``fp``), by the ``variant`` their rows carry
+#: (``ft_recipes``, ``fp_recipes``); the verdict compares against them too.
+RECIPES = {"ft": {"backdoorbench": D.BACKDOORBENCH_FT},
+           "fp": {"backdoorbench": D.BACKDOORBENCH_FP}}
 
 
-def ft_recipe(name: str, dataset: str) -> dict:
-    """The keyword arguments of :func:`jaxpurify.defenses.fine_tune` for a published recipe
-    on ``dataset`` (BackdoorBench flips CIFAR-10 images only, never digits)."""
-    if name not in FT_RECIPES:
-        raise ValueError(f"unknown FT recipe {name!r}; choose from {sorted(FT_RECIPES)}")
-    return {**FT_RECIPES[name], **({"hflip": False} if dataset == "mnist" else {})}
+def recipe(defense: str, name: str, dataset: str) -> dict:
+    """The keyword arguments of ``defense``'s function for a published recipe on
+    ``dataset`` (BackdoorBench flips CIFAR-10 images only, never digits)."""
+    if name not in RECIPES[defense]:
+        raise ValueError(f"unknown {defense.upper()} recipe {name!r}; choose from "
+                         f"{sorted(RECIPES[defense])}")
+    return {**RECIPES[defense][name], **({"hflip": False} if dataset == "mnist" else {})}
+
+
+def check_recipes(cfg: dict, dataset: str) -> None:
+    """Refuse an unknown ``ft_recipes`` / ``fp_recipes`` name before anything runs."""
+    for defense in RECIPES:
+        for name in cfg[f"{defense}_recipes"]:
+            recipe(defense, name, dataset)
+
+
+def _published(r) -> bool:
+    """A row of a published recipe (the default or one in :data:`RECIPES`), not a
+    diagnostic variant."""
+    return r.get("variant") is None or r.get("variant") in RECIPES.get(r["defense"], {})
 
 
 def _fine_tuned(module, params, x, y, *, key):
@@ -470,9 +489,13 @@ def _note(r) -> str:
                      f"certified={d.get('certified')}")
     if "exact_error" in d:
         parts.append(f"max|w-w_clean|={d['exact_error']:.1e}")
-    if r["defense"] == "ft" and r.get("variant") in FT_RECIPES:
+    if r["defense"] == "ft" and r.get("variant") in RECIPES["ft"]:
         parts.append(f"{r['variant']}'s published FT recipe ({d.get('steps')} steps; judged "
                      "like FT)")
+    elif r["defense"] == "fp" and r.get("variant") in RECIPES["fp"]:
+        parts.append(f"{r['variant']}'s published FP recipe ({d.get('num_pruned')}/"
+                     f"{d.get('channels')} channels pruned, {d.get('ft_steps')} fine-tuning "
+                     "steps; judged like FP)")
     elif r["defense"] == "ft" and r.get("variant"):
         parts.append("diagnostic: the FT recipe at another SGD learning rate (not judged)")
     if r.get("variant") == "benign-readout":
@@ -797,10 +820,10 @@ def _poisoning_targets(model, attack, rate, sel, clean_asr=None, reasons=None) -
     each may fail (default: this experiment's, ``_VARIANT_WHY``)."""
     reasons = reasons or _VARIANT_WHY
     at = [r for r in sel if r["budget"] == 0.01 and r["acc"] is not None]
-    # the published recipes (FT also under BackdoorBench's), not the diagnostic variants,
-    # by (defense, variant)
+    # the published recipes (FT and FP also under BackdoorBench's), not the diagnostic
+    # variants, by (defense, variant)
     base = {(r["defense"], r.get("variant")): r for r in at
-            if r["defense"] in ("ft", "fp", "anp") and r.get("variant") in (None, *FT_RECIPES)}
+            if r["defense"] in ("ft", "fp", "anp") and _published(r)}
     judged = [b for b in base if b[0] in ("ft", "fp")]
     variants = [r for r in at if r["defense"] == "jaxpurify" and r.get("variant") in reasons]
     if not variants:
@@ -942,8 +965,7 @@ def run(*, name: str = "backdoor-mnist", quick: bool = False, out: Path, seed: i
     if set(cfg["attacks"]) - set(DATA_ATTACKS):
         raise ValueError(f"unknown attacks {sorted(set(cfg['attacks']) - set(DATA_ATTACKS))}; "
                          f"choose from {list(DATA_ATTACKS)} (the weight edit runs per ks)")
-    for recipe in cfg["ft_recipes"]:
-        ft_recipe(recipe, dataset)  # an unknown name fails before any training
+    check_recipes(cfg, dataset)
     models = tuple(models or cfg["models"])
     unknown = set(cfg["joint"]) - {*_layer_names("one-hidden"), *_layer_names(cfg["deep"])}
     if unknown:

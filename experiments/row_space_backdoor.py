@@ -21,7 +21,7 @@ redundancy, and ``benign-principal`` (the projection onto only the leading princ
 directions of the benign patches, rank chosen on benign accuracy,
 :func:`jaxpurify.defenses.principal_projection`), run at every budget; ``ft``, ``fp`` and
 ``anp`` (the backdoor experiment's recipes; ``--set "ft_recipes=('backdoorbench',)"`` adds FT
-rows with BackdoorBench's recipe, judged like FT). Writes
+rows with BackdoorBench's recipe, judged like FT, and ``fp_recipes`` the same for FP). Writes
 ``metrics.json`` (``rows`` with ``dataset, model, attack, poison_rate, defense, budget, acc,
 asr, seconds``; ``targets``: the data-poisoning verdict at the 1 % budget, judged as in the
 backdoor experiment; ``setup.trigger_outside_benign_span``: per trigger and budget, the share
@@ -63,7 +63,7 @@ def _config(dataset: str, quick: bool) -> dict:
     cfg = {"filters": 64, "steps": 4000, "learning_rate": 0.05, "momentum": 0.9,
            "batch_size": 128, "attacks": ("badnets", "blended"), "rates": (0.01, 0.05, 0.1),
            "budgets": (0.001, 0.01, 0.05), "defenses": ("jaxpurify", "ft", "fp", "anp"),
-           "variants": tuple(REASONS), "ft_recipes": (),
+           "variants": tuple(REASONS), "ft_recipes": (), "fp_recipes": (),
            "anp_iterations": 2000, "max_iters": 5000, "train_limit": None, "test_limit": None}
     if quick:
         cfg.update(train_limit=4000, test_limit=1000, steps=300, attacks=("badnets",),
@@ -119,8 +119,9 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
         _poisoning,
         _poisoning_targets,
         _write_tables,
-        ft_recipe,
+        check_recipes,
         principal_details,
+        recipe,
     )
     from jaxpurify.models import OneHiddenLayerCNN
     from jaxpurify.training import fit, sgd
@@ -134,7 +135,7 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
     if set(cfg["defenses"]) - set(DEFENSES):
         raise ValueError(f"unknown defenses {sorted(set(cfg['defenses']) - set(DEFENSES))}; "
                          f"choose from {list(DEFENSES)}")
-    recipes = {name: ft_recipe(name, dataset) for name in cfg["ft_recipes"]}
+    check_recipes(cfg, dataset)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -223,8 +224,10 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
                         **principal_details(info), trigger_outside_kept=outside_kept)
             for defense, fn in baselines.items():
                 add(defense, None, *fn(model, w_bd, xb, yb, key=key))
-            for recipe, kw in recipes.items():  # other published FT recipes (judged)
-                add("ft", recipe, *D.fine_tune(model, w_bd, xb, yb, key=key, **kw))
+            for defense, fn in (("ft", D.fine_tune), ("fp", D.fine_prune)):
+                for name in cfg[f"{defense}_recipes"]:  # other published recipes (judged)
+                    add(defense, name, *fn(model, w_bd, xb, yb, key=key,
+                                           **recipe(defense, name, dataset)))
             bar.update()
         for r in rs:
             bar.write(f"[{attack} {100 * rate:g}%] {r['defense']:9s} {r['variant'] or '':17s} "

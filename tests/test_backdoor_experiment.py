@@ -165,10 +165,32 @@ def test_backdoorbench_ft_recipe_is_a_baseline_the_verdict_compares_against():
     assert t["reason"].endswith("FT (backdoorbench) better on both ACC and ASR than "
                                 "benign-readout")
     assert "published FT recipe (200 steps; judged like FT)" in backdoor._note(rows[-1])
-    assert backdoor.ft_recipe("backdoorbench", "mnist")["hflip"] is False
-    assert backdoor.ft_recipe("backdoorbench", "cifar10")["hflip"] is True
+    assert backdoor.recipe("ft", "backdoorbench", "mnist")["hflip"] is False
+    assert backdoor.recipe("ft", "backdoorbench", "cifar10")["hflip"] is True
     with pytest.raises(ValueError, match="unknown FT recipe 'sam'"):
-        backdoor.ft_recipe("sam", "mnist")
+        backdoor.recipe("ft", "sam", "mnist")
+
+
+def test_backdoorbench_fp_recipe_is_a_baseline_the_verdict_compares_against():
+    rows = [_poison_row("none", 0.95, 0.99, budget=0.0), _poison_row("ft", 0.95, 0.90),
+            _poison_row("fp", 0.94, 0.92),
+            _poison_row("jaxpurify", 0.94, 0.02, "benign-readout")]
+    assert backdoor._targets(rows, CLEAN)[0]["met"]
+    bb = {**_poison_row("fp", 0.945, 0.01, "backdoorbench"),
+          "details": {"num_pruned": 3, "channels": 16, "ft_steps": 200}}
+    (t,) = backdoor._targets([*rows, bb], CLEAN)
+    assert not t["met"] and t["asr_acc_met"] and not t["dominates_ft_fp"]
+    assert "FP (backdoorbench) 1.0%" in t["reason"]
+    assert t["reason"].endswith("FP (backdoorbench) better on both ACC and ASR than "
+                                "benign-readout")
+    assert ("backdoorbench's published FP recipe (3/16 channels pruned, 200 fine-tuning "
+            "steps; judged like FP)") in backdoor._note(bb)
+    # a diagnostic FP variant is not a published recipe: not judged
+    (t,) = backdoor._targets([*rows, {**bb, "variant": "lr=0.001"}], CLEAN)
+    assert t["met"]
+    kw = backdoor.recipe("fp", "backdoorbench", "mnist")
+    assert kw["hflip"] is False and kw["relative_drop"] and kw["prune_fraction"] == 0.01
+    assert backdoor.recipe("fp", "backdoorbench", "cifar10")["hflip"] is True
 
 
 def test_unknown_defense_or_attack_is_refused_before_anything_runs(tmp_path):
@@ -180,6 +202,8 @@ def test_unknown_defense_or_attack_is_refused_before_anything_runs(tmp_path):
         backdoor.run(out=tmp_path, quick=True, joint=("readout", "fc3", "fc9"))
     with pytest.raises(ValueError, match="unknown FT recipe 'bogus'"):
         backdoor.run(out=tmp_path, quick=True, ft_recipes=("bogus",))
+    with pytest.raises(ValueError, match="unknown FP recipe 'bogus'"):
+        backdoor.run(out=tmp_path, quick=True, fp_recipes=("bogus",))
     assert not any(tmp_path.iterdir())
 
 

@@ -172,6 +172,38 @@ def test_fine_prune_prunes_dormant_channels_and_keeps_them_pruned(designed):
     assert info.details["val_acc_pruned"] >= info.details["val_acc_unpruned"] - 0.04
 
 
+def test_fine_prune_backdoorbench_steps_and_relative_stop(designed):
+    """BackdoorBench's rule prunes ceil(1% of 16) = 1 channel per step, as deep as a 10%
+    relative drop allows; coarser steps prune a multiple of the step, the same channels
+    first; the recipe's fine-tuning is the cosine, augmented one."""
+    m, w, x, y, *_ = designed
+    bad = {**w, "conv": {**w["conv"], "bias": w["conv"]["bias"].at[:2].set(-100.0)}}
+    xb, yb = x[:100], y[:100]
+    kw = {"key": jax.random.PRNGKey(0), "epochs": 1}
+    out, info = D.fine_prune(m, bad, xb, yb, **{**D.BACKDOORBENCH_FP, **kw})
+    _same_structure(out, w)
+    d = info.details
+    assert {0, 1} <= set(d["pruned"]) and d["ft_steps"] == 1  # one batch of 256
+    assert d["val_acc_pruned"] >= 0.9 * d["val_acc_unpruned"]
+    # four channels per step: a multiple of 4 channels, taken from the same ranking
+    _, info4 = D.fine_prune(m, bad, xb, yb, prune_fraction=0.25, max_drop=0.1,
+                            relative_drop=True, **kw)
+    four = info4.details["pruned"]
+    assert len(four) % 4 == 0 and len(four) < 16
+    short, long_ = sorted((four, d["pruned"]), key=len)
+    assert long_[: len(short)] == short
+    # no drop allowed: pruning stops at the first step that costs any held-out accuracy
+    _, info_s = D.fine_prune(m, bad, xb, yb, max_drop=0.0, relative_drop=True, **kw)
+    assert info_s.details["val_acc_pruned"] >= info_s.details["val_acc_unpruned"]
+    assert d["pruned"][: info_s.details["num_pruned"]] == info_s.details["pruned"]
+    # the fine-tuning is the recipe's: without its flips and shifts the step differs
+    plain, info_p = D.fine_prune(m, bad, xb, yb, **{**D.BACKDOORBENCH_FP, **kw, "hflip": False,
+                                                    "crop": 0})
+    assert info_p.details["pruned"] == d["pruned"] and _max_diff(out, plain) > 1e-4
+    with pytest.raises(ValueError, match="prune_fraction"):
+        D.fine_prune(m, bad, xb, yb, prune_fraction=1.5)
+
+
 def test_anp_runs_and_prunes_by_mask_threshold(designed):
     m, w, x, y, *_ = designed
     out, info = D.anp(m, w, x[:100], y[:100], iterations=30, key=jax.random.PRNGKey(0))

@@ -113,4 +113,6 @@ def test_unknown_variants_are_refused(tmp_path):
         row_space.run(quick=True, out=tmp_path, variants=("benign-typo",))
     with pytest.raises(ValueError, match="unknown FT recipe 'bogus'"):
         row_space.run(quick=True, out=tmp_path / "never", ft_recipes=("bogus",))
+    with pytest.raises(ValueError, match="unknown FP recipe 'bogus'"):
+        row_space.run(quick=True, out=tmp_path / "never", fp_recipes=("bogus",))
     assert not (tmp_path / "never").exists()
