@@ -493,8 +493,7 @@ def _note(r) -> str:
         parts.append(f"{r['variant']}'s published FT recipe ({d.get('steps')} steps; judged "
                      "like FT)")
     elif r["defense"] == "fp" and r.get("variant") in RECIPES["fp"]:
-        parts.append(f"{r['variant']}'s published FP recipe ({d.get('num_pruned')}/"
-                     f"{d.get('channels')} channels pruned, {d.get('ft_steps')} fine-tuning "
+        parts.append(f"{r['variant']}'s published FP recipe ({d.get('ft_steps')} fine-tuning "
                      "steps; judged like FP)")
     elif r["defense"] == "ft" and r.get("variant"):
         parts.append("diagnostic: the FT recipe at another SGD learning rate (not judged)")

@@ -183,8 +183,8 @@ def test_backdoorbench_fp_recipe_is_a_baseline_the_verdict_compares_against():
     assert "FP (backdoorbench) 1.0%" in t["reason"]
     assert t["reason"].endswith("FP (backdoorbench) better on both ACC and ASR than "
                                 "benign-readout")
-    assert ("backdoorbench's published FP recipe (3/16 channels pruned, 200 fine-tuning "
-            "steps; judged like FP)") in backdoor._note(bb)
+    assert ("backdoorbench's published FP recipe (200 fine-tuning steps; judged like FP); "
+            "pruned 3/16") in backdoor._note(bb)
     # a diagnostic FP variant is not a published recipe: not judged
     (t,) = backdoor._targets([*rows, {**bb, "variant": "lr=0.001"}], CLEAN)
     assert t["met"]
