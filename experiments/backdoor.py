@@ -306,10 +306,8 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
         for lr in model.cfg["ft_learning_rates"]:  # a diagnostic beside the recipe's 0.01
             measured("ft", f"lr={lr:g}",
                      *D.fine_tune(m, params, xb, yb, key=key, learning_rate=lr))
-        for defense, fn in (("ft", D.fine_tune), ("fp", D.fine_prune)):
-            for name in model.cfg[f"{defense}_recipes"]:  # other published recipes (judged)
-                measured(defense, name, *fn(m, params, xb, yb, key=key,
-                                            **recipe(defense, name, model.dataset)))
+        for defense, name, fn, kw in recipe_runs(model.cfg, model.dataset):  # judged too
+            measured(defense, name, *fn(m, params, xb, yb, key=key, **kw))
         if "jaxpurify" in model.cfg["defenses"]:  # the readout re-fit in both subspaces
             for subspace, variant in (("plain", "benign-readout"),
                                       ("designed", "designed-readout")):
@@ -370,11 +368,12 @@ def recipe(defense: str, name: str, dataset: str) -> dict:
     return {**RECIPES[defense][name], **({"hflip": False} if dataset == "mnist" else {})}
 
 
-def check_recipes(cfg: dict, dataset: str) -> None:
-    """Refuse an unknown ``ft_recipes`` / ``fp_recipes`` name before anything runs."""
-    for defense in RECIPES:
-        for name in cfg[f"{defense}_recipes"]:
-            recipe(defense, name, dataset)
+def recipe_runs(cfg: dict, dataset: str) -> list[tuple]:
+    """``(defense, variant, function, kwargs)`` for every recipe that ``cfg`` names in
+    ``ft_recipes`` / ``fp_recipes``; an unknown name fails here, before anything runs."""
+    functions = {"ft": D.fine_tune, "fp": D.fine_prune}
+    return [(defense, name, functions[defense], recipe(defense, name, dataset))
+            for defense in RECIPES for name in cfg[f"{defense}_recipes"]]
 
 
 def _published(r) -> bool:
@@ -964,7 +963,7 @@ def run(*, name: str = "backdoor-mnist", quick: bool = False, out: Path, seed: i
     if set(cfg["attacks"]) - set(DATA_ATTACKS):
         raise ValueError(f"unknown attacks {sorted(set(cfg['attacks']) - set(DATA_ATTACKS))}; "
                          f"choose from {list(DATA_ATTACKS)} (the weight edit runs per ks)")
-    check_recipes(cfg, dataset)
+    recipe_runs(cfg, dataset)  # an unknown recipe fails before any training
     models = tuple(models or cfg["models"])
     unknown = set(cfg["joint"]) - {*_layer_names("one-hidden"), *_layer_names(cfg["deep"])}
     if unknown:

@@ -119,9 +119,8 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
         _poisoning,
         _poisoning_targets,
         _write_tables,
-        check_recipes,
         principal_details,
-        recipe,
+        recipe_runs,
     )
     from jaxpurify.models import OneHiddenLayerCNN
     from jaxpurify.training import fit, sgd
@@ -135,7 +134,7 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
     if set(cfg["defenses"]) - set(DEFENSES):
         raise ValueError(f"unknown defenses {sorted(set(cfg['defenses']) - set(DEFENSES))}; "
                          f"choose from {list(DEFENSES)}")
-    check_recipes(cfg, dataset)
+    recipes = recipe_runs(cfg, dataset)  # an unknown recipe fails before any training
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -224,10 +223,8 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
                         **principal_details(info), trigger_outside_kept=outside_kept)
             for defense, fn in baselines.items():
                 add(defense, None, *fn(model, w_bd, xb, yb, key=key))
-            for defense, fn in (("ft", D.fine_tune), ("fp", D.fine_prune)):
-                for name in cfg[f"{defense}_recipes"]:  # other published recipes (judged)
-                    add(defense, name, *fn(model, w_bd, xb, yb, key=key,
-                                           **recipe(defense, name, dataset)))
+            for defense, name, fn, kw in recipes:  # other published recipes (judged)
+                add(defense, name, *fn(model, w_bd, xb, yb, key=key, **kw))
             bar.update()
         for r in rs:
             bar.write(f"[{attack} {100 * rate:g}%] {r['defense']:9s} {r['variant'] or '':17s} "

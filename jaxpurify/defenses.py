@@ -483,7 +483,23 @@ def fine_prune(model, params, x_benign, y_benign, *, max_drop: float = 0.04,
     benign images. It prunes the last linear layer's inputs, which on its ResNets are the
     last conv layer's pooled channels, as here.)
 
-    ``details["pruned"]`` lists the removed channels.
+    Args:
+        model, params: the model and its deployed params.
+        x_benign, y_benign: the benign budget.
+        max_drop: the largest held-out accuracy drop pruning may cause (a fraction, or a
+            fraction of ``a_0`` with ``relative_drop``).
+        relative_drop: measure the drop relative to the unpruned accuracy.
+        prune_fraction: channels pruned per step, as a fraction of the layer's (rounded up);
+            ``None``: one at a time.
+        val_fraction: share of the budget held out for the stopping rule.
+        epochs, learning_rate, momentum, weight_decay, batch_size, schedule, hflip, crop: the
+            fine-tuning recipe, as in :func:`fine_tune`.
+        key: PRNG key of the split, the batch order and the augmentations.
+
+    Returns:
+        ``(params, DefenseInfo)``; ``details["pruned"]`` lists the removed channels (in the
+        order pruned), with ``num_pruned``, ``channels``, ``val_size``,
+        ``val_acc_unpruned``, ``val_acc_pruned`` and ``ft_steps``.
     """
     t0 = time.perf_counter()
     x, y = _check_data(x_benign, y_benign)

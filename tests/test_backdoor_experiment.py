@@ -296,6 +296,24 @@ def test_tiny_run_end_to_end(tmp_path):
         backdoor.merge(tmp_path / "mixed", [tmp_path, tmp_path / "joint"])
 
 
+def test_published_recipes_run_end_to_end(tmp_path):
+    """``ft_recipes`` / ``fp_recipes`` add judged rows measured by the presets (no flips on
+    MNIST): BackdoorBench's FT for 100 epochs, its FP after its pruning rule."""
+    metrics = backdoor.run(out=tmp_path, quick=True, train_limit=2000, test_limit=500,
+                           steps=150, ks=(), budgets=(0.01,), attacks=("badnets",),
+                           defenses=("jaxpurify",), ft_recipes=("backdoorbench",),
+                           fp_recipes=("backdoorbench",), probe_steps=100)
+    rows = {(r["defense"], r["variant"]): r for r in metrics["rows"]}
+    ft, fp = rows[("ft", "backdoorbench")], rows[("fp", "backdoorbench")]
+    assert ft["n_benign"] == fp["n_benign"] == 20
+    assert ft["details"]["steps"] == 100  # 100 epochs of one minibatch
+    assert fp["details"]["ft_steps"] == 100 and fp["details"]["num_pruned"] < 64
+    (t,) = metrics["targets"]
+    assert "FT (backdoorbench)" in t["reason"] and "FP (backdoorbench)" in t["reason"]
+    tables = (tmp_path / "tables.md").read_text()
+    assert "published FP recipe (100 fine-tuning steps; judged like FP)" in tables
+
+
 def _run_folder(path, rows, clean=CLEAN, **setup):
     import json
 
