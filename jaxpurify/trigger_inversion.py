@@ -1,0 +1,221 @@
+r"""Neural Cleanse: trigger inversion from benign data, then unlearning (Wang et al., S&P 2019).
+
+A backdoor is a shortcut: a small stamp sends any image to the target class. For every class
+``k`` trigger inversion looks for the smallest stamp that does, a mask
+``m_k in [0, 1]^{H x W}`` and a pattern ``p_k`` in the data's range:
+
+.. math::
+
+    \min_{m, p}\; \mathrm{CE}\big(f((1 - m) \odot x + m \odot p),\, k\big)
+    + \lambda \lVert m \rVert_1 ,
+
+over minibatches of the benign images, with ``m = (tanh z_m + 1) / 2`` and
+``p = lo + (hi - lo) (tanh z_p + 1) / 2`` (``lo``, ``hi`` the benign per-channel range) and
+Adam (lr 0.1, betas 0.5 / 0.9), all classes at once (one ``vmap``). The target class needs a far
+smaller mask than the others: its anomaly index
+``a_k = (median_j |m_j|_1 - |m_k|_1) / (1.4826 MAD)`` exceeds 2.
+
+Unlearning fine-tunes the network on the benign budget plus copies of a fraction of it
+stamped with each flagged class's reversed trigger, at their *true* labels, so the shortcut
+no longer pays. With ``keep_fraction < 1`` only the largest entries of that fine-tuning
+update are applied (scaled by ``scale``): a sparse edit, in the spirit of the library's
+premise that the contamination lives in few weights. On the README's small-VGG probe it keeps
+more of the clean accuracy that a dense fine-tuning on a few hundred images costs, but how much
+of the backdoor it removes varied between updates, and nothing here chooses the two settings.
+
+The defense sees only benign data; the stopping rule of the inversion is its fixed step
+count, and a network with no flagged class is returned unchanged (Neural Cleanse's verdict:
+clean).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxpurify.defenses import DefenseInfo, _check_data, _unwrap, fine_tune, network
+
+
+class ReversedTriggers(NamedTuple):
+    """The smallest stamp found for every class.
+
+    Attributes:
+        mask: ``(K, H, W, 1)`` in ``[0, 1]``.
+        pattern: ``(K, H, W, C)`` within the benign images' per-channel range.
+        mask_l1: ``(K,)`` the masks' L1 norms.
+        success: ``(K,)`` fraction of the last minibatch the stamp sent to its class.
+        anomaly: ``(K,)`` :func:`anomaly_index` of ``mask_l1`` (large = suspiciously small).
+    """
+
+    mask: jax.Array
+    pattern: jax.Array
+    mask_l1: np.ndarray
+    success: np.ndarray
+    anomaly: np.ndarray
+
+    def stamp(self, k: int, x: jax.Array) -> jax.Array:
+        """``x`` stamped with class ``k``'s trigger: ``(1 - m_k) x + m_k p_k``."""
+        return (1 - self.mask[k]) * x + self.mask[k] * self.pattern[k]
+
+    def flagged(self, threshold: float = 2.0) -> list[int]:
+        """Classes whose anomaly index exceeds ``threshold`` (largest first)."""
+        order = np.argsort(-self.anomaly)
+        return [int(k) for k in order if self.anomaly[k] > threshold]
+
+
+def anomaly_index(norms) -> np.ndarray:
+    """``(median - norms) / (1.4826 MAD)``: how far below the others each norm lies, in robust
+    standard deviations (zero everywhere when the MAD is zero)."""
+    norms = np.asarray(norms, np.float64)
+    med = np.median(norms)
+    mad = 1.4826 * np.median(np.abs(norms - med))
+    return np.zeros_like(norms) if mad == 0 else (med - norms) / mad
+
+
+def _stamp(z_mask, z_pattern, lo, hi, x):
+    mask = (jnp.tanh(z_mask) + 1) / 2
+    pattern = lo + (hi - lo) * (jnp.tanh(z_pattern) + 1) / 2
+    return (1 - mask) * x + mask * pattern, mask, pattern
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _inversion_step(apply, cost, learning_rate, params, z, state, lo, hi, x):
+    tx = optax.adam(learning_rate, b1=0.5, b2=0.9)
+
+    def one(z, state, k):
+        def loss(z):
+            xs, mask, _ = _stamp(*z, lo, hi, x)
+            logits = apply(params, xs)
+            target = jnp.full(x.shape[0], k)
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, target).mean()
+            return ce + cost * jnp.sum(mask), jnp.mean(jnp.argmax(logits, -1) == k)
+
+        g, success = jax.grad(loss, has_aux=True)(z)
+        updates, state = tx.update(g, state, z)
+        return optax.apply_updates(z, updates), state, success
+
+    return jax.vmap(one)(z, state, jnp.arange(z[0].shape[0]))
+
+
+def reverse_triggers(model, params, x_benign, *, steps: int = 200, batch_size: int = 100,
+                     cost: float = 1e-2, learning_rate: float = 0.1, key=None
+                     ) -> tuple[ReversedTriggers, DefenseInfo]:
+    r"""Neural Cleanse's trigger inversion for every class at once.
+
+    Args:
+        model, params: the model (see :func:`jaxpurify.defenses.network`) and deployed params.
+        x_benign: ``(N, H, W, C)`` benign images (labels are not needed).
+        steps: Adam steps on minibatches cycling through a shuffled ``x_benign``.
+        batch_size: images per step.
+        cost: ``lambda``, the weight of ``|m|_1``.
+        learning_rate: Adam's rate on the mask and pattern logits.
+        key: PRNG key of the shuffle (default ``PRNGKey(0)``).
+
+    Returns:
+        ``(ReversedTriggers, DefenseInfo)``.
+    """
+    t0 = time.perf_counter()
+    x = jnp.asarray(x_benign)
+    if x.ndim != 4 or x.shape[0] == 0:
+        raise ValueError(f"x_benign must be (N, H, W, C) with N >= 1, got shape {x.shape}")
+    if steps < 1 or batch_size < 1 or cost < 0 or learning_rate <= 0:
+        raise ValueError("need steps >= 1, batch_size >= 1, cost >= 0 and learning_rate > 0")
+    apply = network(model).apply
+    params = _unwrap(params)
+    num_classes = int(jax.eval_shape(apply, params, x[:1]).shape[-1])
+    _, h, w, c = x.shape
+    lo, hi = x.min(axis=(0, 1, 2)), x.max(axis=(0, 1, 2))
+    z = (jnp.full((num_classes, h, w, 1), -2.0, x.dtype),  # masks start near 0.02
+         jnp.zeros((num_classes, h, w, c), x.dtype))
+    state = jax.vmap(optax.adam(learning_rate, b1=0.5, b2=0.9).init)(z)
+    key = jax.random.PRNGKey(0) if key is None else key
+    b = min(batch_size, x.shape[0])
+    order = np.asarray(jax.random.permutation(key, x.shape[0]))
+    per = max(1, x.shape[0] // b)
+    for i in range(steps):
+        idx = order[(i % per) * b:(i % per + 1) * b]
+        z, state, success = _inversion_step(apply, float(cost), float(learning_rate), params, z,
+                                            state, lo, hi, x[idx])
+    _, mask, pattern = _stamp(*z, lo, hi, x[:1])
+    if not (bool(jnp.all(jnp.isfinite(mask))) and bool(jnp.all(jnp.isfinite(pattern)))):
+        raise FloatingPointError("trigger inversion diverged (non-finite mask or pattern): "
+                                 "lower learning_rate or check the params for NaN/Inf")
+    mask_l1 = np.asarray(jnp.sum(mask, axis=(1, 2, 3)), np.float64)
+    out = ReversedTriggers(mask, jnp.broadcast_to(pattern, (num_classes, h, w, c)), mask_l1,
+                           np.asarray(success), anomaly_index(mask_l1))
+    return out, DefenseInfo("reverse-triggers", time.perf_counter() - t0,
+                            {"steps": steps, "mask_l1": mask_l1.tolist(),
+                             "anomaly": out.anomaly.tolist()})
+
+
+def sparse_edit(params, edited, *, keep_fraction: float = 1.0, scale: float = 1.0):
+    """``params + scale * top(edited - params)``: only the ``keep_fraction`` largest-magnitude
+    entries of the update (over all leaves together) are applied; the rest stay."""
+    if not 0 < keep_fraction <= 1 or scale <= 0:
+        raise ValueError(f"need 0 < keep_fraction <= 1 and scale > 0, got {keep_fraction}, "
+                         f"{scale}")
+    delta = jax.tree_util.tree_map(jnp.subtract, edited, params)
+    if keep_fraction < 1:
+        flat = np.concatenate([np.abs(np.asarray(d)).ravel()
+                               for d in jax.tree_util.tree_leaves(delta)])
+        cut = np.sort(flat)[-max(1, int(round(keep_fraction * flat.size)))]
+        delta = jax.tree_util.tree_map(lambda d: jnp.where(jnp.abs(d) >= cut, d, 0), delta)
+    return jax.tree_util.tree_map(lambda p, d: p + scale * d, params, delta)
+
+
+def neural_cleanse(model, params, x_benign, y_benign, *, triggers: ReversedTriggers | None = None,
+                   threshold: float | None = 2.0, stamp_fraction: float = 0.2, epochs: int = 10,
+                   learning_rate: float = 0.003, keep_fraction: float = 1.0, scale: float = 1.0,
+                   key=None, **inversion):
+    """Reverse the triggers, flag the anomalous classes, and unlearn their triggers.
+
+    Args:
+        model, params: the model and its deployed params.
+        x_benign, y_benign: the benign budget.
+        triggers: a :func:`reverse_triggers` result to reuse (default: computed here with
+            ``**inversion``).
+        threshold: anomaly index above which a class is flagged (Neural Cleanse: 2). ``None``
+            always unlearns the single most anomalous class.
+        stamp_fraction: for each flagged class, this fraction of the budget is added again
+            stamped with its trigger, at the true labels.
+        epochs, learning_rate: the :func:`jaxpurify.defenses.fine_tune` recipe (SGD,
+            momentum 0.9, weight decay 5e-4, minibatches of 128).
+        keep_fraction, scale: apply only the largest entries of the fine-tuning update
+            (:func:`sparse_edit`); the default applies it all.
+        key: PRNG key of the stamped subset and the fine-tuning order.
+
+    Returns:
+        ``(params, DefenseInfo)``; ``details`` holds the flagged classes, the anomaly indices
+        and the masks' L1 norms. No flagged class: the params come back unchanged.
+    """
+    t0 = time.perf_counter()
+    x, y = _check_data(x_benign, y_benign)
+    if not 0 < stamp_fraction <= 1:
+        raise ValueError(f"stamp_fraction must be in (0, 1], got {stamp_fraction}")
+    if triggers is None:
+        triggers, _ = reverse_triggers(model, params, x, key=key, **inversion)
+    flagged = ([int(np.argmax(triggers.anomaly))] if threshold is None
+               else triggers.flagged(threshold))
+    details = {"flagged": flagged, "anomaly": triggers.anomaly.tolist(),
+               "mask_l1": triggers.mask_l1.tolist()}
+    params = _unwrap(params)
+    if not flagged:
+        return params, DefenseInfo("nc", time.perf_counter() - t0, details)
+    key = jax.random.PRNGKey(0) if key is None else key
+    count = max(1, int(round(stamp_fraction * x.shape[0])))
+    xs, ys = [x], [y]
+    for k, sub in zip(flagged, jax.random.split(key, len(flagged)), strict=True):
+        idx = jax.random.choice(sub, x.shape[0], (count,), replace=False)
+        xs.append(triggers.stamp(k, x[idx]))
+        ys.append(y[idx])
+    tuned, ft = fine_tune(model, params, jnp.concatenate(xs), jnp.concatenate(ys),
+                          epochs=epochs, learning_rate=learning_rate, key=key)
+    out = sparse_edit(params, tuned, keep_fraction=keep_fraction, scale=scale)
+    details.update(steps=ft.details["steps"], keep_fraction=keep_fraction, scale=scale)
+    return out, DefenseInfo("nc", time.perf_counter() - t0, details)

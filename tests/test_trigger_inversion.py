@@ -1,0 +1,108 @@
+"""Neural Cleanse: trigger inversion flags a planted BadNets target and unlearning removes it."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpurify import attacks as A
+from jaxpurify import trigger_inversion as T
+from jaxpurify.models import OneHiddenLayerCNN
+from jaxpurify.training import fit, sgd
+
+TRIGGER = functools.partial(A.apply_trigger, kind="badnets", value=4.0)
+
+
+def _synthetic(n, seed):
+    """Three classes of 8x8 images: noisy prototypes, the bottom-right corner left empty."""
+    protos = np.random.default_rng(0).standard_normal((3, 8, 8, 1)).astype(np.float32)
+    rng = np.random.default_rng(seed + 1)
+    y = rng.integers(0, 3, n)
+    x = protos[y] + 0.5 * rng.standard_normal((n, 8, 8, 1)).astype(np.float32)
+    x[:, 5:, 5:] = 0.0
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def poisoned():
+    """A one-hidden-layer CNN (one 8x8 patch, 8 filters) trained on 300 images, 30 of them
+    stamped with a 3x3 corner square of 4s and relabelled to class 0; 60 benign images."""
+    m = OneHiddenLayerCNN(8, (8, 8), num_classes=3, pool="mean")
+    x, y = _synthetic(300, 3)
+    x_bd = jnp.concatenate([jnp.asarray(x), TRIGGER(jnp.asarray(x[:30]))])
+    y_bd = jnp.concatenate([jnp.asarray(y), jnp.zeros(30, jnp.int32)])
+    p0 = m.init(jax.random.PRNGKey(0), x_bd[:1])["params"]
+    w, _ = fit(m, p0, x_bd, y_bd, optimizer=sgd(0.05, momentum=0.9), steps=400,
+               loss="cross_entropy")
+    xb, yb = _synthetic(60, 7)
+    x_te, y_te = _synthetic(300, 1)
+    return m, w, jnp.asarray(xb), jnp.asarray(yb), x_te, y_te
+
+
+def test_anomaly_index_is_the_robust_z_score_below_the_median():
+    a = T.anomaly_index([1.0, 10.0, 12.0, 14.0])
+    med, mad = 11.0, 1.4826 * 2.0
+    np.testing.assert_allclose(a, (med - np.array([1.0, 10.0, 12.0, 14.0])) / mad)
+    np.testing.assert_array_equal(T.anomaly_index([3.0, 3.0, 3.0]), 0.0)
+
+
+def test_reverse_triggers_flags_the_target_with_a_mask_on_the_trigger(poisoned):
+    m, w, xb, _, x_te, y_te = poisoned
+    assert A.attack_success_rate(m, w, x_te, y_te, 0, TRIGGER) > 0.9
+    rev, info = T.reverse_triggers(m, w, xb, steps=150, batch_size=30)
+    assert rev.mask.shape == (3, 8, 8, 1) and rev.pattern.shape == (3, 8, 8, 1)
+    # This network is nearly linear in its one patch, so a few extreme pixels flip any
+    # class and no class passes Neural Cleanse's threshold of 2; the target's mask is still
+    # the smallest, and it concentrates on the planted corner (9 of 64 pixels).
+    assert int(np.argmax(info.details["anomaly"])) == 0 and rev.flagged(0.5) == [0]
+    assert rev.mask_l1[0] < 0.85 * min(rev.mask_l1[1:])
+    assert float(jnp.sum(rev.mask[0, 5:, 5:])) > 0.3 * rev.mask_l1[0]
+    lo, hi = float(xb.min()), float(xb.max())
+    assert lo - 1e-5 <= float(rev.pattern.min()) and float(rev.pattern.max()) <= hi + 1e-5
+    assert rev.success[0] > 0.9
+
+
+def test_neural_cleanse_unlearns_the_backdoor_and_keeps_accuracy(poisoned):
+    m, w, xb, yb, x_te, y_te = poisoned
+    rev, _ = T.reverse_triggers(m, w, xb, steps=150, batch_size=30)
+    q, info = T.neural_cleanse(m, w, xb, yb, triggers=rev, threshold=None, stamp_fraction=0.5,
+                               learning_rate=0.05, epochs=20)
+    assert info.name == "nc" and info.details["flagged"] == [0]
+    assert A.attack_success_rate(m, q, x_te, y_te, 0, TRIGGER) < 0.1
+    assert A.accuracy(m, q, x_te, y_te) >= A.accuracy(m, w, x_te, y_te) - 0.03
+
+
+def test_neural_cleanse_returns_the_network_unchanged_when_nothing_is_flagged(poisoned):
+    m, w, xb, yb, _, _ = poisoned
+    rev, _ = T.reverse_triggers(m, w, xb, steps=5, batch_size=30)
+    q, info = T.neural_cleanse(m, w, xb, yb, triggers=rev, threshold=1e9)
+    assert info.details["flagged"] == []
+    for a, b in zip(jax.tree_util.tree_leaves(q), jax.tree_util.tree_leaves(w), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sparse_edit_applies_only_the_largest_entries_scaled():
+    p = {"a": jnp.zeros(4), "b": {"c": jnp.zeros((2, 3))}}
+    e = {"a": jnp.array([1.0, -5.0, 0.5, 2.0]), "b": {"c": jnp.array([[3.0, 0, 0], [0, -4, 0]])}}
+    q = T.sparse_edit(p, e, keep_fraction=0.3, scale=0.5)  # 3 of 10 entries: -5, -4, 3
+    np.testing.assert_array_equal(q["a"], [0, -2.5, 0, 0])
+    np.testing.assert_array_equal(q["b"]["c"], [[1.5, 0, 0], [0, -2, 0]])
+    full = T.sparse_edit(p, e)
+    for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(e), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="keep_fraction"):
+        T.sparse_edit(p, e, keep_fraction=0.0)
+
+
+def test_arguments_are_checked(poisoned):
+    m, w, xb, yb, _, _ = poisoned
+    with pytest.raises(ValueError, match=r"\(N, H, W, C\)"):
+        T.reverse_triggers(m, w, xb[0])
+    with pytest.raises(ValueError, match="steps"):
+        T.reverse_triggers(m, w, xb, steps=0)
+    with pytest.raises(ValueError, match="stamp_fraction"):
+        T.neural_cleanse(m, w, xb, yb, stamp_fraction=0.0)
