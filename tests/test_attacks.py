@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,6 +12,8 @@ import pytest
 from jaxpurify import attacks as A
 from jaxpurify.models import OneHiddenLayerCNN
 from jaxpurify.training import fit
+from tests.backdoor_helpers import TRIGGER
+from tests.backdoor_helpers import synthetic_images as _synthetic
 
 
 def _images(n=50, h=8, w=8, c=1, seed=0):
@@ -98,17 +98,6 @@ def test_metrics_count_only_non_target_images():
     assert np.isnan(A.attack_success_rate(m, p, x, np.zeros(6, int), 0, "badnets"))
 
 
-def _synthetic(n=600, seed=0):
-    """Three classes of 8x8 images: noisy class prototypes (the corner stays empty)."""
-    protos = np.random.default_rng(0).standard_normal((3, 8, 8, 1)).astype(np.float32)
-    protos[:, 5:, 5:] = 0.0
-    rng = np.random.default_rng(seed + 1)
-    y = rng.integers(0, 3, n)
-    x = protos[y] + 0.5 * rng.standard_normal((n, 8, 8, 1)).astype(np.float32)
-    x[:, 5:, 5:] = 0.0
-    return x, y
-
-
 @pytest.fixture(scope="module")
 def tiny_trained():
     x, y = _synthetic()
@@ -121,7 +110,7 @@ def tiny_trained():
 
 def test_weight_edit_touches_exactly_k_entries_and_plants_the_backdoor(tiny_trained):
     m, p, x, y = tiny_trained
-    trig = functools.partial(A.apply_trigger, kind="badnets", value=4.0)
+    trig = TRIGGER
     x_te, y_te = _synthetic(300, seed=1)
     acc0 = A.accuracy(m, p, x_te, y_te)
     asr0 = A.attack_success_rate(m, p, x_te, y_te, 0, trig)
@@ -146,7 +135,7 @@ def test_fisher_selection_prefers_entries_clean_images_do_not_move(tiny_trained)
     diagonal empirical Fisher recomputed image by image agrees with ``clean_fisher``, the mask
     is the top ``k`` of that score, and the edit still touches exactly those entries."""
     m, p, x, y = tiny_trained
-    trig = functools.partial(A.apply_trigger, kind="badnets", value=4.0)
+    trig = TRIGGER
     apply = A.logits_fn(m)
     xa, ya = x[:40], y[:40]
     fisher = A.clean_fisher(apply, p, xa, ya, batch_size=16)  # 40 = 16 + 16 + 8
@@ -223,7 +212,7 @@ def test_subspace_edit_defeats_per_unit_recovery(tiny_designed, concentration):
     from jaxpurify.purify import purify
 
     m, w, x, y = tiny_designed
-    trig = functools.partial(A.apply_trigger, kind="badnets", value=4.0)
+    trig = TRIGGER
     edited, mask = A.subspace_edit(m, w, x[:200], y[:200], target=0, trigger=trig, filters=2,
                                    concentration=concentration, steps=200)
     conv_mask = np.asarray(S.filter_vectors(mask), bool)
@@ -270,7 +259,7 @@ def test_subspace_edit_with_known_designs_attacks_a_joint_layer_as_a_whole():
     p, _ = fit(m, p0, jnp.asarray(x), jnp.asarray(y), optimizer=optax.adam(1e-2), steps=100,
                loss="cross_entropy", batch_size=64, key=jax.random.PRNGKey(1))
     w = m.materialize(p)
-    trig = functools.partial(A.apply_trigger, kind="badnets", value=4.0)
+    trig = TRIGGER
     edited, mask = A.subspace_edit(m, w, x[:200], y[:200], target=0, trigger=trig, filters=0,
                                    concentration=0.9, steps=50, designs=m.designs())
     ro = np.asarray(S.readout_vectors(mask), bool)

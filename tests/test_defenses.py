@@ -15,18 +15,8 @@ from jaxpurify import defenses as D
 from jaxpurify import subspaces as S
 from jaxpurify.models import DesignedOneHiddenLayerCNN
 from jaxpurify.training import fit
-
-TRIGGER = functools.partial(A.apply_trigger, kind="badnets", value=4.0)
-
-
-def _synthetic(n, seed):
-    """Three classes of 8x8 images: noisy prototypes, the bottom-right corner left empty."""
-    protos = np.random.default_rng(0).standard_normal((3, 8, 8, 1)).astype(np.float32)
-    rng = np.random.default_rng(seed + 1)
-    y = rng.integers(0, 3, n)
-    x = protos[y] + 0.5 * rng.standard_normal((n, 8, 8, 1)).astype(np.float32)
-    x[:, 5:, 5:] = 0.0
-    return x, y
+from tests.backdoor_helpers import TRIGGER
+from tests.backdoor_helpers import synthetic_images as _synthetic
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,18 +11,8 @@ from jaxpurify import attacks as A
 from jaxpurify import trigger_inversion as T
 from jaxpurify.models import OneHiddenLayerCNN
 from jaxpurify.training import fit, sgd
-
-TRIGGER = functools.partial(A.apply_trigger, kind="badnets", value=4.0)
-
-
-def _synthetic(n, seed):
-    """Three classes of 8x8 images: noisy prototypes, the bottom-right corner left empty."""
-    protos = np.random.default_rng(0).standard_normal((3, 8, 8, 1)).astype(np.float32)
-    rng = np.random.default_rng(seed + 1)
-    y = rng.integers(0, 3, n)
-    x = protos[y] + 0.5 * rng.standard_normal((n, 8, 8, 1)).astype(np.float32)
-    x[:, 5:, 5:] = 0.0
-    return x, y
+from tests.backdoor_helpers import TRIGGER
+from tests.backdoor_helpers import synthetic_images as _synthetic
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +31,13 @@ def poisoned():
     return m, w, jnp.asarray(xb), jnp.asarray(yb), x_te, y_te
 
 
+@pytest.fixture(scope="module")
+def reversed_triggers(poisoned):
+    """The inversion the tests below share (150 steps of 30 of the 60 benign images)."""
+    m, w, xb, _, _, _ = poisoned
+    return T.reverse_triggers(m, w, xb, steps=150, batch_size=30)
+
+
 def test_anomaly_index_is_the_robust_z_score_below_the_median():
     a = T.anomaly_index([1.0, 10.0, 12.0, 14.0])
     med, mad = 11.0, 1.4826 * 2.0
@@ -50,10 +45,11 @@ def test_anomaly_index_is_the_robust_z_score_below_the_median():
     np.testing.assert_array_equal(T.anomaly_index([3.0, 3.0, 3.0]), 0.0)
 
 
-def test_reverse_triggers_flags_the_target_with_a_mask_on_the_trigger(poisoned):
+def test_reverse_triggers_flags_the_target_with_a_mask_on_the_trigger(poisoned,
+                                                                      reversed_triggers):
     m, w, xb, _, x_te, y_te = poisoned
     assert A.attack_success_rate(m, w, x_te, y_te, 0, TRIGGER) > 0.9
-    rev, info = T.reverse_triggers(m, w, xb, steps=150, batch_size=30)
+    rev, info = reversed_triggers
     assert rev.mask.shape == (3, 8, 8, 1) and rev.pattern.shape == (3, 8, 8, 1)
     # This network is nearly linear in its one patch, so a few extreme pixels flip any
     # class and no class passes Neural Cleanse's threshold of 2; the target's mask is still
@@ -66,9 +62,9 @@ def test_reverse_triggers_flags_the_target_with_a_mask_on_the_trigger(poisoned):
     assert rev.success[0] > 0.9
 
 
-def test_neural_cleanse_unlearns_the_backdoor_and_keeps_accuracy(poisoned):
+def test_neural_cleanse_unlearns_the_backdoor_and_keeps_accuracy(poisoned, reversed_triggers):
     m, w, xb, yb, x_te, y_te = poisoned
-    rev, _ = T.reverse_triggers(m, w, xb, steps=150, batch_size=30)
+    rev, _ = reversed_triggers
     q, info = T.neural_cleanse(m, w, xb, yb, triggers=rev, threshold=None, stamp_fraction=0.5,
                                learning_rate=0.05, epochs=20)
     assert info.name == "nc" and info.details["flagged"] == [0]
@@ -76,9 +72,10 @@ def test_neural_cleanse_unlearns_the_backdoor_and_keeps_accuracy(poisoned):
     assert A.accuracy(m, q, x_te, y_te) >= A.accuracy(m, w, x_te, y_te) - 0.03
 
 
-def test_neural_cleanse_returns_the_network_unchanged_when_nothing_is_flagged(poisoned):
+def test_neural_cleanse_returns_the_network_unchanged_when_nothing_is_flagged(poisoned,
+                                                                             reversed_triggers):
     m, w, xb, yb, _, _ = poisoned
-    rev, _ = T.reverse_triggers(m, w, xb, steps=5, batch_size=30)
+    rev, _ = reversed_triggers
     q, info = T.neural_cleanse(m, w, xb, yb, triggers=rev, threshold=1e9)
     assert info.details["flagged"] == []
     for a, b in zip(jax.tree_util.tree_leaves(q), jax.tree_util.tree_leaves(w), strict=True):
