@@ -17,7 +17,19 @@ smaller mask than the others: its anomaly index
 
 Unlearning fine-tunes the network on the benign budget plus copies of a fraction of it
 stamped with each flagged class's reversed trigger, at their *true* labels, so the shortcut
-no longer pays. With ``keep_fraction < 1`` only the largest entries of that fine-tuning
+no longer pays (``unlearning="fine-tune"``, the paper's). ``unlearning="consistency"``
+(:func:`unlearn_consistent`) instead starts from the deployed network ``T`` and asks the
+stamped image for the *clean* image's logits while the clean logits stay put:
+
+.. math::
+
+    \min_q\; \frac{1}{BC} \sum_{x} \Big( \lVert f_q(x) - f_T(x) \rVert_2^2
+    + \frac{1}{|S|} \sum_{s \in S} \lVert f_q(s(x)) - f_T(x) \rVert_2^2 \Big),
+
+over augmented minibatches ``x`` of the budget, ``S`` the flagged classes' stamps (and their
+mirror images, for networks trained with horizontal flips). The ten logits per image carry
+more than a label, so 500 images hold the clean behaviour where fine-tuning on their labels
+forgets some of it. With ``keep_fraction < 1`` only the largest entries of that fine-tuning
 update are applied (scaled by ``scale``): a sparse edit, in the spirit of the library's
 premise that the contamination lives in few weights. On the README's small-VGG probes the
 largest 5% at full scale kept 2.0-4.5 points more clean accuracy than the dense update at equal
@@ -40,7 +52,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxpurify.defenses import DefenseInfo, _check_data, _unwrap, fine_tune, network
+from jaxpurify.defenses import (
+    DefenseInfo,
+    _check_data,
+    _init_state,
+    _make_tx,
+    _unwrap,
+    fine_tune,
+    network,
+)
 
 
 class ReversedTriggers(NamedTuple):
@@ -161,6 +181,8 @@ def sparse_edit(params, edited, *, keep_fraction: float = 1.0, scale: float = 1.
     if not 0 < keep_fraction <= 1 or scale <= 0:
         raise ValueError(f"need 0 < keep_fraction <= 1 and scale > 0, got {keep_fraction}, "
                          f"{scale}")
+    if keep_fraction == 1 and scale == 1:
+        return edited  # the whole update: exactly the edited params, not p + (e - p)
     delta = jax.tree_util.tree_map(jnp.subtract, edited, params)
     if keep_fraction < 1:
         flat = np.concatenate([np.abs(np.asarray(d)).ravel()
@@ -170,9 +192,115 @@ def sparse_edit(params, edited, *, keep_fraction: float = 1.0, scale: float = 1.
     return jax.tree_util.tree_map(lambda p, d: p + scale * d, params, delta)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _consistency_step(config, params, state, teacher, masks, patterns, x, key):
+    """One Adam step of :func:`unlearn_consistent` (a Python loop over it, as in
+    :func:`jaxpurify.defenses.distill`)."""
+    from jaxpurify.multilayer import _augment
+
+    apply, tx, batch_size, hflip, crop = config
+    k_batch, k_flip, k_crop = jax.random.split(key, 3)
+    xb = x[jax.random.choice(k_batch, x.shape[0], (batch_size,), replace=False)]
+    xb = _augment(k_flip, k_crop, xb, hflip, crop)
+    target = apply(teacher, xb)
+    stamped = (1 - masks[:, None]) * xb[None] + masks[:, None] * patterns[:, None]
+    stamped = stamped.reshape((-1,) + xb.shape[1:])
+
+    def loss(q):
+        clean = jnp.mean((apply(q, xb) - target) ** 2)
+        gaps = apply(q, stamped).reshape((masks.shape[0],) + target.shape) - target[None]
+        return clean + jnp.mean(gaps**2)
+
+    g = jax.grad(loss)(params)
+    u, state = _make_tx(tx).update(g, state, params)
+    return optax.apply_updates(params, u), state
+
+
+def unlearn_consistent(model, params, x_benign, triggers: ReversedTriggers, classes, *,
+                       steps: int = 300, learning_rate: float = 1e-3, batch_size: int = 64,
+                       hflip: bool = True, crop: int = 4, mirror: bool | None = None, key=None):
+    r"""Unlearn reversed triggers by consistency with the deployed network's clean logits.
+
+    Minimizes, over every deployed parameter ``q`` from ``q = T`` (the deployed ``params``),
+
+    .. math::
+
+        \frac{1}{BC} \sum_{x \in \text{batch}} \Big( \lVert f_q(a(x)) - f_T(a(x)) \rVert_2^2
+        + \frac{1}{|S|} \sum_{s \in S} \lVert f_q(s(a(x))) - f_T(a(x)) \rVert_2^2 \Big)
+
+    with Adam (cosine decay from ``learning_rate`` over ``steps``), ``batch_size`` benign
+    images per step augmented by ``a`` (random flips and shifts by up to ``crop`` pixels), and
+    ``S`` the stamps ``s(x) = (1 - m_k) x + m_k p_k`` of ``classes``, plus their horizontal
+    mirror images when ``mirror``. The teacher's logits on the clean image are the target of
+    the stamped one, so the shortcut is unlearned without labels, and the first term holds
+    the clean behaviour.
+
+    Args:
+        model, params: the model (see :func:`jaxpurify.defenses.network`) and deployed params.
+        x_benign: ``(N, H, W, C)`` benign images (labels are not needed).
+        triggers: a :func:`reverse_triggers` result.
+        classes: the classes whose triggers are unlearned (e.g. ``triggers.flagged()``).
+        steps, learning_rate, batch_size: Adam steps, peak rate and images per step.
+        hflip, crop: augmentations (CIFAR-10's: ``True``, 4; on MNIST ``False``, 0 or 2).
+        mirror: also unlearn the stamps mirrored left-right (a network trained with flips
+            learned the trigger on both sides, and the inversion finds one). Default: ``hflip``.
+        key: PRNG key of the batches and augmentations (default ``PRNGKey(0)``).
+
+    Returns:
+        ``(params, DefenseInfo)``; ``details`` holds ``classes``, ``steps`` and
+        ``stamped_gap``: the mean squared logit gap between stamped and clean benign images
+        (un-augmented, the first stamp of each class), before and after.
+
+    Raises:
+        ValueError: no classes, a class out of range, bad ``steps``/``batch_size``/``crop``, or
+            non-finite logits after unlearning (diverged: lower ``learning_rate``).
+    """
+    t0 = time.perf_counter()
+    x = jnp.asarray(x_benign)
+    if x.ndim != 4 or x.shape[0] == 0:
+        raise ValueError(f"x_benign must be (N, H, W, C) with N >= 1, got shape {x.shape}")
+    classes = [int(k) for k in classes]
+    num_classes = triggers.mask.shape[0]
+    if not classes or any(not 0 <= k < num_classes for k in classes):
+        raise ValueError(f"classes must name at least one of 0..{num_classes - 1}, got {classes}")
+    if not (isinstance(steps, int | np.integer) and steps >= 1) or batch_size < 1 or crop < 0:
+        raise ValueError(f"need an integer steps >= 1, batch_size >= 1 and crop >= 0, got "
+                         f"{steps!r}, {batch_size}, {crop}")
+    mirror = hflip if mirror is None else mirror
+    masks = triggers.mask[np.asarray(classes)]
+    patterns = triggers.pattern[np.asarray(classes)]
+    if mirror:
+        masks = jnp.concatenate([masks, masks[:, :, ::-1]])
+        patterns = jnp.concatenate([patterns, patterns[:, :, ::-1]])
+    apply = network(model).apply
+    teacher = _unwrap(params)
+    p = teacher
+    tx = ("adam-cosine", float(learning_rate), int(steps))
+    config = (apply, tx, int(min(batch_size, x.shape[0])), bool(hflip), int(crop))
+
+    def stamped_gap(q):
+        xs = x[:1024]
+        ref = apply(teacher, xs)
+        return float(np.mean([jnp.mean((apply(q, triggers.stamp(k, xs)) - ref) ** 2)
+                              for k in classes]))
+
+    before = stamped_gap(p)
+    state = _init_state(tx, p)
+    key = jax.random.PRNGKey(0) if key is None else key
+    for k in jax.random.split(key, int(steps)):
+        p, state = _consistency_step(config, p, state, teacher, masks, patterns, x, k)
+    after = stamped_gap(p)
+    if not np.isfinite(after):
+        raise ValueError(f"unlearning diverged (non-finite logits after {steps} steps at "
+                         f"learning_rate={learning_rate:g}): lower the learning rate")
+    return jax.block_until_ready(p), DefenseInfo("nc-consistency", time.perf_counter() - t0, {
+        "classes": classes, "steps": int(steps), "stamped_gap": (before, after)})
+
+
 def neural_cleanse(model, params, x_benign, y_benign, *, triggers: ReversedTriggers | None = None,
                    threshold: float | None = 2.0, stamp_fraction: float = 0.2, epochs: int = 10,
-                   learning_rate: float = 0.003, keep_fraction: float = 1.0, scale: float = 1.0,
+                   learning_rate: float | None = None, keep_fraction: float = 1.0,
+                   scale: float = 1.0, unlearning: str = "fine-tune", consistency=None,
                    key=None, **inversion):
     """Reverse the triggers, flag the anomalous classes, and unlearn their triggers.
 
@@ -186,7 +314,13 @@ def neural_cleanse(model, params, x_benign, y_benign, *, triggers: ReversedTrigg
         stamp_fraction: for each flagged class, this fraction of the budget is added again
             stamped with its trigger, at the true labels.
         epochs, learning_rate: the :func:`jaxpurify.defenses.fine_tune` recipe (SGD,
-            momentum 0.9, weight decay 5e-4, minibatches of 128).
+            momentum 0.9, weight decay 5e-4, minibatches of 128; default rate 0.003).
+            With ``unlearning="consistency"`` ``learning_rate`` is Adam's peak rate
+            (default :func:`unlearn_consistent`'s) and ``epochs`` is not used.
+        unlearning: ``"fine-tune"`` (Neural Cleanse's: the budget plus stamped copies at
+            their true labels) or ``"consistency"`` (:func:`unlearn_consistent`; no labels).
+        consistency: further keyword arguments of :func:`unlearn_consistent` (``steps``,
+            ``batch_size``, ``hflip``, ``crop``, ``mirror``).
         keep_fraction, scale: apply only the largest entries of the fine-tuning update
             (:func:`sparse_edit`); the default applies it all.
         key: PRNG key of the stamped subset and the fine-tuning order.
@@ -197,6 +331,8 @@ def neural_cleanse(model, params, x_benign, y_benign, *, triggers: ReversedTrigg
     """
     t0 = time.perf_counter()
     x, y = _check_data(x_benign, y_benign)
+    if unlearning not in ("fine-tune", "consistency"):
+        raise ValueError(f"unlearning must be 'fine-tune' or 'consistency', got {unlearning!r}")
     if not 0 < stamp_fraction <= 1:
         raise ValueError(f"stamp_fraction must be in (0, 1], got {stamp_fraction}")
     if triggers is None:
@@ -209,14 +345,24 @@ def neural_cleanse(model, params, x_benign, y_benign, *, triggers: ReversedTrigg
     if not flagged:
         return params, DefenseInfo("nc", time.perf_counter() - t0, details)
     key = jax.random.PRNGKey(0) if key is None else key
+    if unlearning == "consistency":
+        rate = {} if learning_rate is None else {"learning_rate": learning_rate}
+        tuned, info = unlearn_consistent(model, params, x, triggers, flagged, key=key,
+                                         **rate, **(consistency or {}))
+        out = sparse_edit(params, tuned, keep_fraction=keep_fraction, scale=scale)
+        details.update(info.details, unlearning=unlearning, keep_fraction=keep_fraction,
+                       scale=scale)
+        return out, DefenseInfo("nc", time.perf_counter() - t0, details)
     count = max(1, int(round(stamp_fraction * x.shape[0])))
     xs, ys = [x], [y]
     for k, sub in zip(flagged, jax.random.split(key, len(flagged)), strict=True):
         idx = jax.random.choice(sub, x.shape[0], (count,), replace=False)
         xs.append(triggers.stamp(k, x[idx]))
         ys.append(y[idx])
+    rate = 0.003 if learning_rate is None else learning_rate
     tuned, ft = fine_tune(model, params, jnp.concatenate(xs), jnp.concatenate(ys),
-                          epochs=epochs, learning_rate=learning_rate, key=key)
+                          epochs=epochs, learning_rate=rate, key=key)
     out = sparse_edit(params, tuned, keep_fraction=keep_fraction, scale=scale)
-    details.update(steps=ft.details["steps"], keep_fraction=keep_fraction, scale=scale)
+    details.update(steps=ft.details["steps"], unlearning=unlearning,
+                   keep_fraction=keep_fraction, scale=scale)
     return out, DefenseInfo("nc", time.perf_counter() - t0, details)

@@ -72,6 +72,44 @@ def test_neural_cleanse_unlearns_the_backdoor_and_keeps_accuracy(poisoned, rever
     assert A.accuracy(m, q, x_te, y_te) >= A.accuracy(m, w, x_te, y_te) - 0.03
 
 
+def test_consistency_unlearning_removes_the_backdoor_without_labels(poisoned,
+                                                                     reversed_triggers):
+    m, w, xb, yb, x_te, y_te = poisoned
+    rev, _ = reversed_triggers
+    q, info = T.unlearn_consistent(m, w, xb, rev, [0], steps=300, learning_rate=1e-2,
+                                   batch_size=30, hflip=False, crop=0)
+    assert info.name == "nc-consistency" and info.details["classes"] == [0]
+    before, after = info.details["stamped_gap"]
+    assert after < 0.1 * before
+    assert A.attack_success_rate(m, q, x_te, y_te, 0, TRIGGER) < 0.1
+    assert A.accuracy(m, q, x_te, y_te) >= A.accuracy(m, w, x_te, y_te) - 0.03
+    # neural_cleanse(unlearning="consistency") is this unlearning of the flagged classes
+    r, nc = T.neural_cleanse(m, w, xb, yb, triggers=rev, threshold=None, learning_rate=1e-2,
+                             unlearning="consistency",
+                             consistency={"steps": 300, "batch_size": 30, "hflip": False,
+                                          "crop": 0})
+    assert nc.details["flagged"] == [0] and nc.details["unlearning"] == "consistency"
+    for a, b in zip(jax.tree_util.tree_leaves(r), jax.tree_util.tree_leaves(q), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_consistency_unlearning_mirrors_the_stamps_of_a_flipped_network(poisoned,
+                                                                        reversed_triggers):
+    """With ``mirror`` the left-right mirror of the reversed stamp is unlearned too: a network
+    trained with flips answers the trigger on either side, and the inversion finds one."""
+    m, w, xb, _, _, _ = poisoned
+    rev, _ = reversed_triggers
+    left = rev._replace(mask=rev.mask[:, :, ::-1], pattern=rev.pattern[:, :, ::-1])
+    kw = {"steps": 5, "learning_rate": 1e-2, "batch_size": 30, "hflip": False, "crop": 0}
+    a, _ = T.unlearn_consistent(m, w, xb, rev, [0], mirror=True, **kw)
+    b, _ = T.unlearn_consistent(m, w, xb, left, [0], mirror=True, **kw)
+    c, _ = T.unlearn_consistent(m, w, xb, rev, [0], mirror=False, **kw)
+    leaves = jax.tree_util.tree_leaves
+    for u, v in zip(leaves(a), leaves(b), strict=True):  # the same two stamps, other order
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+    assert any(not np.allclose(u, v) for u, v in zip(leaves(a), leaves(c), strict=True))
+
+
 def test_neural_cleanse_returns_the_network_unchanged_when_nothing_is_flagged(poisoned,
                                                                              reversed_triggers):
     m, w, xb, yb, _, _ = poisoned
@@ -103,3 +141,13 @@ def test_arguments_are_checked(poisoned):
         T.reverse_triggers(m, w, xb, steps=0)
     with pytest.raises(ValueError, match="stamp_fraction"):
         T.neural_cleanse(m, w, xb, yb, stamp_fraction=0.0)
+    with pytest.raises(ValueError, match="unlearning"):
+        T.neural_cleanse(m, w, xb, yb, unlearning="prune")
+    rev = T.ReversedTriggers(jnp.zeros((3, 8, 8, 1)), jnp.zeros((3, 8, 8, 1)), np.ones(3),
+                             np.ones(3), np.zeros(3))
+    with pytest.raises(ValueError, match="classes"):
+        T.unlearn_consistent(m, w, xb, rev, [3])
+    with pytest.raises(ValueError, match="classes"):
+        T.unlearn_consistent(m, w, xb, rev, [])
+    with pytest.raises(ValueError, match="steps"):
+        T.unlearn_consistent(m, w, xb, rev, [0], steps=0)
