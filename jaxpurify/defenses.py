@@ -316,7 +316,7 @@ def fine_tune(model, params, x_benign, y_benign, *, epochs: int = 10, learning_r
 
 def distill(model, params, x_benign, y_benign=None, *, teacher, steps: int = 300,
             learning_rate: float = 3e-4, batch_size: int = 64, hflip: bool = False,
-            crop: int = 0, key=None):
+            crop: int = 0, stamps=None, key=None):
     r"""Pull ``params`` toward the ``teacher``'s logits on (augmented) benign images.
 
     Minimizes, over every deployed parameter ``q`` (starting from ``params``),
@@ -340,6 +340,11 @@ def distill(model, params, x_benign, y_benign=None, *, teacher, steps: int = 300
         teacher: the teacher's params (same structure; held fixed).
         steps, learning_rate, batch_size: Adam steps, peak rate, images per step.
         hflip, crop: augmentations (CIFAR-10: ``True``, 4).
+        stamps: optional ``(masks, patterns)``, ``(S, H, W, 1)`` and ``(S, H, W, C)``: each
+            batch is also stamped, ``(1 - m_s) a(x) + m_s p_s``, and every stamped image is
+            pulled to the teacher's logits on the clean ``a(x)`` (the loss adds their mean
+            squared gap): a trigger's shortcut is unlearned without labels
+            (:func:`jaxpurify.trigger_inversion.unlearn_consistent`).
         key: PRNG key of the batches and augmentations (default ``PRNGKey(0)``).
 
     Returns:
@@ -374,7 +379,7 @@ def distill(model, params, x_benign, y_benign=None, *, teacher, steps: int = 300
     state = _init_state(tx, p)
     key = jax.random.PRNGKey(0) if key is None else key
     for k in jax.random.split(key, int(steps)):
-        p, state = _distill_step(config, p, state, t, x, k)
+        p, state = _distill_step(config, p, state, t, x, k, stamps)
     after = _logit_mse(apply, p, t, x)
     if not np.isfinite(after):
         raise ValueError(f"distillation diverged (non-finite logits after {steps} steps at "
@@ -407,7 +412,7 @@ def _squared_gap_sum(apply, params, teacher, x):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _distill_step(config, params, state, teacher, x, key):
+def _distill_step(config, params, state, teacher, x, key, stamps=None):
     """One Adam step of :func:`distill` (a Python loop over it: see :func:`train_masked`)."""
     from jaxpurify.multilayer import _augment
 
@@ -416,7 +421,17 @@ def _distill_step(config, params, state, teacher, x, key):
     xb = x[jax.random.choice(k_batch, x.shape[0], (batch_size,), replace=False)]
     xb = _augment(k_flip, k_crop, xb, hflip, crop)
     target = apply(teacher, xb)
-    g = jax.grad(lambda q: jnp.mean(_squared_gaps(apply, q, xb, target)))(params)
+
+    def loss(q):
+        clean = jnp.mean(_squared_gaps(apply, q, xb, target))
+        if stamps is None:
+            return clean
+        masks, patterns = stamps
+        xs = (1 - masks[:, None]) * xb[None] + masks[:, None] * patterns[:, None]
+        logits = apply(q, xs.reshape((-1,) + xb.shape[1:]))
+        return clean + jnp.mean((logits.reshape((masks.shape[0],) + target.shape) - target) ** 2)
+
+    g = jax.grad(loss)(params)
     u, state = _make_tx(tx).update(g, state, params)
     return optax.apply_updates(params, u), state
 

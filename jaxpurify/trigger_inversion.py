@@ -52,15 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxpurify.defenses import (
-    DefenseInfo,
-    _check_data,
-    _init_state,
-    _make_tx,
-    _unwrap,
-    fine_tune,
-    network,
-)
+from jaxpurify.defenses import DefenseInfo, _check_data, _unwrap, distill, fine_tune, network
 
 
 class ReversedTriggers(NamedTuple):
@@ -192,30 +184,6 @@ def sparse_edit(params, edited, *, keep_fraction: float = 1.0, scale: float = 1.
     return jax.tree_util.tree_map(lambda p, d: p + scale * d, params, delta)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _consistency_step(config, params, state, teacher, masks, patterns, x, key):
-    """One Adam step of :func:`unlearn_consistent` (a Python loop over it, as in
-    :func:`jaxpurify.defenses.distill`)."""
-    from jaxpurify.multilayer import _augment
-
-    apply, tx, batch_size, hflip, crop = config
-    k_batch, k_flip, k_crop = jax.random.split(key, 3)
-    xb = x[jax.random.choice(k_batch, x.shape[0], (batch_size,), replace=False)]
-    xb = _augment(k_flip, k_crop, xb, hflip, crop)
-    target = apply(teacher, xb)
-    stamped = (1 - masks[:, None]) * xb[None] + masks[:, None] * patterns[:, None]
-    stamped = stamped.reshape((-1,) + xb.shape[1:])
-
-    def loss(q):
-        clean = jnp.mean((apply(q, xb) - target) ** 2)
-        gaps = apply(q, stamped).reshape((masks.shape[0],) + target.shape) - target[None]
-        return clean + jnp.mean(gaps**2)
-
-    g = jax.grad(loss)(params)
-    u, state = _make_tx(tx).update(g, state, params)
-    return optax.apply_updates(params, u), state
-
-
 def unlearn_consistent(model, params, x_benign, triggers: ReversedTriggers, classes, *,
                        steps: int = 300, learning_rate: float = 1e-3, batch_size: int = 64,
                        hflip: bool = True, crop: int = 4, mirror: bool | None = None, key=None):
@@ -252,8 +220,8 @@ def unlearn_consistent(model, params, x_benign, triggers: ReversedTriggers, clas
         (un-augmented, the first stamp of each class), before and after.
 
     Raises:
-        ValueError: no classes, a class out of range, bad ``steps``/``batch_size``/``crop``, or
-            non-finite logits after unlearning (diverged: lower ``learning_rate``).
+        ValueError: no classes, a class out of range, or what :func:`jaxpurify.defenses.distill`
+            refuses (bad ``steps``/``batch_size``/``crop``, non-finite logits: diverged).
     """
     t0 = time.perf_counter()
     x = jnp.asarray(x_benign)
@@ -263,9 +231,6 @@ def unlearn_consistent(model, params, x_benign, triggers: ReversedTriggers, clas
     num_classes = triggers.mask.shape[0]
     if not classes or any(not 0 <= k < num_classes for k in classes):
         raise ValueError(f"classes must name at least one of 0..{num_classes - 1}, got {classes}")
-    if not (isinstance(steps, int | np.integer) and steps >= 1) or batch_size < 1 or crop < 0:
-        raise ValueError(f"need an integer steps >= 1, batch_size >= 1 and crop >= 0, got "
-                         f"{steps!r}, {batch_size}, {crop}")
     mirror = hflip if mirror is None else mirror
     masks = triggers.mask[np.asarray(classes)]
     patterns = triggers.pattern[np.asarray(classes)]
@@ -274,9 +239,6 @@ def unlearn_consistent(model, params, x_benign, triggers: ReversedTriggers, clas
         patterns = jnp.concatenate([patterns, patterns[:, :, ::-1]])
     apply = network(model).apply
     teacher = _unwrap(params)
-    p = teacher
-    tx = ("adam-cosine", float(learning_rate), int(steps))
-    config = (apply, tx, int(min(batch_size, x.shape[0])), bool(hflip), int(crop))
 
     def stamped_gap(q):
         xs = x[:1024]
@@ -284,16 +246,11 @@ def unlearn_consistent(model, params, x_benign, triggers: ReversedTriggers, clas
         return float(np.mean([jnp.mean((apply(q, triggers.stamp(k, xs)) - ref) ** 2)
                               for k in classes]))
 
-    before = stamped_gap(p)
-    state = _init_state(tx, p)
-    key = jax.random.PRNGKey(0) if key is None else key
-    for k in jax.random.split(key, int(steps)):
-        p, state = _consistency_step(config, p, state, teacher, masks, patterns, x, k)
-    after = stamped_gap(p)
-    if not np.isfinite(after):
-        raise ValueError(f"unlearning diverged (non-finite logits after {steps} steps at "
-                         f"learning_rate={learning_rate:g}): lower the learning rate")
-    return jax.block_until_ready(p), DefenseInfo("nc-consistency", time.perf_counter() - t0, {
+    p, _ = distill(model, teacher, x, teacher=teacher, steps=steps,
+                   learning_rate=learning_rate, batch_size=batch_size, hflip=hflip, crop=crop,
+                   stamps=(masks, patterns), key=key)  # raises if it diverged
+    before, after = stamped_gap(teacher), stamped_gap(p)
+    return p, DefenseInfo("nc-consistency", time.perf_counter() - t0, {
         "classes": classes, "steps": int(steps), "stamped_gap": (before, after)})
 
 
