@@ -17,9 +17,14 @@ also ``benign-principal`` on the one-hidden CNN and ``benign-layer-principal`` o
 models, the updates projected onto the leading principal directions of the benign patches,
 layer by layer on the deep models: :func:`jaxpurify.defenses.layer_principal_projection`,
 and ``benign-layer-principal+ft``, that projection followed by the FT recipe),
-``ft`` (fine-tuning), ``fp`` (fine-pruning) and ``anp`` (adversarial neuron pruning: the
+``ft`` (fine-tuning), ``fp`` (fine-pruning), ``anp`` (adversarial neuron pruning: the
 reference's mask threshold 0.2, and variant ``benign-stop``, the same mask pruned as deep as
-benign accuracy allows). ``--set "defenses=('jaxpurify', 'ft', 'fp')"`` leaves ANP out;
+benign accuracy allows) and ``nc`` (Neural Cleanse, :mod:`jaxpurify.trigger_inversion`: one
+trigger inversion per budget, then variant ``fine-tune``, the paper's unlearning of the
+classes its anomaly index flags, ``consistency``, the same classes unlearned by consistency
+with the deployed network's logits, and ``consistency-top``, the most anomalous class
+unlearned that way whether flagged or not; the two consistency variants are judged).
+``--set "defenses=('jaxpurify', 'ft', 'fp')"`` leaves ANP and NC out;
 ``--set "attacks=('badnets',)"`` runs one poisoning attack; ``--set
 "ft_learning_rates=(0.001,)"`` adds FT rows at other learning rates, variant ``lr=...``, a
 diagnostic that is not judged; ``--set "ft_recipes=('backdoorbench',)"`` adds FT rows with
@@ -58,11 +63,15 @@ import optax
 from experiments._common import environment, with_options, write_metrics
 from jaxpurify import attacks as A
 from jaxpurify import defenses as D
+from jaxpurify import trigger_inversion as TI
 
 TARGET = 0
 
 #: The defenses run with a benign budget (``--set "defenses=(...)"`` picks a subset).
-DEFENSES = ("jaxpurify", "ft", "fp", "anp")
+DEFENSES = ("jaxpurify", "ft", "fp", "anp", "nc")
+
+#: The defenses whose rows the data-poisoning verdict judges (by variant, ``_VARIANT_WHY``).
+JUDGED = ("jaxpurify", "nc")
 
 #: The data-poisoning attacks (``--set "attacks=(...)"`` picks a subset).
 DATA_ATTACKS = ("badnets", "blended")
@@ -235,7 +244,8 @@ def _details(info: D.DefenseInfo) -> dict:
     d = info.details
     out = {}
     for key in ("steps", "ft_steps", "num_pruned", "channels", "val_size", "certified",
-                "fraction", "layer", "threshold", "unknowns"):
+                "fraction", "layer", "threshold", "unknowns", "flagged", "anomaly",
+                "mask_l1", "stamped_gap"):
         if key in d:
             out[key] = d[key]
     if "recovery" in d:
@@ -308,6 +318,8 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
                      *D.fine_tune(m, params, xb, yb, key=key, learning_rate=lr))
         for defense, name, fn, kw in recipe_runs(model.cfg, model.dataset):  # judged too
             measured(defense, name, *fn(m, params, xb, yb, key=key, **kw))
+        if "nc" in model.cfg["defenses"]:
+            _neural_cleanse(model, params, xb, yb, key, measured)
         if "jaxpurify" in model.cfg["defenses"]:  # the readout re-fit in both subspaces
             for subspace, variant in (("plain", "benign-readout"),
                                       ("designed", "designed-readout")):
@@ -350,6 +362,37 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
                     rows[-1]["details"]["trigger_outside_kept_layers"] = layer_trigger_outside(
                         m, params, xb, *probe, info.details["ranks"])
     return rows
+
+
+def _neural_cleanse(model: _Model, params, xb, yb, key, measured) -> None:
+    """Neural Cleanse on the budget ``xb, yb``: one inversion, three unlearnings.
+
+    Rows (appended by ``measured``; their seconds include the inversion's): ``fine-tune``,
+    the paper's (the classes whose anomaly index exceeds 2, fine-tuned on the budget plus
+    stamped copies at their true labels); ``consistency``, the same classes unlearned by
+    :func:`jaxpurify.trigger_inversion.unlearn_consistent`; ``consistency-top``, the single
+    most anomalous class unlearned that way even when nothing is flagged (a defender who
+    purifies because an attack is suspected). The consistency augmentation follows the
+    model's training: flips (and mirrored stamps) for the small VGG, shifts by 4 pixels on
+    CIFAR-10 and 2 on MNIST.
+    """
+    m = model.module
+    t = time.perf_counter()
+    triggers, _ = TI.reverse_triggers(m, params, xb, key=key)
+    t_inv = time.perf_counter() - t
+    augment = {"hflip": model.name == "small-vgg", "crop": 4 if model.dataset == "cifar10" else 2}
+    consistency = {"unlearning": "consistency", "consistency": augment}
+    top = [int(np.argmax(triggers.anomaly))]
+    done = {}
+    for variant, kw in (("fine-tune", {}), ("consistency", consistency),
+                        ("consistency-top", {**consistency, "threshold": None})):
+        classes = top if variant == "consistency-top" else triggers.flagged()
+        if variant == "consistency-top" and classes == triggers.flagged():
+            q, info = done["consistency"]  # the same classes, the same unlearning
+        else:
+            q, info = TI.neural_cleanse(m, params, xb, yb, triggers=triggers, key=key, **kw)
+        done[variant] = (q, info)
+        measured("nc", variant, q, info, seconds=t_inv + info.seconds)
 
 
 #: Published recipes beside the defaults of :func:`jaxpurify.defenses.fine_tune` (``ft``)
@@ -509,6 +552,16 @@ def _note(r) -> str:
                                        "ACC" if t is None else f"threshold {t:g}: the largest "
                                        "within 4 pt of the unpruned benign ACC") +
                      "; seconds include the mask optimization")
+    if r["defense"] == "nc":
+        flagged = d.get("flagged", [])
+        parts.append((f"classes {flagged} flagged" if flagged else "nothing flagged")
+                     + (" (anomaly index " + ", ".join(
+                         f"{k}: {d['anomaly'][k]:.2f}" for k in flagged) + ")" if flagged
+                        and "anomaly" in d else "")
+                     + ("; stamped-clean logit gap {:.3g} -> {:.3g}".format(*d["stamped_gap"])
+                        if "stamped_gap" in d else "")
+                     + ("" if flagged else ": the network comes back unchanged")
+                     + "; seconds include the trigger inversion")
     if "benign_patch_rank" in d:
         parts.append(f"benign patch rank {d['benign_patch_rank']}"
                      + ("" if r["acc"] is not None else
@@ -792,6 +845,14 @@ _VARIANT_WHY = {
                                  "fine-tuning restores accuracy a smaller share costs, but "
                                  "the rule still keeps every direction benign images excite "
                                  "strongly",
+    "consistency": "Neural Cleanse's reversed triggers of the classes its anomaly index flags "
+                   "(above 2), unlearned without labels: the stamped benign images pulled "
+                   "to the deployed network's logits on the clean ones, the clean logits "
+                   "held (a trigger defense, not a subspace projection); nothing flagged "
+                   "leaves the network unchanged",
+    "consistency-top": "the same unlearning of the single most anomalous class, flagged or "
+                       "not: it needs the inversion to rank the target first, and leaves a "
+                       "second target or a trigger the inversion misses",
 }
 
 
@@ -810,7 +871,8 @@ def _why(r, reasons=None) -> str:
 
 
 def _poisoning_targets(model, attack, rate, sel, clean_asr=None, reasons=None) -> list[dict]:
-    """The data-poisoning verdict at the 1% budget: met when some jaxpurify variant has ASR
+    """The data-poisoning verdict at the 1% budget: met when some judged variant (of the
+    defenses in :data:`JUDGED`: jaxpurify's, and NC's consistency unlearning) has ASR
     < 5% with an ACC drop < 2 pt and neither FT nor FP beats it on both ACC and ASR; every
     variant's numbers in the reason. ``clean_asr`` (the clean network's ASR with the same
     trigger, if known) is quoted beside the undefended and probe ASRs: a clean network
@@ -823,7 +885,7 @@ def _poisoning_targets(model, attack, rate, sel, clean_asr=None, reasons=None) -
     base = {(r["defense"], r.get("variant")): r for r in at
             if r["defense"] in ("ft", "fp", "anp") and _published(r)}
     judged = [b for b in base if b[0] in ("ft", "fp")]
-    variants = [r for r in at if r["defense"] == "jaxpurify" and r.get("variant") in reasons]
+    variants = [r for r in at if r["defense"] in JUDGED and r.get("variant") in reasons]
     if not variants:
         return []
     none = [r for r in sel if r["defense"] == "none"][0]
@@ -853,7 +915,7 @@ def _poisoning_targets(model, attack, rate, sel, clean_asr=None, reasons=None) -
         off = sum(v["rows_off_subspace"] for v in r["details"].get("recovery", {}).values())
         found = f"recovery found {off} unit vectors off range(A); " if "recovery" in \
             r["details"] else ""
-        parts.append(f"{r['variant']}: ASR {100 * r['asr']:.1f}%, ACC drop {drop:.1f} pt "
+        parts.append(f"{_label(r)}: ASR {100 * r['asr']:.1f}%, ACC drop {drop:.1f} pt "
                      f"({found}{_why(r, reasons)})")
     at_clean = "" if clean_asr is None else f" (clean network: {100 * clean_asr:.1f}%)"
     took = ("the attack did not take: " if none["asr"] < 0.05 else "") + \
@@ -872,17 +934,25 @@ def _poisoning_targets(model, attack, rate, sel, clean_asr=None, reasons=None) -
     reason = (took + f"at {jp['n_benign']} benign images, " + "; ".join(parts)
               + f". FT ASR {_pct(base.get(('ft', None)))}, FP {_pct(base.get(('fp', None)))}, "
               f"ANP {_pct(base.get(('anp', None)))}"
+              + "".join(f", NC (fine-tune) {_pct(r)}" for r in at
+                        if (r["defense"], r.get("variant")) == ("nc", "fine-tune"))
               + "".join(f", {_baseline_name(b)} {_pct(base[b])}" for b in judged if b[1])
-              + (f"; {' and '.join(beaten)} better on both ACC and ASR than {jp['variant']}"
+              + (f"; {' and '.join(beaten)} better on both ACC and ASR than {_label(jp)}"
                  if beaten else "") + probed)
     return [{"model": model, "attack": attack, "poison_rate": rate,
              "target": "budget 1%: ASR < 5% with ACC drop < 2 pt, and neither FT nor FP "
                        "better on both ACC and ASR",
-             "variant": jp["variant"], "acc": jp["acc"], "asr": jp["asr"],
+             "defense": jp["defense"], "variant": jp["variant"], "acc": jp["acc"],
+             "asr": jp["asr"],
              "acc_none": none["acc"], "asr_none": none["asr"], "asr_clean": clean_asr,
              "met": bool(small and dominates),
              "asr_acc_met": bool(small), "dominates_ft_fp": bool(dominates),
              "reason": reason}]
+
+
+def _label(r) -> str:
+    """A judged row's name: the jaxpurify variant, or ``defense/variant`` for the others."""
+    return r["variant"] if r["defense"] == "jaxpurify" else f"{r['defense']}/{r['variant']}"
 
 
 def _baseline_name(baseline: tuple) -> str:
@@ -913,12 +983,13 @@ def _plot(rows, path: Path, dataset: str):
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups) + 2.2, 3.6),
                              squeeze=False)
     colors = {"none": "k", "jaxpurify": "tab:red", "ft": "tab:blue", "fp": "tab:green",
-              "anp": "tab:purple"}
+              "anp": "tab:purple", "nc": "tab:orange"}
     markers = {None: "o", "designed": "x", "designed+code-ft": "o", "benign-readout": "^",
                "designed-readout": "D",
                "benign-row-space": "s", "benign-projection": "D", "benign-stop": "v",
                "benign-principal": "P", "benign-layer-principal": "*",
-               "benign-layer-principal+ft": "D"}
+               "benign-layer-principal+ft": "D", "fine-tune": "<", "consistency": ">",
+               "consistency-top": "h"}
     for ax, ((model, attack), rs) in zip(axes[0], groups.items(), strict=True):
         for d, c in colors.items():
             for variant in sorted({r.get("variant") for r in rs if r["defense"] == d}, key=str):
