@@ -480,3 +480,96 @@ def test_layer_trigger_outside_is_the_share_off_the_kept_benign_directions():
     assert 0 < share < 1
     np.testing.assert_allclose(share, np.linalg.norm(d - v @ (v.T @ d)) / np.linalg.norm(d),
                                rtol=1e-10)
+
+
+def test_poisoning_verdict_judges_nc_consistency_beside_jaxpurify():
+    """NC's consistency unlearning is judged like a jaxpurify variant and named with its
+    defense; NC's own fine-tune unlearning is quoted, not judged."""
+    rows = [_poison_row("none", 0.95, 0.99, budget=0.0),
+            _poison_row("ft", 0.90, 0.90), _poison_row("fp", 0.89, 0.30),
+            _poison_row("jaxpurify", 0.94, 0.85, "designed+code-ft"),
+            _poison_row("nc", 0.95, 0.01, "fine-tune"),
+            _poison_row("nc", 0.94, 0.04, "consistency"),
+            _poison_row("nc", 0.90, 0.02, "consistency-top")]
+    (t,) = backdoor._targets(rows, CLEAN)
+    assert t["met"] and (t["defense"], t["variant"]) == ("nc", "consistency")
+    assert "nc/consistency: ASR 4.0%, ACC drop 1.0 pt (Neural Cleanse's" in t["reason"]
+    assert "nc/consistency-top: ASR 2.0%, ACC drop 5.0 pt" in t["reason"]
+    assert "NC (fine-tune) 1.0%" in t["reason"] and "nc/fine-tune" not in t["reason"]
+    # the paper's unlearning alone, however good, is a baseline and meets nothing
+    (t,) = backdoor._targets([r for r in rows if r["variant"] not in
+                              ("consistency", "consistency-top")], CLEAN)
+    assert not t["met"] and t["variant"] == "designed+code-ft"
+
+
+class _Inversion:
+    """A stand-in for :func:`jaxpurify.trigger_inversion.reverse_triggers` (anomaly given)."""
+
+    def __init__(self, anomaly):
+        import numpy as np
+
+        from jaxpurify.trigger_inversion import ReversedTriggers
+
+        self.triggers = ReversedTriggers(None, None, None, None, np.asarray(anomaly))
+
+    def __call__(self, module, params, x, *, key):
+        return self.triggers, None
+
+
+@pytest.mark.parametrize("anomaly, calls", [
+    ([4.0, 0.5, 0.1], [{}, {"unlearning": "consistency"}]),  # the top class is the flagged one
+    ([1.5, 0.5, 0.1], [{}, {"unlearning": "consistency"},  # nothing flagged
+                       {"unlearning": "consistency", "threshold": None}]),
+    ([4.0, 3.0, 0.1], [{}, {"unlearning": "consistency"},  # two flagged
+                       {"unlearning": "consistency", "threshold": None}]),
+])
+@pytest.mark.parametrize("name, dataset, augment", [
+    ("small-vgg", "cifar10", {"hflip": True, "crop": 4}),
+    ("lenet5", "mnist", {"hflip": False, "crop": 2}),
+])
+def test_neural_cleanse_rows_share_one_inversion(monkeypatch, anomaly, calls, name, dataset,
+                                                 augment):
+    """One inversion per budget; consistency-top is computed only when its class set differs
+    from the flagged one; the consistency augmentation follows the model's training."""
+    from types import SimpleNamespace
+
+    from jaxpurify import trigger_inversion as TI
+    from jaxpurify.defenses import DefenseInfo
+
+    seen = []
+
+    def fake_cleanse(module, params, x, y, *, triggers, key, consistency=None, **kw):
+        seen.append((kw, consistency))
+        return f"params{len(seen)}", DefenseInfo("nc", 1.0, {})
+
+    monkeypatch.setattr(TI, "reverse_triggers", _Inversion(anomaly))
+    monkeypatch.setattr(TI, "neural_cleanse", fake_cleanse)
+    rows = []
+    model = SimpleNamespace(module=None, name=name, dataset=dataset)
+    backdoor._neural_cleanse(model, None, None, None, None,
+                             lambda d, v, q, info, seconds: rows.append((d, v, q, seconds)))
+    assert [kw for kw, _ in seen] == calls
+    assert all(c == (augment if "unlearning" in kw else None) for kw, c in seen)
+    assert [(d, v) for d, v, _, _ in rows] == [
+        ("nc", "fine-tune"), ("nc", "consistency"), ("nc", "consistency-top")]
+    assert rows[2][2] == ("params3" if len(calls) == 3 else "params2")
+    assert all(s >= 1.0 for *_, s in rows)  # the inversion's seconds added
+
+
+def test_neural_cleanse_runs_end_to_end(tmp_path):
+    """``defenses=("nc",)`` on 2000 real MNIST images: three NC rows per budget, their notes,
+    and the verdict naming the consistency variants."""
+    metrics = backdoor.run(out=tmp_path, quick=True, train_limit=2000, test_limit=500,
+                           steps=150, ks=(), budgets=(0.01,), attacks=("badnets",),
+                           defenses=("nc",), probe_steps=0)
+    nc = {r["variant"]: r for r in metrics["rows"] if r["defense"] == "nc"}
+    assert set(nc) == {"fine-tune", "consistency", "consistency-top"}
+    for r in nc.values():
+        assert r["n_benign"] == 20 and 0.0 <= r["acc"] <= 1.0 and r["seconds"] > 0
+        assert len(r["details"]["anomaly"]) == 10 and len(r["details"]["mask_l1"]) == 10
+    top = nc["consistency-top"]["details"]
+    assert len(top["flagged"]) == 1 and "stamped_gap" in top
+    (t,) = metrics["targets"]
+    assert "nc/consistency-top: ASR" in t["reason"] and "NC (fine-tune)" in t["reason"]
+    tables = (tmp_path / "tables.md").read_text()
+    assert "seconds include the trigger inversion" in tables
