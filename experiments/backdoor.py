@@ -554,10 +554,12 @@ def _note(r) -> str:
                      "; seconds include the mask optimization")
     if r["defense"] == "nc":
         flagged = d.get("flagged", [])
-        parts.append((f"classes {flagged} flagged" if flagged else "nothing flagged")
-                     + (" (anomaly index " + ", ".join(
-                         f"{k}: {d['anomaly'][k]:.2f}" for k in flagged) + ")" if flagged
-                        and "anomaly" in d else "")
+        index = ("anomaly index " + ", ".join(f"{k}: {d['anomaly'][k]:.2f}" for k in flagged)
+                 if flagged and "anomaly" in d else "")
+        parts.append((f"class {flagged[0]} unlearned, the most anomalous ({index}; Neural Cleanse "
+                      "flags above 2)" if r.get("variant") == "consistency-top" and flagged else
+                      f"classes {flagged} flagged ({index}) and unlearned" if flagged
+                      else "nothing flagged")
                      + ("; stamped-clean logit gap {:.3g} -> {:.3g}".format(*d["stamped_gap"])
                         if "stamped_gap" in d else "")
                      + ("" if flagged else ": the network comes back unchanged")
