@@ -382,16 +382,16 @@ def _neural_cleanse(model: _Model, params, xb, yb, key, measured) -> None:
     t_inv = time.perf_counter() - t
     augment = {"hflip": model.name == "small-vgg", "crop": 4 if model.dataset == "cifar10" else 2}
     consistency = {"unlearning": "consistency", "consistency": augment}
-    top = [int(np.argmax(triggers.anomaly))]
-    done = {}
-    for variant, kw in (("fine-tune", {}), ("consistency", consistency),
-                        ("consistency-top", {**consistency, "threshold": None})):
-        classes = top if variant == "consistency-top" else triggers.flagged()
-        if variant == "consistency-top" and classes == triggers.flagged():
-            q, info = done["consistency"]  # the same classes, the same unlearning
-        else:
-            q, info = TI.neural_cleanse(m, params, xb, yb, triggers=triggers, key=key, **kw)
-        done[variant] = (q, info)
+
+    def cleanse(**kw):
+        return TI.neural_cleanse(m, params, xb, yb, triggers=triggers, key=key, **kw)
+
+    fine, same = cleanse(), cleanse(**consistency)
+    # the top class alone is the flagged set: the same classes, the same unlearning
+    top = (same if triggers.flagged() == [int(np.argmax(triggers.anomaly))]
+           else cleanse(**consistency, threshold=None))
+    for variant, (q, info) in (("fine-tune", fine), ("consistency", same),
+                               ("consistency-top", top)):
         measured("nc", variant, q, info, seconds=t_inv + info.seconds)
 
 
