@@ -5,7 +5,8 @@
 For every run folder (``RUNS_DIR/NAME/metrics.json``, the demo first, then by name) it writes
 the command and wall time of the run, its headline numbers, its table of rows (grouped by
 subspace source when there are several), the sources it could / could not serve, an
-experiment's own ``tables.md`` when it wrote one, and links to its figures. The section goes
+experiment's own ``tables.md`` when it wrote one, and links to its figures; before the runs,
+one summary of every backdoor run's verdicts (:func:`backdoor_targets`). The section goes
 between ``<!-- results:start -->`` and ``<!-- results:end -->`` in the README (the markers
 are appended at the end when absent); everything else in the README is kept. No number is
 written by hand: rerun the experiments and this script to refresh them.
@@ -191,6 +192,90 @@ def _demo_layers(layers: dict) -> list[str]:
                                      for n, v in layers.items()]) + [""]
 
 
+def _judged(t: dict) -> str:
+    """The defense a verdict judged, as the backdoor tables name it (``nc/consistency``)."""
+    defense = t.get("defense") or "jaxpurify"
+    return t.get("variant", "?") if defense == "jaxpurify" else f"{defense}/{t.get('variant')}"
+
+
+def _why_missed(t: dict) -> str:
+    """Which part of the data-poisoning target a verdict misses, in a few words."""
+    if t["met"]:
+        return "met"
+    parts = []
+    if t["asr"] >= 0.05:
+        parts.append(f"ASR {100 * t['asr']:.2f}% >= 5%")
+    if 100 * (t["acc_none"] - t["acc"]) >= 2:
+        parts.append("ACC drop >= 2 pt")
+    if not t.get("dominates_ft_fp", True):
+        parts.append("FT or FP better on both")
+    return "missed: " + ("; ".join(parts) or "see the run")
+
+
+def backdoor_targets(runs: list[tuple[str, dict]]) -> list[str]:
+    """Every backdoor run's verdicts in two tables, data poisoning then weight edits.
+
+    ``runs`` holds ``(name, metrics)`` pairs; a verdict is an entry of ``metrics["targets"]``
+    with ``poison_rate`` (data poisoning: the best judged defense at the 1% budget against
+    the undefended network) or ``k`` (a weight edit: recovery without data against the clean
+    network). A verdict that several runs hold (a merged run and its source) is one row
+    naming every run; each run links to its section, where the reasons are.
+    """
+    order = {"badnets": 0, "blended": 1}
+    data: dict[tuple, list] = {}   # row cells (without runs) -> runs holding it
+    edits: dict[tuple, dict] = {}  # (dataset, model, clean cell, runs) -> {k: cell}
+    ks: set[int] = set()
+    for name, m in runs:
+        dataset = m.get("dataset") or m.get("experiment", "?").rsplit("-", 1)[-1]
+        per_k: dict[tuple, dict] = {}
+        for t in m.get("targets") or []:
+            if not isinstance(t, dict) or "met" not in t:
+                continue
+            if "poison_rate" in t:
+                key = ((dataset, t["model"], order.get(t["attack"], 2), t["poison_rate"]), (
+                    dataset, t["model"], t["attack"], f"{100 * t['poison_rate']:g}%",
+                    f"{100 * t['acc_none']:.2f} / {100 * t['asr_none']:.2f}", _judged(t),
+                    f"{100 * t['acc']:.2f} / {100 * t['asr']:.2f}",
+                    f"{100 * (t['acc_none'] - t['acc']):.2f}", _why_missed(t)))
+                data.setdefault(key, []).append(name)
+            elif "k" in t:
+                ks.add(t["k"])
+                clean = f"{100 * t['clean_acc']:.2f} / {100 * t['clean_asr']:.2f}"
+                per_k.setdefault((dataset, t["model"], clean), {})[t["k"]] = (
+                    f"{100 * t['acc']:.2f} / {100 * t['asr']:.2f} "
+                    + ("met" if t["met"] else "**missed**"))
+        for (dataset, model, clean), cells in per_k.items():
+            edits[(dataset, model, clean, name)] = cells
+    if not data and not edits:
+        return []
+
+    def link(names):
+        return ", ".join(f"[{n}](#{n})" for n in names)
+
+    lines = ["### Backdoor targets at a glance", "",
+             "Every verdict of the backdoor runs below (ACC / ASR in %); the reasons are in "
+             "each run's Targets list."]
+    if data:
+        met = sum(cells[-1] == "met" for (_, cells) in data)
+        lines += ["", f"**Data poisoning** ({met} of {len(data)} met): ASR below 5% with an "
+                  "ACC drop below 2 pt at the 1% budget, and neither FT nor FP better on both; "
+                  "each row is the judged defense closest to that.", ""]
+        lines += _table(["dataset", "model", "attack", "poison", "undefended", "judged defense",
+                         "defended", "ACC drop (pt)", "target", "runs"],
+                        [[*cells, link(names)] for (_, cells), names in sorted(data.items())])
+    if edits:
+        cells = [c for row in edits.values() for c in row.values()]
+        met = sum(c.endswith(" met") for c in cells)
+        ks_sorted = sorted(ks)
+        lines += ["", f"**Weight edits** ({met} of {len(cells)} met): recovery without data "
+                  "brings ASR back to the clean network's (+1 pt) and ACC within 0.1 pt of it; "
+                  "each cell is the recovered network.", ""]
+        lines += _table(["dataset", "model", "clean", *[f"k = {k}" for k in ks_sorted], "run"],
+                        [[d, mdl, clean, *[row.get(k, "—") for k in ks_sorted], link([name])]
+                         for (d, mdl, clean, name), row in sorted(edits.items())])
+    return lines + [""]
+
+
 def render_run(run_dir: Path, readme_dir: Path) -> list[str]:
     """Markdown for one run folder."""
     m = json.loads((run_dir / "metrics.json").read_text())
@@ -231,6 +316,13 @@ def render(runs_dir: Path, readme_dir: Path) -> str:
              "(do not edit by hand; rerun the commands below and this script to refresh).", ""]
     if not runs:
         lines += [f"(no runs with a metrics.json under `{rel}` yet)", ""]
+    readable = []
+    for run_dir in runs:
+        try:
+            readable.append((run_dir.name, json.loads((run_dir / "metrics.json").read_text())))
+        except (OSError, ValueError):
+            pass  # reported where the run itself is rendered
+    lines += backdoor_targets(readable)
     for run_dir in runs:
         try:
             lines += render_run(run_dir, readme_dir)
@@ -271,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         print(err, file=sys.stderr)
         return 2
     args.readme.write_text(text)
-    n = section.count("\n### ")
+    n = sum(1 for _ in args.runs_dir.glob("*/metrics.json"))
     print(f"{args.readme}: results section updated from {n} run(s) in {args.runs_dir}")
     return 0
 

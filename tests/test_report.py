@@ -51,3 +51,36 @@ def test_update_replaces_only_between_the_markers(tmp_path):
     readme.write_text(f"intro\n{report.END}\n")
     with pytest.raises(ValueError, match="markers"):
         report.update_readme(readme, "x")
+
+
+def _data_verdict(**kw):
+    t = {"model": "lenet5", "attack": "badnets", "poison_rate": 0.1, "target": "budget 1%",
+         "defense": "nc", "variant": "consistency", "acc": 0.9676, "asr": 0.0052,
+         "acc_none": 0.9679, "asr_none": 0.9947, "asr_clean": 0.003, "met": True,
+         "asr_acc_met": True, "dominates_ft_fp": True, "reason": "long text"}
+    return {**t, **kw}
+
+
+def test_backdoor_targets_one_row_per_verdict_with_what_it_misses():
+    edit = {"model": "lenet5", "attack": "weight-edit", "k": 10, "acc": 0.9735, "asr": 0.0037,
+            "clean_acc": 0.9735, "clean_asr": 0.0037, "met": True}
+    missed = _data_verdict(attack="blended", defense=None, variant="benign-readout",
+                           acc=0.9451, asr=0.0615, met=False, asr_acc_met=False,
+                           dominates_ft_fp=False)
+    merged = {"dataset": "mnist", "targets": [_data_verdict(), missed, edit,
+                                              {**edit, "k": 100, "asr": 0.2, "met": False}]}
+    source = {"experiment": "backdoor-mnist", "targets": [_data_verdict()]}
+    lines = report.backdoor_targets([("merged", merged), ("source", source),
+                                     ("other", {"rows": []})])
+    text = "\n".join(lines)
+    assert "**Data poisoning** (1 of 2 met)" in text and "**Weight edits** (1 of 2 met)" in text
+    # the verdict both runs hold is one row naming both; the dataset comes from either field
+    row = next(line for line in lines if "nc/consistency" in line)
+    assert "| mnist | lenet5 | badnets | 10% | 96.79 / 99.47 | nc/consistency | 96.76 / 0.52 |"\
+        in row and "[merged](#merged), [source](#source)" in row and "| met |" in row
+    row = next(line for line in lines if "benign-readout" in line)
+    assert "missed: ASR 6.15% >= 5%; ACC drop >= 2 pt; FT or FP better on both" in row
+    row = next(line for line in lines if line.startswith("| mnist | lenet5 | 97.35 / 0.37"))
+    assert "97.35 / 0.37 met" in row and "97.35 / 20.00 **missed**" in row
+    assert "long text" not in text  # the reasons stay in each run's section
+    assert report.backdoor_targets([("x", {"targets": [{"met": True}]})]) == []
