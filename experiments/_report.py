@@ -223,11 +223,10 @@ def backdoor_targets(runs: list[tuple[str, dict]]) -> list[str]:
     """
     order = {"badnets": 0, "blended": 1}
     data: dict[tuple, list] = {}   # row cells (without runs) -> runs holding it
-    edits: dict[tuple, dict] = {}  # (dataset, model, clean cell, runs) -> {k: cell}
+    edits: dict[tuple, dict] = {}  # (dataset, model, clean cell, run) -> {k: cell}
     ks: set[int] = set()
     for name, m in runs:
         dataset = m.get("dataset") or m.get("experiment", "?").rsplit("-", 1)[-1]
-        per_k: dict[tuple, dict] = {}
         for t in m.get("targets") or []:
             if not isinstance(t, dict) or "met" not in t:
                 continue
@@ -241,11 +240,9 @@ def backdoor_targets(runs: list[tuple[str, dict]]) -> list[str]:
             elif "k" in t:
                 ks.add(t["k"])
                 clean = f"{100 * t['clean_acc']:.2f} / {100 * t['clean_asr']:.2f}"
-                per_k.setdefault((dataset, t["model"], clean), {})[t["k"]] = (
+                edits.setdefault((dataset, t["model"], clean, name), {})[t["k"]] = (
                     f"{100 * t['acc']:.2f} / {100 * t['asr']:.2f} "
                     + ("met" if t["met"] else "**missed**"))
-        for (dataset, model, clean), cells in per_k.items():
-            edits[(dataset, model, clean, name)] = cells
     if not data and not edits:
         return []
 
@@ -278,9 +275,10 @@ def backdoor_targets(runs: list[tuple[str, dict]]) -> list[str]:
     return lines + [""]
 
 
-def render_run(run_dir: Path, readme_dir: Path) -> list[str]:
-    """Markdown for one run folder."""
-    m = json.loads((run_dir / "metrics.json").read_text())
+def render_run(run_dir: Path, readme_dir: Path, m: dict | None = None) -> list[str]:
+    """Markdown for one run folder (``m``: its metrics.json, when already read)."""
+    if m is None:
+        m = json.loads((run_dir / "metrics.json").read_text())
     name = run_dir.name
     lines = [f"### {name}", ""]
     secs = wall_seconds(m)
@@ -318,16 +316,16 @@ def render(runs_dir: Path, readme_dir: Path) -> str:
              "(do not edit by hand; rerun the commands below and this script to refresh).", ""]
     if not runs:
         lines += [f"(no runs with a metrics.json under `{rel}` yet)", ""]
-    readable = []
+    metrics = {}
     for run_dir in runs:
         try:
-            readable.append((run_dir.name, json.loads((run_dir / "metrics.json").read_text())))
+            metrics[run_dir] = json.loads((run_dir / "metrics.json").read_text())
         except (OSError, ValueError):
-            pass  # reported where the run itself is rendered
-    lines += backdoor_targets(readable)
+            pass  # render_run reads it again and the error is reported in its place
+    lines += backdoor_targets([(d.name, m) for d, m in metrics.items()])
     for run_dir in runs:
         try:
-            lines += render_run(run_dir, readme_dir)
+            lines += render_run(run_dir, readme_dir, metrics.get(run_dir))
         except (OSError, ValueError, KeyError, TypeError) as err:
             lines += [f"### {run_dir.name}", "", f"(could not render: {type(err).__name__}: "
                       f"{err})", ""]
