@@ -76,6 +76,11 @@ JUDGED = ("jaxpurify", "nc")
 #: The data-poisoning attacks (``--set "attacks=(...)"`` picks a subset).
 DATA_ATTACKS = ("badnets", "blended")
 
+#: Configuration keys that only decide which rows or diagnostics a run adds, not the networks
+#: or any row's numbers (``row_space``: the one-hidden CNN's L1 row-space rows; ``probe_steps``:
+#: the readout probe in the undefended rows' details): :func:`merge` does not compare them.
+ROW_SWITCHES = ("row_space", "probe_steps")
+
 #: BackdoorBench (CIFAR-10, PreAct-ResNet18, BadNets 10 %, 5 % clean data), ACC/ASR in %.
 #: Quoted as a reference only: a different network, data budget and training recipe.
 REFERENCE = {
@@ -635,7 +640,9 @@ def merge(out: Path | str, sources, *, supersede: bool = False) -> dict:
     attack, verdicts recomputed from the stored rows (no new measurement).
 
     The runs must share the dataset, the seed and the model configuration (keys one run
-    lacks, added to the experiment after it ran, are not compared), a model in
+    lacks, added to the experiment after it ran, are not compared, nor are
+    :data:`ROW_SWITCHES`, which only decide which rows a run adds: the merged configuration
+    lists every value the sources ran with), a model in
     several runs must have the same clean network in each (same ACC and ASRs, i.e. the same
     training), and a (model, attack, rate, k, defense, variant, budget) row measured by
     several runs must have the same ACC and ASR in each (kept once; see :func:`_dedup_rows`).
@@ -661,8 +668,9 @@ def merge(out: Path | str, sources, *, supersede: bool = False) -> dict:
                 raise ValueError(f"{src}: {key} {m[key]!r} differs from {sources[0]}'s "
                                  f"{first[key]!r}; only runs of one setting can be merged")
         cfg, cfg0 = m["setup"]["model_config"], first["setup"]["model_config"]
-        # a key one run lacks was added to the experiment after that run: not compared
-        diff = sorted(k for k in set(cfg) & set(cfg0) if cfg[k] != cfg0[k])
+        # a key one run lacks was added to the experiment after that run: not compared;
+        # nor are the switches that only decide which rows a run adds (ROW_SWITCHES)
+        diff = sorted(k for k in set(cfg) & set(cfg0) - set(ROW_SWITCHES) if cfg[k] != cfg0[k])
         if diff:
             raise ValueError(f"{src}: model_config differs from {sources[0]}'s in {diff}")
         for model, ref in m["clean"].items():
@@ -687,9 +695,15 @@ def merge(out: Path | str, sources, *, supersede: bool = False) -> dict:
                 values |= {r["defense"] for r in m["rows"] if r["budget"] > 0}
         return sorted(values, key=str)
 
+    model_config = {k: v for m in runs for k, v in m["setup"]["model_config"].items()}
+    for k in ROW_SWITCHES:  # one value, or every value the sources ran with
+        values = _each_once(m["setup"]["model_config"][k] for m in runs
+                            if k in m["setup"]["model_config"])
+        if len(values) > 1:
+            model_config[k] = values
     setup = {**first["setup"], **{k: union(k) for k in (
         "models", "budgets", "poison_rates", "weight_edit_k", "defenses")},
-        "model_config": {k: v for m in runs for k, v in m["setup"]["model_config"].items()}}
+        "model_config": model_config}
     # the runs behind the sources (a merged source brings its own), each once
     own = ("command", "seconds", "timings", "setup", "environment")
     parts = _each_once(r for m in runs for r in m.get("runs", [{k: m.get(k) for k in own}]))

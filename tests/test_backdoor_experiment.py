@@ -392,6 +392,13 @@ def test_merge_makes_one_table_per_attack_and_rejudges(tmp_path):
     f = _run_folder(tmp_path / "f", poisoned(0.01), model_config={"steps": 20})
     with pytest.raises(ValueError, match=r"model_config differs .* \['steps'\]"):
         backdoor.merge(tmp_path / "g", [b, f])
+    # a switch that only decides which rows a run adds does not make another network: the
+    # merge takes both runs and records every value they ran with
+    bc = {"steps": 10, "row_space": True, "probe_steps": 3000}
+    b2 = _run_folder(tmp_path / "b2", poisoned(0.01), model_config=bc)
+    f2 = _run_folder(tmp_path / "f2", poisoned(0.01), model_config={**bc, "row_space": False})
+    mixed = backdoor.merge(tmp_path / "g2", [b2, f2])["setup"]["model_config"]
+    assert mixed == {"steps": 10, "row_space": [True, False], "probe_steps": 3000}
     # a run that adds a defense retrains the attacked network: its undefended row is the same
     # measurement, kept once with the details of both
     probe = {"n": 60000, "acc": 0.9, "asr": 0.5}
