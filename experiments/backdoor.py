@@ -696,9 +696,10 @@ def merge(out: Path | str, sources, *, supersede: bool = False) -> dict:
         return sorted(values, key=str)
 
     model_config = {k: v for m in runs for k, v in m["setup"]["model_config"].items()}
-    for k in ROW_SWITCHES:  # one value, or every value the sources ran with
-        values = _each_once(m["setup"]["model_config"][k] for m in runs
-                            if k in m["setup"]["model_config"])
+    for k in ROW_SWITCHES:  # one value, or every value the sources ran with (a merged
+        # source's list brings its own values)
+        values = _each_once(v for m in runs if k in m["setup"]["model_config"]
+                            for v in np.atleast_1d(m["setup"]["model_config"][k]).tolist())
         if len(values) > 1:
             model_config[k] = values
     setup = {**first["setup"], **{k: union(k) for k in (

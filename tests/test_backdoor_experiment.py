@@ -399,6 +399,8 @@ def test_merge_makes_one_table_per_attack_and_rejudges(tmp_path):
     f2 = _run_folder(tmp_path / "f2", poisoned(0.01), model_config={**bc, "row_space": False})
     mixed = backdoor.merge(tmp_path / "g2", [b2, f2])["setup"]["model_config"]
     assert mixed == {"steps": 10, "row_space": [True, False], "probe_steps": 3000}
+    again = backdoor.merge(tmp_path / "g3", [tmp_path / "g2", b2])  # a merged source's list
+    assert again["setup"]["model_config"] == mixed
     # a run that adds a defense retrains the attacked network: its undefended row is the same
     # measurement, kept once with the details of both
     probe = {"n": 60000, "acc": 0.9, "asr": 0.5}
