@@ -179,11 +179,43 @@ def _encode(v: Any, where: str) -> Any:
         return [_encode(x, where) for x in v]
     if isinstance(v, dict) and all(isinstance(k, str) for k in v):
         return {k: _encode(x, f"{where}[{k!r}]") for k, x in v.items()}
+    if _is_jaxpurify_dataclass(type(v)):  # a layer spec such as jaxpurify.multilayer.Conv
+        cls = type(v)
+        return {"__dataclass__": f"{cls.__module__}:{cls.__qualname__}",
+                "fields": {f.name: _encode(getattr(v, f.name), f"{where}.{f.name}")
+                           for f in dataclasses.fields(v) if f.init}}
     raise CheckpointError(
         f"{where} = {v!r} cannot be stored in the sidecar: only None, bool, int, float, str, "
-        "tuples/lists/dicts of those and dtypes are supported. Give the module plain "
-        "configuration fields (e.g. a string naming the activation instead of a function)."
+        "tuples/lists/dicts of those, dtypes and jaxpurify's frozen dataclasses (layer specs) "
+        "are supported. Give the module plain configuration fields (e.g. a string naming the "
+        "activation instead of a function)."
     )
+
+
+def _is_jaxpurify_dataclass(cls: type) -> bool:
+    """A frozen dataclass defined in ``jaxpurify`` (only those are rebuilt on load: a sidecar
+    never makes :func:`load_checkpoint` import or call anything else)."""
+    module = getattr(cls, "__module__", "")
+    return (dataclasses.is_dataclass(cls) and isinstance(cls, type)
+            and cls.__dataclass_params__.frozen
+            and (module == "jaxpurify" or module.startswith("jaxpurify.")))
+
+
+def _dataclass(name: str) -> type:
+    module, _, qualname = name.partition(":")
+    cls = None
+    if module == "jaxpurify" or module.startswith("jaxpurify."):
+        try:
+            cls = importlib.import_module(module)
+            for part in qualname.split("."):
+                cls = getattr(cls, part)
+        except (ImportError, AttributeError):
+            cls = None
+    if not (isinstance(cls, type) and _is_jaxpurify_dataclass(cls)):
+        raise CheckpointError(f"the sidecar names the field type {name!r}, which is not a "
+                              "frozen dataclass of this jaxpurify; the checkpoint was written "
+                              "by another version or edited: re-save it")
+    return cls
 
 
 def _decode(v: Any) -> Any:
@@ -195,6 +227,13 @@ def _decode(v: Any) -> Any:
             return getattr(jnp, name, None) or jnp.dtype(name)
         if set(v) == {"__tuple__"}:
             return tuple(_decode(x) for x in v["__tuple__"])
+        if set(v) == {"__dataclass__", "fields"}:
+            cls = _dataclass(v["__dataclass__"])
+            try:
+                return cls(**{k: _decode(x) for k, x in v["fields"].items()})
+            except TypeError as err:
+                raise CheckpointError(f"the sidecar's {v['__dataclass__']} fields do not fit "
+                                      f"it ({err}); re-save the checkpoint") from err
         return {k: _decode(x) for k, x in v.items()}
     if isinstance(v, list):
         return [_decode(x) for x in v]
