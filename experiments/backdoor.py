@@ -37,7 +37,10 @@ edit_selection=fisher --set edit_clean_weight=10.0`` makes the weight edit pick 
 entries by ``g^2 / F`` (backdoor gradient over the clean Fisher information) and weigh clean
 accuracy 10x (:func:`jaxpurify.attacks.weight_edit`); ``--set "joint=('readout',)"`` codes
 the one-hidden CNN's readout as a whole (``DesignedOneHiddenLayerCNN(joint_layers=...)``; a
-deep model's layers by name, e.g. ``('conv1', 'fc3')`` for LeNet-5). ``acc`` is the
+deep model's layers by name, e.g. ``('conv1', 'fc3')`` for LeNet-5); ``--set
+networks=DIR`` keeps every trained network in ``DIR`` (a :mod:`jaxpurify.checkpoint` each,
+keyed by everything its training depends on, the code included) and loads it in later runs
+instead of training it again, so a run that adds a defense costs the defense only. ``acc`` is the
 clean test accuracy, ``asr`` the fraction of triggered test images (true class != target)
 classified as the target. Writes ``metrics.json`` (``rows``, ``targets``), ``tables.md`` and
 ``backdoor.png``. ``python -m experiments.backdoor --rejudge DIR`` re-derives a run's verdicts;
@@ -50,6 +53,7 @@ replaces the old one (listed under ``superseded``).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -81,6 +85,15 @@ DATA_ATTACKS = ("badnets", "blended")
 #: the readout probe in the undefended rows' details): :func:`merge` does not compare them.
 ROW_SWITCHES = ("row_space", "probe_steps")
 
+#: Configuration keys that decide how a network is trained; with the dataset, the model, the
+#: seed, the poisoning and :func:`_training_code` they key a stored network (``networks``).
+TRAINING_KEYS = ("patch", "filters", "filter_code", "readout_code", "train_limit", "steps",
+                 "deep_epochs", "joint")
+
+#: Configuration keys that are not the model configuration: ``networks``, where trained
+#: networks are kept, changes no number (a stored network is the one training would give).
+NOT_MODEL_CONFIG = ("networks",)
+
 #: BackdoorBench (CIFAR-10, PreAct-ResNet18, BadNets 10 %, 5 % clean data), ACC/ASR in %.
 #: Quoted as a reference only: a different network, data budget and training recipe.
 REFERENCE = {
@@ -101,7 +114,7 @@ def _config(dataset: str, quick: bool) -> dict:
     cfg.update(anp_iterations=2000, edit_steps=300, edit_images=256, edit_selection="gradient",
                edit_clean_weight=1.0, row_space=True, joint=(),
                defenses=DEFENSES, attacks=DATA_ATTACKS, probe_steps=3000,
-               ft_learning_rates=(), ft_recipes=(), fp_recipes=())
+               ft_learning_rates=(), ft_recipes=(), fp_recipes=(), networks=None)
     if quick:
         # the benign row-space option is slow where it applies (CIFAR-10: 64 L1 problems of
         # 769 x 400 past their recovery threshold, ~10 min on 2 CPU cores): full run only
@@ -214,6 +227,65 @@ class _Model:
                                     key=seed + 1, hflip=self.name == "small-vgg",
                                     progress=False)
         return jax.block_until_ready(self.module.materialize(p))
+
+    def trained(self, x, y, seed: int, *, store, poisoning=None, record: dict):
+        """:meth:`train`, or the network a run with the same key stored under ``store``.
+
+        The key is the dataset, this model, ``seed``, ``poisoning`` (``(attack, rate)``, None
+        for the clean network), :data:`TRAINING_KEYS` and :func:`_training_code`. With
+        ``store`` (the ``networks`` setting, a directory) a network is loaded when its
+        checkpoint is there (:mod:`jaxpurify.checkpoint` verifies every file) and saved after
+        training otherwise; ``record`` gets ``{name: "loaded" | "trained"}``. Returns
+        ``(deployed params, training seconds)``: a loaded network's are its training's.
+        """
+        if store is None:
+            t = time.perf_counter()
+            return self.train(x, y, seed), time.perf_counter() - t
+        from jaxpurify import checkpoint
+
+        attack, rate = poisoning or ("clean", None)
+        key = {"dataset": self.dataset, "model": self.name, "seed": seed, "attack": attack,
+               "rate": rate, **{k: _jsonable(self.cfg[k]) for k in TRAINING_KEYS},
+               "code": _training_code()}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+        name = f"{self.dataset}-{self.name}-{attack}" + (f"-{rate:g}" if rate else "")
+        path = Path(store) / f"{name}-{digest}"
+        if checkpoint.is_checkpoint(path):
+            ck = checkpoint.load_checkpoint(path)
+            if ck.metadata.get("key") != key:
+                raise checkpoint.CheckpointError(
+                    f"{path} holds a network trained under {ck.metadata.get('key')}, not "
+                    f"{key}; remove it (or use another networks directory)")
+            record[name] = "loaded"
+            print(f"[{self.name}] {name}: the network stored in {path} (trained in "
+                  f"{ck.metadata['seconds']:.0f} s)")
+            return jax.tree_util.tree_map(jnp.asarray, ck.params), ck.metadata["seconds"]
+        t = time.perf_counter()
+        params = self.train(x, y, seed)
+        seconds = time.perf_counter() - t
+        checkpoint.save_model(path, self.module, params,
+                              metadata={"key": key, "seconds": seconds})
+        record[name] = "trained"
+        return params, seconds
+
+
+def _jsonable(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+@functools.cache
+def _training_code() -> str:
+    """sha256 of the code behind a trained network: jaxpurify's data, attacks, training,
+    models and multi-layer modules and this experiment's :class:`_Model` and
+    :func:`_poisoning`; a stored network made by other code is never reused."""
+    import inspect
+
+    from jaxpurify import attacks, data, models, multilayer, training
+
+    sources = [inspect.getsource(m) for m in (data, attacks, training, multilayer)]
+    sources += [f.read_text() for f in sorted(Path(models.__file__).parent.glob("*.py"))]
+    sources += [inspect.getsource(_Model), inspect.getsource(_poisoning)]
+    return hashlib.sha256("\n".join(sources).encode()).hexdigest()
 
 
 def _readout_probe(model: _Model, params, x, y, evaluate, key, init_params, steps) -> dict:
@@ -1073,7 +1145,7 @@ def run(*, name: str = "backdoor-mnist", quick: bool = False, out: Path, seed: i
         return x_tr[idx], y_tr[idx]
 
     attacker_idx = order[-cfg["edit_images"]:]  # the weight-edit attacker's clean images
-    rows, clean, timings = [], {}, {}
+    rows, clean, timings, networks = [], {}, {}, {}
     key = jax.random.PRNGKey(seed + 11)
     for model_name in models:
         model = _Model(model_name, dataset, cfg, x_tr.shape[1:])
@@ -1084,9 +1156,8 @@ def run(*, name: str = "backdoor-mnist", quick: bool = False, out: Path, seed: i
                                           triggers[trigger]))
 
         init_plain = model.module.materialize(model.init(seed))
-        t = time.perf_counter()
-        w_clean = model.train(x_tr, y_tr, seed)
-        timings[f"{model_name}/train-clean"] = time.perf_counter() - t
+        w_clean, timings[f"{model_name}/train-clean"] = model.trained(
+            x_tr, y_tr, seed, store=cfg["networks"], record=networks)
         acc, asr_b = evaluate(w_clean)
         asr_bl = evaluate(w_clean, "blended")[1]
         clean[model_name] = {"acc": acc, "asr_badnets": asr_b, "asr_blended": asr_bl}
@@ -1120,10 +1191,10 @@ def run(*, name: str = "backdoor-mnist", quick: bool = False, out: Path, seed: i
 
         for attack in cfg["attacks"]:
             for rate in rates:
-                t = time.perf_counter()
                 xp, yp = data.poison(attack, rate)
-                w_bd = model.train(np.asarray(xp), np.asarray(yp), seed)
-                t_train = time.perf_counter() - t
+                w_bd, t_train = model.trained(np.asarray(xp), np.asarray(yp), seed,
+                                              store=cfg["networks"], poisoning=(attack, rate),
+                                              record=networks)
                 ev = functools.partial(evaluate, trigger=attack)
                 rs = _defend(model, w_bd, benign, budgets, ev, key, init_params=init_plain,
                              row_space=True,
@@ -1147,8 +1218,10 @@ def run(*, name: str = "backdoor-mnist", quick: bool = False, out: Path, seed: i
                   "models": list(models), "budgets": list(budgets), "poison_rates": list(rates),
                   "weight_edit_k": list(ks), "defenses": list(cfg["defenses"]),
                   "model_config": {**{k: v for k, v in cfg.items()
-                                      if not isinstance(v, tuple)},
-                                   "joint": list(cfg["joint"])}},
+                                      if not isinstance(v, tuple) and k not in NOT_MODEL_CONFIG},
+                                   "joint": list(cfg["joint"])},
+                  **({"networks": {"dir": str(cfg["networks"]), **networks}}
+                     if cfg["networks"] else {})},
         "clean": clean, "rows": rows, "targets": targets, "reference": REFERENCE,
         "timings": timings, "seconds": time.perf_counter() - t_all,
     }

@@ -229,10 +229,15 @@ def test_tiny_run_end_to_end(tmp_path):
     """The whole experiment on 2000 real MNIST images: rows schema, the probe, the verdicts."""
     import json
 
+    nets = tmp_path / "networks"
     metrics = backdoor.run(out=tmp_path, quick=True, train_limit=2000, test_limit=500,
                            steps=150, edit_steps=20, ks=(10,), budgets=(0.01,),
                            defenses=("jaxpurify", "ft", "fp"), probe_steps=100,
-                           anp_iterations=20)
+                           anp_iterations=20, networks=nets)
+    assert metrics["setup"]["networks"] == {
+        "dir": str(nets), "mnist-one-hidden-clean": "trained",
+        "mnist-one-hidden-badnets-0.1": "trained", "mnist-one-hidden-blended-0.1": "trained"}
+    assert "networks" not in metrics["setup"]["model_config"]  # no number depends on it
     rows = metrics["rows"]
     assert json.loads((tmp_path / "metrics.json").read_text())["rows"] == rows
     assert (tmp_path / "backdoor.png").stat().st_size > 0
@@ -261,12 +266,15 @@ def test_tiny_run_end_to_end(tmp_path):
     for t in poison:  # the clean network's ASR with the same trigger is the reference quoted
         assert t["asr_clean"] == metrics["clean"]["one-hidden"][f"asr_{t['attack']}"]
         assert f"(clean network: {100 * t['asr_clean']:.1f}%)" in t["reason"]
-    # a second run adds a diagnostic FT learning rate to one attack: it retrains the same
-    # networks, so the merge keeps one undefended row each and the new FT rows
+    # a second run adds a diagnostic FT learning rate to one attack: it loads the networks
+    # the first stored, so the merge keeps one undefended row each and the new FT rows
     more = backdoor.run(out=tmp_path / "more", quick=True, train_limit=2000, test_limit=500,
                         steps=150, edit_steps=20, ks=(), budgets=(0.01,), attacks=("badnets",),
                         defenses=("anp",), ft_learning_rates=(0.001,), probe_steps=100,
-                        anp_iterations=20)
+                        anp_iterations=20, networks=nets)
+    assert more["setup"]["networks"] == {"dir": str(nets), "mnist-one-hidden-clean": "loaded",
+                                         "mnist-one-hidden-badnets-0.1": "loaded"}
+    assert more["timings"]["one-hidden/train-clean"] == metrics["timings"]["one-hidden/train-clean"]
     assert [(r["defense"], r["variant"]) for r in more["rows"]] == [
         ("none", None), ("jaxpurify", "designed"), ("anp", None), ("anp", "benign-stop"),
         ("ft", "lr=0.001")]
@@ -285,7 +293,9 @@ def test_tiny_run_end_to_end(tmp_path):
     joint = backdoor.run(out=tmp_path / "joint", quick=True, train_limit=2000, test_limit=500,
                          steps=150, edit_steps=20, ks=(10,), rates=(), budgets=(0.01,),
                          defenses=("jaxpurify",), joint=("readout",), probe_steps=100,
-                         anp_iterations=20)
+                         anp_iterations=20, networks=nets)
+    assert joint["setup"]["networks"]["mnist-one-hidden-clean"] == "trained"  # another key
+    assert len(list(nets.iterdir())) == 4
     assert joint["setup"]["model_config"]["joint"] == ["readout"]
     assert metrics["setup"]["model_config"]["joint"] == []
     designed = [r for r in joint["rows"] if r["variant"] == "designed"][0]
@@ -582,3 +592,35 @@ def test_neural_cleanse_runs_end_to_end(tmp_path):
     assert "nc/consistency-top: ASR" in t["reason"] and "NC (fine-tune)" in t["reason"]
     tables = (tmp_path / "tables.md").read_text()
     assert "seconds include the trigger inversion" in tables
+
+
+def test_stored_network_is_the_trained_one_and_a_foreign_key_is_refused(tmp_path):
+    """``networks``: the second call loads bit for bit what the first trained and saved; a
+    checkpoint whose recorded key is not the one asked for (edited, or a hash collision) is
+    refused with what to do, never used."""
+    import json
+
+    import jax
+    import numpy as np
+
+    from jaxpurify import checkpoint
+
+    cfg = {**backdoor._config("mnist", True), "steps": 5}
+    model = backdoor._Model("one-hidden", "mnist", cfg, (28, 28, 1))
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((128, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, 128)
+    first, second = {}, {}
+    p, s = model.trained(x, y, 0, store=tmp_path, poisoning=("badnets", 0.1), record=first)
+    q, t = model.trained(x, y, 0, store=tmp_path, poisoning=("badnets", 0.1), record=second)
+    assert first == {"mnist-one-hidden-badnets-0.1": "trained"} and s == t
+    assert second == {"mnist-one-hidden-badnets-0.1": "loaded"}
+    for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(q), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    (path,) = tmp_path.iterdir()
+    sidecar = path / checkpoint.SIDECAR
+    info = json.loads(sidecar.read_text())
+    info["metadata"]["key"]["seed"] = 1
+    sidecar.write_text(json.dumps(info))
+    with pytest.raises(checkpoint.CheckpointError, match="trained under .*remove it"):
+        model.trained(x, y, 0, store=tmp_path, poisoning=("badnets", 0.1), record={})
