@@ -24,7 +24,9 @@ trigger inversion per budget, then variant ``fine-tune``, the paper's unlearning
 classes its anomaly index flags, ``consistency``, the same classes unlearned by consistency
 with the deployed network's logits, and ``consistency-top``, the most anomalous class
 unlearned that way whether flagged or not; the two consistency variants are judged).
-``--set "defenses=('jaxpurify', 'ft', 'fp')"`` leaves ANP and NC out;
+``--set "defenses=('jaxpurify', 'ft', 'fp')"`` leaves ANP and NC out; ``--set
+"jaxpurify_variants=('benign-readout',)"`` measures only those of jaxpurify's rows with data
+(:data:`JAXPURIFY_VARIANTS`; the data-free ``designed`` row always);
 ``--set "attacks=('badnets',)"`` runs one poisoning attack; ``--set
 "ft_learning_rates=(0.001,)"`` adds FT rows at other learning rates, variant ``lr=...``, a
 diagnostic that is not judged; ``--set "ft_recipes=('backdoorbench',)"`` adds FT rows with
@@ -77,6 +79,13 @@ DEFENSES = ("jaxpurify", "ft", "fp", "anp", "nc")
 #: The defenses whose rows the data-poisoning verdict judges (by variant, ``_VARIANT_WHY``).
 JUDGED = ("jaxpurify", "nc")
 
+#: jaxpurify's rows with a benign budget (``--set "jaxpurify_variants=(...)"`` picks a subset;
+#: the data-free ``designed`` row is always measured). The last four apply where
+#: :func:`_defend` says.
+JAXPURIFY_VARIANTS = ("designed+code-ft", "benign-readout", "designed-readout",
+                      "benign-row-space", "benign-principal", "benign-layer-principal",
+                      "benign-layer-principal+ft")
+
 #: The data-poisoning attacks (``--set "attacks=(...)"`` picks a subset).
 DATA_ATTACKS = ("badnets", "blended")
 
@@ -114,7 +123,8 @@ def _config(dataset: str, quick: bool) -> dict:
     cfg.update(anp_iterations=2000, edit_steps=300, edit_images=256, edit_selection="gradient",
                edit_clean_weight=1.0, row_space=True, joint=(),
                defenses=DEFENSES, attacks=DATA_ATTACKS, probe_steps=3000,
-               ft_learning_rates=(), ft_recipes=(), fp_recipes=(), networks=None)
+               ft_learning_rates=(), ft_recipes=(), fp_recipes=(), networks=None,
+               jaxpurify_variants=JAXPURIFY_VARIANTS)
     if quick:
         # the benign row-space option is slow where it applies (CIFAR-10: 64 L1 problems of
         # 769 x 400 past their recovery threshold, ~10 min on 2 CPU cores): full run only
@@ -374,6 +384,13 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
     defenses = {"jaxpurify": D.jaxpurify_defense, "ft": D.fine_tune, "fp": D.fine_prune,
                 "anp": functools.partial(D.anp, iterations=model.cfg["anp_iterations"])}
     defenses = {k: v for k, v in defenses.items() if k in model.cfg["defenses"]}
+
+    def wanted(variant):  # a jaxpurify row with data that this run measures
+        return ("jaxpurify" in model.cfg["defenses"]
+                and variant in model.cfg["jaxpurify_variants"])
+
+    if not wanted("designed+code-ft"):
+        defenses.pop("jaxpurify", None)
     for budget in budgets:
         xb, yb = benign(budget)
 
@@ -397,13 +414,13 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
             measured(defense, name, *fn(m, params, xb, yb, key=key, **kw))
         if "nc" in model.cfg["defenses"]:
             _neural_cleanse(model, params, xb, yb, key, measured)
-        if "jaxpurify" in model.cfg["defenses"]:  # the readout re-fit in both subspaces
-            for subspace, variant in (("plain", "benign-readout"),
-                                      ("designed", "designed-readout")):
+        for subspace, variant in (("plain", "benign-readout"),  # the readout re-fit in
+                                  ("designed", "designed-readout")):  # both subspaces
+            if wanted(variant):
                 measured("jaxpurify", variant,
                          *D.refit_readout(m, params, xb, yb, init_params=init_params,
                                           subspace=subspace, key=key))
-        if row_space and model.name == "one-hidden" and "jaxpurify" in model.cfg["defenses"]:
+        if row_space and model.name == "one-hidden" and wanted("benign-row-space"):
             rank, rows_ = _patch_rank(m, xb)
             det = {"benign_patch_rank": f"{rank}/{rows_}"}
             if rank < rows_ and not model.cfg["row_space"]:
@@ -422,15 +439,18 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
             rows.append({"defense": "jaxpurify", "variant": "benign-row-space",
                          "budget": budget, "n_benign": int(len(xb)), "acc": acc, "asr": asr,
                          "seconds": secs, "details": det})
+        if row_space and model.name == "one-hidden" and wanted("benign-principal"):
             # the leading principal directions apply at every budget
             q, info = D.principal_projection(m, params, xb, yb, init_params=init_params)
             measured("jaxpurify", "benign-principal", q, info)
             rows[-1]["details"].update(principal_details(info))
-        if row_space and model.name != "one-hidden" and "jaxpurify" in model.cfg["defenses"]:
+        if row_space and model.name != "one-hidden":
             # the projection alone, and followed by the FT recipe (scored that way held out)
             refine = functools.partial(_fine_tuned, m, key=key)
             for variant, kw in (("benign-layer-principal", {}),
                                 ("benign-layer-principal+ft", {"refine": refine})):
+                if not wanted(variant):
+                    continue
                 q, info = D.layer_principal_projection(m, params, xb, yb,
                                                        init_params=init_params, **kw)
                 measured("jaxpurify", variant, q, info)
@@ -1123,6 +1143,10 @@ def run(*, name: str = "backdoor-mnist", quick: bool = False, out: Path, seed: i
     if set(cfg["attacks"]) - set(DATA_ATTACKS):
         raise ValueError(f"unknown attacks {sorted(set(cfg['attacks']) - set(DATA_ATTACKS))}; "
                          f"choose from {list(DATA_ATTACKS)} (the weight edit runs per ks)")
+    if set(cfg["jaxpurify_variants"]) - set(JAXPURIFY_VARIANTS):
+        raise ValueError(f"unknown jaxpurify_variants "
+                         f"{sorted(set(cfg['jaxpurify_variants']) - set(JAXPURIFY_VARIANTS))}; "
+                         f"choose from {list(JAXPURIFY_VARIANTS)}")
     recipe_runs(cfg, dataset)  # an unknown recipe fails before any training
     models = tuple(models or cfg["models"])
     unknown = set(cfg["joint"]) - {*_layer_names("one-hidden"), *_layer_names(cfg["deep"])}

@@ -204,6 +204,8 @@ def test_unknown_defense_or_attack_is_refused_before_anything_runs(tmp_path):
         backdoor.run(out=tmp_path, quick=True, ft_recipes=("bogus",))
     with pytest.raises(ValueError, match="unknown FP recipe 'bogus'"):
         backdoor.run(out=tmp_path, quick=True, fp_recipes=("bogus",))
+    with pytest.raises(ValueError, match="unknown jaxpurify_variants.*'benign-readout'"):
+        backdoor.run(out=tmp_path, quick=True, jaxpurify_variants=("benign-readout", "bogus"))
     assert not any(tmp_path.iterdir())
 
 
@@ -293,7 +295,9 @@ def test_tiny_run_end_to_end(tmp_path):
     joint = backdoor.run(out=tmp_path / "joint", quick=True, train_limit=2000, test_limit=500,
                          steps=150, edit_steps=20, ks=(10,), rates=(), budgets=(0.01,),
                          defenses=("jaxpurify",), joint=("readout",), probe_steps=100,
-                         anp_iterations=20, networks=nets)
+                         anp_iterations=20, networks=nets,
+                         jaxpurify_variants=("benign-readout",))
+    assert [r["variant"] for r in joint["rows"]] == [None, "designed", "benign-readout"]
     assert joint["setup"]["networks"]["mnist-one-hidden-clean"] == "trained"  # another key
     assert len(list(nets.iterdir())) == 4
     assert joint["setup"]["model_config"]["joint"] == ["readout"]
