@@ -595,18 +595,19 @@ def _tables(rows, dataset) -> str:
              "ACC: clean test accuracy (%); ASR: attack success rate on triggered test images "
              "whose true class is not the target (%). budget: benign data as a fraction of the "
              "training set (0 = no data). Clean reference rows use the same triggers.", ""]
-    groups: dict = {}
-    for r in rows:
-        groups.setdefault((r["model"], r["attack"]), []).append(r)
-    for (model, attack), rs in groups.items():
+    def setting(r):
+        return (f"k={r['k']}" if r.get("k") is not None else
+                f"{100 * r['poison_rate']:g}%" if r.get("poison_rate") is not None else "-")
+
+    for (model, attack), rs in _group(rows).items():
         lines += [f"## {dataset} / {model} / {attack}", "",
                   "| rate/k | defense | variant | budget | n | ACC % | ASR % | s | notes |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        for r in rs:
-            setting = (f"k={r['k']}" if r.get("k") is not None else
-                       f"{100 * r['poison_rate']:g}%" if r.get("poison_rate") is not None
-                       else "-")
-            lines.append(f"| {setting} | {r['defense']} | {r.get('variant') or ''} | "
+        first = {}  # each setting where it first appears, its rows by budget (merged runs
+        for r in rs:  # append theirs at the end)
+            first.setdefault(setting(r), len(first))
+        for r in sorted(rs, key=lambda r: (first[setting(r)], r["budget"])):
+            lines.append(f"| {setting(r)} | {r['defense']} | {r.get('variant') or ''} | "
                          f"{r['budget']:g} | {r['n_benign']} | "
                          f"{_fmt(r['acc'])} | {_fmt(r['asr'])} | {r['seconds']:.1f} | "
                          f"{_note(r)} |")

@@ -628,3 +628,18 @@ def test_stored_network_is_the_trained_one_and_a_foreign_key_is_refused(tmp_path
     sidecar.write_text(json.dumps(info))
     with pytest.raises(checkpoint.CheckpointError, match="trained under .*remove it"):
         model.trained(x, y, 0, store=tmp_path, poisoning=("badnets", 0.1), record={})
+
+
+def test_tables_list_each_setting_by_budget_where_merged_runs_appended_theirs():
+    def row(rate, defense, budget):
+        return {"model": "m", "attack": "badnets", "poison_rate": rate, "k": None,
+                "defense": defense, "variant": None, "budget": budget, "n_benign": 0,
+                "acc": 0.5, "asr": 0.5, "seconds": 1.0, "details": {}}
+
+    rows = [row(0.1, "none", 0.0), row(0.1, "ft", 0.05), row(0.01, "none", 0.0),
+            row(0.1, "ft", 0.001), row(0.01, "ft", 0.05), row(0.1, "fp", 0.01)]
+    body = [line.split(" | ")[:4] for line in backdoor._tables(rows, "mnist").splitlines()
+            if line.startswith("| 1")]
+    assert body == [["| 10%", "none", "", "0"], ["| 10%", "ft", "", "0.001"],
+                    ["| 10%", "fp", "", "0.01"], ["| 10%", "ft", "", "0.05"],
+                    ["| 1%", "none", "", "0"], ["| 1%", "ft", "", "0.05"]]
