@@ -66,7 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments._common import environment, with_options, write_metrics
+from experiments._common import environment, jsonable, with_options, write_metrics
 from jaxpurify import attacks as A
 from jaxpurify import defenses as D
 from jaxpurify import trigger_inversion as TI
@@ -254,9 +254,9 @@ class _Model:
         from jaxpurify import checkpoint
 
         attack, rate = poisoning or ("clean", None)
-        key = {"dataset": self.dataset, "model": self.name, "seed": seed, "attack": attack,
-               "rate": rate, **{k: _jsonable(self.cfg[k]) for k in TRAINING_KEYS},
-               "code": _training_code()}
+        key = jsonable({"dataset": self.dataset, "model": self.name, "seed": seed,
+                        "attack": attack, "rate": rate,
+                        **{k: self.cfg[k] for k in TRAINING_KEYS}, "code": _training_code()})
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
         name = f"{self.dataset}-{self.name}-{attack}" + (f"-{rate:g}" if rate else "")
         path = Path(store) / f"{name}-{digest}"
@@ -279,22 +279,20 @@ class _Model:
         return params, seconds
 
 
-def _jsonable(value):
-    return list(value) if isinstance(value, tuple) else value
-
-
 @functools.cache
 def _training_code() -> str:
     """sha256 of the code behind a trained network: jaxpurify's data, attacks, training,
-    models and multi-layer modules and this experiment's :class:`_Model` and
-    :func:`_poisoning`; a stored network made by other code is never reused."""
+    models and multi-layer modules and this experiment's model construction and training
+    (:class:`_Model` but its store, :meth:`_Model.trained`) and :func:`_poisoning`; a stored
+    network made by other code is never reused."""
     import inspect
 
     from jaxpurify import attacks, data, models, multilayer, training
 
     sources = [inspect.getsource(m) for m in (data, attacks, training, multilayer)]
     sources += [f.read_text() for f in sorted(Path(models.__file__).parent.glob("*.py"))]
-    sources += [inspect.getsource(_Model), inspect.getsource(_poisoning)]
+    sources += [inspect.getsource(f)
+                for f in (_Model.__init__, _Model.init, _Model.train, _poisoning)]
     return hashlib.sha256("\n".join(sources).encode()).hexdigest()
 
 

@@ -137,7 +137,7 @@ def _resolve_class(name: str, module: str | None) -> type:
     known = {**_builtin_models(), **_REGISTRY}
     if name in known:
         return known[name]
-    if module and (module == "jaxpurify" or module.startswith("jaxpurify.")):
+    if module and _in_jaxpurify(module):
         try:
             cls = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError):
@@ -195,16 +195,19 @@ def _encode(v: Any, where: str) -> Any:
 def _is_jaxpurify_dataclass(cls: type) -> bool:
     """A frozen dataclass defined in ``jaxpurify`` (only those are rebuilt on load: a sidecar
     never makes :func:`load_checkpoint` import or call anything else)."""
-    module = getattr(cls, "__module__", "")
     return (dataclasses.is_dataclass(cls) and isinstance(cls, type)
-            and cls.__dataclass_params__.frozen
-            and (module == "jaxpurify" or module.startswith("jaxpurify.")))
+            and cls.__dataclass_params__.frozen and _in_jaxpurify(cls.__module__))
+
+
+def _in_jaxpurify(module: str) -> bool:
+    """Whether ``module`` is jaxpurify or one of its modules: the only ones a sidecar may name."""
+    return module == "jaxpurify" or module.startswith("jaxpurify.")
 
 
 def _dataclass(name: str) -> type:
     module, _, qualname = name.partition(":")
     cls = None
-    if module == "jaxpurify" or module.startswith("jaxpurify."):
+    if _in_jaxpurify(module):
         try:
             cls = importlib.import_module(module)
             for part in qualname.split("."):
