@@ -22,8 +22,11 @@ reference's mask threshold 0.2, and variant ``benign-stop``, the same mask prune
 benign accuracy allows) and ``nc`` (Neural Cleanse, :mod:`jaxpurify.trigger_inversion`: one
 trigger inversion per budget, then variant ``fine-tune``, the paper's unlearning of the
 classes its anomaly index flags, ``consistency``, the same classes unlearned by consistency
-with the deployed network's logits, and ``consistency-top``, the most anomalous class
-unlearned that way whether flagged or not; the two consistency variants are judged).
+with the deployed network's logits, ``consistency-top``, the most anomalous class
+unlearned that way whether flagged or not, and ``consistency-rounds`` and
+``consistency-top-rounds``, the same with up to :data:`NC_ROUNDS` rounds: the triggers
+reversed again on the unlearned network and unlearned too while a class is flagged; the
+consistency variants are judged; ``--set "nc_variants=(...)"`` picks a subset).
 ``--set "defenses=('jaxpurify', 'ft', 'fp')"`` leaves ANP and NC out; ``--set
 "jaxpurify_variants=('benign-readout',)"`` measures only those of jaxpurify's rows with data
 (:data:`JAXPURIFY_VARIANTS`; the data-free ``designed`` row always);
@@ -86,6 +89,14 @@ JAXPURIFY_VARIANTS = ("designed+code-ft", "benign-readout", "designed-readout",
                       "benign-row-space", "benign-principal", "benign-layer-principal",
                       "benign-layer-principal+ft")
 
+#: Neural Cleanse's rows (``--set "nc_variants=(...)"`` picks a subset); see
+#: :func:`_neural_cleanse`.
+NC_VARIANTS = ("fine-tune", "consistency", "consistency-top", "consistency-rounds",
+               "consistency-top-rounds")
+
+#: At most this many inversion-and-unlearning rounds in the ``-rounds`` NC variants.
+NC_ROUNDS = 3
+
 #: The data-poisoning attacks (``--set "attacks=(...)"`` picks a subset).
 DATA_ATTACKS = ("badnets", "blended")
 
@@ -124,7 +135,7 @@ def _config(dataset: str, quick: bool) -> dict:
                edit_clean_weight=1.0, row_space=True, joint=(),
                defenses=DEFENSES, attacks=DATA_ATTACKS, probe_steps=3000,
                ft_learning_rates=(), ft_recipes=(), fp_recipes=(), networks=None,
-               jaxpurify_variants=JAXPURIFY_VARIANTS)
+               jaxpurify_variants=JAXPURIFY_VARIANTS, nc_variants=NC_VARIANTS)
     if quick:
         # the benign row-space option is slow where it applies (CIFAR-10: 64 L1 problems of
         # 769 x 400 past their recovery threshold, ~10 min on 2 CPU cores): full run only
@@ -330,7 +341,7 @@ def _details(info: D.DefenseInfo) -> dict:
     out = {}
     for key in ("steps", "ft_steps", "num_pruned", "channels", "val_size", "certified",
                 "fraction", "layer", "threshold", "unknowns", "flagged", "anomaly",
-                "mask_l1", "stamped_gap"):
+                "mask_l1", "stamped_gap", "rounds"):
         if key in d:
             out[key] = d[key]
     if "recovery" in d:
@@ -460,33 +471,49 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
 
 
 def _neural_cleanse(model: _Model, params, xb, yb, key, measured) -> None:
-    """Neural Cleanse on the budget ``xb, yb``: one inversion, three unlearnings.
+    """Neural Cleanse on the budget ``xb, yb``: one inversion, then each unlearning of
+    ``model.cfg["nc_variants"]``.
 
-    Rows (appended by ``measured``; their seconds include the inversion's): ``fine-tune``,
-    the paper's (the classes whose anomaly index exceeds 2, fine-tuned on the budget plus
-    stamped copies at their true labels); ``consistency``, the same classes unlearned by
-    :func:`jaxpurify.trigger_inversion.unlearn_consistent`; ``consistency-top``, the single
-    most anomalous class unlearned that way even when nothing is flagged (a defender who
-    purifies because an attack is suspected). The consistency augmentation follows the
-    model's training: flips (and mirrored stamps) for the small VGG, shifts by 4 pixels on
-    CIFAR-10 and 2 on MNIST.
+    Rows (appended by ``measured``; their seconds include the first inversion's):
+    ``fine-tune``, the paper's (the classes whose anomaly index exceeds 2, fine-tuned on the
+    budget plus stamped copies at their true labels); ``consistency``, the same classes
+    unlearned by :func:`jaxpurify.trigger_inversion.unlearn_consistent`; ``consistency-top``,
+    the single most anomalous class unlearned that way even when nothing is flagged (a
+    defender who purifies because an attack is suspected); ``consistency-rounds`` and
+    ``consistency-top-rounds``, those two followed by up to ``NC_ROUNDS - 1`` further
+    rounds (:func:`jaxpurify.trigger_inversion.neural_cleanse`'s ``rounds``: reverse the
+    triggers on the unlearned network, stop when nothing is flagged, else unlearn every
+    stamp found so far). Where the top class alone is the flagged set, the ``-top`` rows are
+    the others (the same classes, the same unlearning). The consistency augmentation
+    follows the model's training: flips (and mirrored stamps) for the small VGG, shifts by
+    4 pixels on CIFAR-10 and 2 on MNIST.
     """
     m = model.module
+    wanted = model.cfg["nc_variants"]
     t = time.perf_counter()
     triggers, _ = TI.reverse_triggers(m, params, xb, key=key)
     t_inv = time.perf_counter() - t
     augment = {"hflip": model.name == "small-vgg", "crop": 4 if model.dataset == "cifar10" else 2}
-    consistency = {"unlearning": "consistency", "consistency": augment}
-
-    def cleanse(**kw):
-        return TI.neural_cleanse(m, params, xb, yb, triggers=triggers, key=key, **kw)
-
-    fine, same = cleanse(), cleanse(**consistency)
-    # the top class alone is the flagged set: the same classes, the same unlearning
-    top = (same if triggers.flagged() == [int(np.argmax(triggers.anomaly))]
-           else cleanse(**consistency, threshold=None))
-    for variant, (q, info) in (("fine-tune", fine), ("consistency", same),
-                               ("consistency-top", top)):
+    top_is_flagged = triggers.flagged() == [int(np.argmax(triggers.anomaly))]
+    calls = {"fine-tune": {},
+             "consistency": {"unlearning": "consistency", "consistency": augment},
+             "consistency-rounds": {"unlearning": "consistency", "consistency": augment,
+                                    "rounds": NC_ROUNDS}}
+    for variant in ("consistency", "consistency-rounds"):
+        calls[variant.replace("consistency", "consistency-top")] = (
+            variant if top_is_flagged else {**calls[variant], "threshold": None})
+    done = {}
+    for variant in NC_VARIANTS:
+        if variant not in wanted:
+            continue
+        call = calls[variant]
+        if isinstance(call, str):  # the same unlearning as that variant's
+            done[variant] = done.get(call) or TI.neural_cleanse(
+                m, params, xb, yb, triggers=triggers, key=key, **calls[call])
+        else:
+            done[variant] = TI.neural_cleanse(m, params, xb, yb, triggers=triggers, key=key,
+                                              **call)
+        q, info = done[variant]
         measured("nc", variant, q, info, seconds=t_inv + info.seconds)
 
 
@@ -652,13 +679,18 @@ def _note(r) -> str:
         flagged = d.get("flagged", [])
         index = ("anomaly index " + ", ".join(f"{k}: {d['anomaly'][k]:.2f}" for k in flagged)
                  if flagged and "anomaly" in d else "")
+        top = str(r.get("variant")).startswith("consistency-top")
         parts.append((f"class {flagged[0]} unlearned, the most anomalous ({index}; Neural Cleanse "
-                      "flags above 2)" if r.get("variant") == "consistency-top" and flagged else
+                      "flags above 2)" if top and flagged else
                       f"classes {flagged} flagged ({index}) and unlearned" if flagged
                       else "nothing flagged")
                      + ("; stamped-clean logit gap {:.3g} -> {:.3g}".format(*d["stamped_gap"])
                         if "stamped_gap" in d else "")
                      + ("" if flagged else ": the network comes back unchanged")
+                     + "".join(f"; round {i + 2}: " + (
+                         f"classes {r['flagged']} flagged again and unlearned with the "
+                         "earlier stamps" if r["flagged"] else "nothing flagged, stopped")
+                         for i, r in enumerate(d.get("rounds", [])[1:]))
                      + "; seconds include the trigger inversion")
     if "benign_patch_rank" in d:
         parts.append(f"benign patch rank {d['benign_patch_rank']}"
@@ -961,6 +993,13 @@ _VARIANT_WHY = {
     "consistency-top": "the same unlearning of the single most anomalous class, flagged or "
                        "not: it needs the inversion to rank the target first, and leaves a "
                        "second target or a trigger the inversion misses",
+    "consistency-rounds": "the consistency unlearning, then the triggers reversed again on "
+                          "the unlearned network and unlearned too while a class is flagged "
+                          f"(at most {NC_ROUNDS} rounds): it removes what a later inversion "
+                          "still finds, and stops when Neural Cleanse calls the network "
+                          "clean, whether or not the real trigger still works",
+    "consistency-top-rounds": "the same rounds after unlearning the most anomalous class, "
+                              "flagged or not",
 }
 
 
@@ -1097,7 +1136,8 @@ def _plot(rows, path: Path, dataset: str):
                "benign-row-space": "s", "benign-projection": "D", "benign-stop": "v",
                "benign-principal": "P", "benign-layer-principal": "*",
                "benign-layer-principal+ft": "D", "fine-tune": "<", "consistency": ">",
-               "consistency-top": "h"}
+               "consistency-top": "h", "consistency-rounds": "p",
+               "consistency-top-rounds": "H"}
     for ax, ((model, attack), rs) in zip(axes[0], groups.items(), strict=True):
         for d, c in colors.items():
             for variant in sorted({r.get("variant") for r in rs if r["defense"] == d}, key=str):
@@ -1146,6 +1186,10 @@ def run(*, name: str = "backdoor-mnist", quick: bool = False, out: Path, seed: i
         raise ValueError(f"unknown jaxpurify_variants "
                          f"{sorted(set(cfg['jaxpurify_variants']) - set(JAXPURIFY_VARIANTS))}; "
                          f"choose from {list(JAXPURIFY_VARIANTS)}")
+    if set(cfg["nc_variants"]) - set(NC_VARIANTS):
+        raise ValueError(f"unknown nc_variants "
+                         f"{sorted(set(cfg['nc_variants']) - set(NC_VARIANTS))}; "
+                         f"choose from {list(NC_VARIANTS)}")
     recipe_runs(cfg, dataset)  # an unknown recipe fails before any training
     models = tuple(models or cfg["models"])
     unknown = set(cfg["joint"]) - {*_layer_names("one-hidden"), *_layer_names(cfg["deep"])}

@@ -38,7 +38,9 @@ backdoor back, which nothing in the benign budget showed, so nothing here choose
 
 The defense sees only benign data; the stopping rule of the inversion is its fixed step
 count, and a network with no flagged class is returned unchanged (Neural Cleanse's verdict:
-clean).
+clean). ``neural_cleanse(..., rounds=r)`` asks that verdict again of the unlearned network:
+up to ``r - 1`` more inversions, each flagged stamp unlearned together with the earlier
+ones, until an inversion flags nothing.
 """
 
 from __future__ import annotations
@@ -80,6 +82,20 @@ class ReversedTriggers(NamedTuple):
         """Classes whose anomaly index exceeds ``threshold`` (largest first)."""
         order = np.argsort(-self.anomaly)
         return [int(k) for k in order if self.anomaly[k] > threshold]
+
+    def take(self, classes) -> ReversedTriggers:
+        """The stamps of ``classes`` only, in that order (every field indexed alike)."""
+        idx = np.asarray([int(k) for k in classes], np.int64)
+        return ReversedTriggers(*(field[idx] for field in self))
+
+    def concat(self, other: ReversedTriggers) -> ReversedTriggers:
+        """These stamps followed by ``other``'s (e.g. the triggers of several inversions)."""
+        if self.mask.shape[1:] != other.mask.shape[1:]:
+            raise ValueError(f"stamps of different image shapes: {self.mask.shape[1:]} and "
+                             f"{other.mask.shape[1:]}")
+        join = [jnp.concatenate([a, b]) if isinstance(a, jax.Array) else np.concatenate([a, b])
+                for a, b in zip(self, other, strict=True)]
+        return ReversedTriggers(*join)
 
 
 def anomaly_index(norms) -> np.ndarray:
@@ -185,11 +201,13 @@ def sparse_edit(params, edited, *, keep_fraction: float = 1.0, scale: float = 1.
 
 
 def unlearn_consistent(model, params, x_benign, triggers: ReversedTriggers, classes, *,
-                       steps: int = 300, learning_rate: float = 1e-3, batch_size: int = 64,
-                       hflip: bool = True, crop: int = 4, mirror: bool | None = None, key=None):
+                       teacher=None, steps: int = 300, learning_rate: float = 1e-3,
+                       batch_size: int = 64, hflip: bool = True, crop: int = 4,
+                       mirror: bool | None = None, key=None):
     r"""Unlearn reversed triggers by consistency with the deployed network's clean logits.
 
-    Minimizes, over every deployed parameter ``q`` from ``q = T`` (the deployed ``params``),
+    Minimizes, over every deployed parameter ``q`` from ``q = params``, with ``T`` the
+    ``teacher`` (by default the deployed ``params`` themselves),
 
     .. math::
 
@@ -208,6 +226,9 @@ def unlearn_consistent(model, params, x_benign, triggers: ReversedTriggers, clas
         x_benign: ``(N, H, W, C)`` benign images (labels are not needed).
         triggers: a :func:`reverse_triggers` result.
         classes: the classes whose triggers are unlearned (e.g. ``triggers.flagged()``).
+        teacher: whose clean logits the stamped and clean images are pulled to (default
+            ``params``; :func:`neural_cleanse`'s later rounds start from the unlearned
+            network and keep the deployed one as the teacher).
         steps, learning_rate, batch_size: Adam steps, peak rate and images per step.
         hflip, crop: augmentations (CIFAR-10's: ``True``, 4; on MNIST ``False``, 0 or 2).
         mirror: also unlearn the stamps mirrored left-right (a network trained with flips
@@ -238,7 +259,8 @@ def unlearn_consistent(model, params, x_benign, triggers: ReversedTriggers, clas
         masks = jnp.concatenate([masks, masks[:, :, ::-1]])
         patterns = jnp.concatenate([patterns, patterns[:, :, ::-1]])
     apply = network(model).apply
-    teacher = _unwrap(params)
+    start = _unwrap(params)
+    teacher = start if teacher is None else _unwrap(teacher)
 
     def stamped_gap(q):
         xs = x[:1024]
@@ -246,10 +268,10 @@ def unlearn_consistent(model, params, x_benign, triggers: ReversedTriggers, clas
         return float(np.mean([jnp.mean((apply(q, triggers.stamp(k, xs)) - ref) ** 2)
                               for k in classes]))
 
-    p, _ = distill(model, teacher, x, teacher=teacher, steps=steps,
+    p, _ = distill(model, start, x, teacher=teacher, steps=steps,
                    learning_rate=learning_rate, batch_size=batch_size, hflip=hflip, crop=crop,
                    stamps=(masks, patterns), key=key)  # raises if it diverged
-    before, after = stamped_gap(teacher), stamped_gap(p)
+    before, after = stamped_gap(start), stamped_gap(p)
     return p, DefenseInfo("nc-consistency", time.perf_counter() - t0, {
         "classes": classes, "steps": int(steps), "stamped_gap": (before, after)})
 
@@ -258,18 +280,26 @@ def neural_cleanse(model, params, x_benign, y_benign, *, triggers: ReversedTrigg
                    threshold: float | None = 2.0, stamp_fraction: float = 0.2, epochs: int = 10,
                    learning_rate: float | None = None, keep_fraction: float = 1.0,
                    scale: float = 1.0, unlearning: str = "fine-tune", consistency=None,
-                   key=None, **inversion):
+                   rounds: int = 1, key=None, **inversion):
     """Reverse the triggers, flag the anomalous classes, and unlearn their triggers.
+
+    With ``rounds > 1`` the defense asks Neural Cleanse again: the triggers are reversed on
+    the unlearned network, and while that inversion flags a class (anomaly index above
+    ``threshold``, above 2 when ``threshold`` is None) its stamps join the ones unlearned so
+    far and the unlearning runs again from the current network (consistency: still toward
+    the *deployed* network's clean logits). A shortcut the first stamp did not cover shows
+    up as a new small mask; the stop is the inversion's own verdict that nothing is left,
+    judged on the benign budget only.
 
     Args:
         model, params: the model and its deployed params.
         x_benign, y_benign: the benign budget.
-        triggers: a :func:`reverse_triggers` result to reuse (default: computed here with
-            ``**inversion``).
+        triggers: a :func:`reverse_triggers` result to reuse for the first round (default:
+            computed here with ``**inversion``).
         threshold: anomaly index above which a class is flagged (Neural Cleanse: 2). ``None``
-            always unlearns the single most anomalous class.
-        stamp_fraction: for each flagged class, this fraction of the budget is added again
-            stamped with its trigger, at the true labels.
+            always unlearns the single most anomalous class in the first round.
+        stamp_fraction: for each unlearned stamp, this fraction of the budget is added again
+            stamped with it, at the true labels.
         epochs, learning_rate: the :func:`jaxpurify.defenses.fine_tune` recipe (SGD,
             momentum 0.9, weight decay 5e-4, minibatches of 128; default rate 0.003).
             With ``unlearning="consistency"`` ``learning_rate`` is Adam's peak rate
@@ -278,13 +308,17 @@ def neural_cleanse(model, params, x_benign, y_benign, *, triggers: ReversedTrigg
             their true labels) or ``"consistency"`` (:func:`unlearn_consistent`; no labels).
         consistency: further keyword arguments of :func:`unlearn_consistent` (``steps``,
             ``batch_size``, ``hflip``, ``crop``, ``mirror``).
-        keep_fraction, scale: apply only the largest entries of the fine-tuning update
+        rounds: at most this many inversion-and-unlearning rounds (1: Neural Cleanse's).
+        keep_fraction, scale: apply only the largest entries of the whole update
             (:func:`sparse_edit`); the default applies it all.
-        key: PRNG key of the stamped subset and the fine-tuning order.
+        key: PRNG key of the stamped subset, the unlearning's order and later inversions.
+        **inversion: :func:`reverse_triggers` settings (``steps``, ``batch_size``, ``cost``).
 
     Returns:
-        ``(params, DefenseInfo)``; ``details`` holds the flagged classes, the anomaly indices
-        and the masks' L1 norms. No flagged class: the params come back unchanged.
+        ``(params, DefenseInfo)``; ``details`` holds the first inversion's flagged classes,
+        anomaly indices and masks' L1 norms, and with ``rounds > 1`` ``rounds``: per round
+        run, its flagged classes and anomaly indices (the last entry is the inversion that
+        stopped, if one did). No flagged class: the params come back unchanged.
     """
     t0 = time.perf_counter()
     x, y = _check_data(x_benign, y_benign)
@@ -292,34 +326,60 @@ def neural_cleanse(model, params, x_benign, y_benign, *, triggers: ReversedTrigg
         raise ValueError(f"unlearning must be 'fine-tune' or 'consistency', got {unlearning!r}")
     if not 0 < stamp_fraction <= 1:
         raise ValueError(f"stamp_fraction must be in (0, 1], got {stamp_fraction}")
+    if not (isinstance(rounds, int | np.integer) and rounds >= 1):
+        raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+    key = jax.random.PRNGKey(0) if key is None else key
     if triggers is None:
         triggers, _ = reverse_triggers(model, params, x, key=key, **inversion)
     flagged = ([int(np.argmax(triggers.anomaly))] if threshold is None
                else triggers.flagged(threshold))
     details = {"flagged": flagged, "anomaly": triggers.anomaly.tolist(),
-               "mask_l1": triggers.mask_l1.tolist()}
-    params = _unwrap(params)
+               "mask_l1": triggers.mask_l1.tolist(), "unlearning": unlearning,
+               "keep_fraction": keep_fraction, "scale": scale}
+    deployed = _unwrap(params)
     if not flagged:
-        return params, DefenseInfo("nc", time.perf_counter() - t0, details)
-    key = jax.random.PRNGKey(0) if key is None else key
+        return deployed, DefenseInfo("nc", time.perf_counter() - t0, details)
+    stamps, current, history = triggers.take(flagged), deployed, []
+    for r in range(int(rounds)):
+        if r:
+            again, _ = reverse_triggers(model, current, x, key=jax.random.fold_in(key, r),
+                                        **inversion)
+            found = again.flagged(2.0 if threshold is None else threshold)
+            history.append({"flagged": found, "anomaly": again.anomaly.tolist()})
+            if not found:
+                break
+            stamps = stamps.concat(again.take(found))
+        else:
+            history.append({"flagged": flagged, "anomaly": triggers.anomaly.tolist()})
+        current, step = _unlearn(model, current, deployed, x, y, stamps, unlearning=unlearning,
+                                 stamp_fraction=stamp_fraction, epochs=epochs,
+                                 learning_rate=learning_rate, consistency=consistency, key=key)
+        details.update(step)
+    if rounds > 1:
+        details["rounds"] = history
+    out = sparse_edit(deployed, current, keep_fraction=keep_fraction, scale=scale)
+    return out, DefenseInfo("nc", time.perf_counter() - t0, details)
+
+
+def _unlearn(model, params, deployed, x, y, stamps: ReversedTriggers, *, unlearning,
+             stamp_fraction, epochs, learning_rate, consistency, key):
+    """One unlearning of every stamp in ``stamps``, starting from ``params``: consistency
+    with the ``deployed`` network's clean logits, or fine-tuning on ``x, y`` plus stamped
+    copies at their true labels. Returns ``(params, details)``."""
+    every = range(stamps.mask.shape[0])
     if unlearning == "consistency":
         rate = {} if learning_rate is None else {"learning_rate": learning_rate}
-        tuned, info = unlearn_consistent(model, params, x, triggers, flagged, key=key,
-                                         **rate, **(consistency or {}))
-        out = sparse_edit(params, tuned, keep_fraction=keep_fraction, scale=scale)
-        details.update(info.details, unlearning=unlearning, keep_fraction=keep_fraction,
-                       scale=scale)
-        return out, DefenseInfo("nc", time.perf_counter() - t0, details)
+        tuned, info = unlearn_consistent(model, params, x, stamps, every, teacher=deployed,
+                                         key=key, **rate, **(consistency or {}))
+        return tuned, {"steps": info.details["steps"],
+                       "stamped_gap": info.details["stamped_gap"]}
     count = max(1, int(round(stamp_fraction * x.shape[0])))
     xs, ys = [x], [y]
-    for k, sub in zip(flagged, jax.random.split(key, len(flagged)), strict=True):
+    for s, sub in zip(every, jax.random.split(key, len(every)), strict=True):
         idx = jax.random.choice(sub, x.shape[0], (count,), replace=False)
-        xs.append(triggers.stamp(k, x[idx]))
+        xs.append(stamps.stamp(s, x[idx]))
         ys.append(y[idx])
     rate = 0.003 if learning_rate is None else learning_rate
     tuned, ft = fine_tune(model, params, jnp.concatenate(xs), jnp.concatenate(ys),
                           epochs=epochs, learning_rate=rate, key=key)
-    out = sparse_edit(params, tuned, keep_fraction=keep_fraction, scale=scale)
-    details.update(steps=ft.details["steps"], unlearning=unlearning,
-                   keep_fraction=keep_fraction, scale=scale)
-    return out, DefenseInfo("nc", time.perf_counter() - t0, details)
+    return tuned, {"steps": ft.details["steps"]}

@@ -539,23 +539,52 @@ class _Inversion:
         return self.triggers, None
 
 
-@pytest.mark.parametrize("anomaly, calls", [
-    ([4.0, 0.5, 0.1], [{}, {"unlearning": "consistency"}]),  # the top class is the flagged one
-    ([1.5, 0.5, 0.1], [{}, {"unlearning": "consistency"},  # nothing flagged
-                       {"unlearning": "consistency", "threshold": None}]),
-    ([4.0, 3.0, 0.1], [{}, {"unlearning": "consistency"},  # two flagged
-                       {"unlearning": "consistency", "threshold": None}]),
+_CONS = {"unlearning": "consistency"}
+_ROUNDS = {"unlearning": "consistency", "rounds": backdoor.NC_ROUNDS}
+_TOP = {"threshold": None}
+
+
+@pytest.mark.parametrize("anomaly, calls, same_top", [
+    ([4.0, 0.5, 0.1], [{}, _CONS, _ROUNDS], True),  # the top class is the flagged one
+    ([1.5, 0.5, 0.1], [{}, _CONS, {**_CONS, **_TOP}, _ROUNDS, {**_ROUNDS, **_TOP}],
+     False),  # nothing flagged
+    ([4.0, 3.0, 0.1], [{}, _CONS, {**_CONS, **_TOP}, _ROUNDS, {**_ROUNDS, **_TOP}],
+     False),  # two flagged
 ])
 @pytest.mark.parametrize("name, dataset, augment", [
     ("small-vgg", "cifar10", {"hflip": True, "crop": 4}),
     ("lenet5", "mnist", {"hflip": False, "crop": 2}),
 ])
-def test_neural_cleanse_rows_share_one_inversion(monkeypatch, anomaly, calls, name, dataset,
-                                                 augment):
-    """One inversion per budget; consistency-top is computed only when its class set differs
-    from the flagged one; the consistency augmentation follows the model's training."""
-    from types import SimpleNamespace
+def test_neural_cleanse_rows_share_one_inversion(monkeypatch, anomaly, calls, same_top, name,
+                                                 dataset, augment):
+    """One inversion per budget; the -top variants are computed only when their class set
+    differs from the flagged one; the consistency augmentation follows the model's
+    training; the -rounds variants ask for NC_ROUNDS rounds."""
+    seen = _fake_cleanse(monkeypatch, anomaly)
+    rows = _nc_rows(name, dataset, backdoor.NC_VARIANTS)
+    assert [kw for kw, _ in seen] == calls
+    assert all(c == (augment if "unlearning" in kw else None) for kw, c in seen)
+    assert [(d, v) for d, v, _, _ in rows] == [("nc", v) for v in backdoor.NC_VARIANTS]
+    q = {v: q for _, v, q, _ in rows}
+    assert (q["consistency-top"] == q["consistency"]) == same_top
+    assert (q["consistency-top-rounds"] == q["consistency-rounds"]) == same_top
+    assert q["consistency-rounds"] != q["consistency"]
+    assert all(s >= 1.0 for *_, s in rows)  # the inversion's seconds added
 
+
+def test_nc_variants_pick_the_rows_and_a_top_row_alone_is_computed_once(monkeypatch,
+                                                                        tmp_path):
+    seen = _fake_cleanse(monkeypatch, [4.0, 0.5, 0.1])
+    rows = _nc_rows("small-vgg", "cifar10", ("consistency-top-rounds",))
+    assert [kw for kw, _ in seen] == [_ROUNDS]
+    assert [v for _, v, _, _ in rows] == ["consistency-top-rounds"]
+    with pytest.raises(ValueError, match=r"unknown nc_variants \['bogus'\]"):
+        backdoor.run(out=tmp_path, quick=True, nc_variants=("bogus",))
+
+
+def _fake_cleanse(monkeypatch, anomaly):
+    """Stand in for the inversion (``anomaly`` given) and for ``neural_cleanse`` (records
+    its keyword arguments, returns ``"params<call number>"``)."""
     from jaxpurify import trigger_inversion as TI
     from jaxpurify.defenses import DefenseInfo
 
@@ -567,35 +596,41 @@ def test_neural_cleanse_rows_share_one_inversion(monkeypatch, anomaly, calls, na
 
     monkeypatch.setattr(TI, "reverse_triggers", _Inversion(anomaly))
     monkeypatch.setattr(TI, "neural_cleanse", fake_cleanse)
+    return seen
+
+
+def _nc_rows(name, dataset, variants):
+    from types import SimpleNamespace
+
     rows = []
-    model = SimpleNamespace(module=None, name=name, dataset=dataset)
+    model = SimpleNamespace(module=None, name=name, dataset=dataset,
+                            cfg={"nc_variants": variants})
     backdoor._neural_cleanse(model, None, None, None, None,
                              lambda d, v, q, info, seconds: rows.append((d, v, q, seconds)))
-    assert [kw for kw, _ in seen] == calls
-    assert all(c == (augment if "unlearning" in kw else None) for kw, c in seen)
-    assert [(d, v) for d, v, _, _ in rows] == [
-        ("nc", "fine-tune"), ("nc", "consistency"), ("nc", "consistency-top")]
-    assert rows[2][2] == ("params3" if len(calls) == 3 else "params2")
-    assert all(s >= 1.0 for *_, s in rows)  # the inversion's seconds added
+    return rows
 
 
 def test_neural_cleanse_runs_end_to_end(tmp_path):
-    """``defenses=("nc",)`` on 2000 real MNIST images: three NC rows per budget, their notes,
-    and the verdict naming the consistency variants."""
+    """``defenses=("nc",)`` on 2000 real MNIST images: every NC variant's row per budget,
+    their notes (the rounds' too), and the verdict naming the consistency variants."""
     metrics = backdoor.run(out=tmp_path, quick=True, train_limit=2000, test_limit=500,
                            steps=150, ks=(), budgets=(0.01,), attacks=("badnets",),
                            defenses=("nc",), probe_steps=0)
     nc = {r["variant"]: r for r in metrics["rows"] if r["defense"] == "nc"}
-    assert set(nc) == {"fine-tune", "consistency", "consistency-top"}
+    assert set(nc) == set(backdoor.NC_VARIANTS)
     for r in nc.values():
         assert r["n_benign"] == 20 and 0.0 <= r["acc"] <= 1.0 and r["seconds"] > 0
         assert len(r["details"]["anomaly"]) == 10 and len(r["details"]["mask_l1"]) == 10
     top = nc["consistency-top"]["details"]
     assert len(top["flagged"]) == 1 and "stamped_gap" in top
+    rounds = nc["consistency-top-rounds"]["details"]["rounds"]
+    assert 1 <= len(rounds) <= backdoor.NC_ROUNDS and rounds[0]["flagged"] == top["flagged"]
+    assert "rounds" not in top
     (t,) = metrics["targets"]
     assert "nc/consistency-top: ASR" in t["reason"] and "NC (fine-tune)" in t["reason"]
     tables = (tmp_path / "tables.md").read_text()
     assert "seconds include the trigger inversion" in tables
+    assert ("round 2: " in tables) == (len(rounds) > 1)
 
 
 def test_stored_network_is_the_trained_one_and_a_foreign_key_is_refused(tmp_path):

@@ -120,6 +120,69 @@ def test_neural_cleanse_returns_the_network_unchanged_when_nothing_is_flagged(po
         np.testing.assert_array_equal(a, b)
 
 
+_CONSISTENCY = {"unlearning": "consistency", "learning_rate": 1e-2,
+                "consistency": {"steps": 300, "batch_size": 30, "hflip": False, "crop": 0}}
+
+
+def test_rounds_stop_when_the_next_inversion_flags_nothing(poisoned, reversed_triggers):
+    """Round 2 reverses the triggers of the unlearned network; with nothing above 2 there it
+    stops, and the result is round 1's to the bit."""
+    m, w, xb, yb, _, _ = poisoned
+    rev, _ = reversed_triggers
+    one, _ = T.neural_cleanse(m, w, xb, yb, triggers=rev, threshold=None, **_CONSISTENCY)
+    more, info = T.neural_cleanse(m, w, xb, yb, triggers=rev, threshold=None, rounds=3,
+                                  steps=150, batch_size=30, **_CONSISTENCY)
+    first, second = info.details["rounds"]  # the third round never ran
+    assert first["flagged"] == [0] and second["flagged"] == []
+    assert max(second["anomaly"]) <= 2.0 and len(second["anomaly"]) == 3
+    for a, b in zip(jax.tree_util.tree_leaves(more), jax.tree_util.tree_leaves(one),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_later_round_unlearns_every_stamp_found_from_the_unlearned_network(
+        monkeypatch, poisoned, reversed_triggers):
+    """While an inversion flags a class, its stamps join the earlier ones and the unlearning
+    continues from the current network, the deployed one still the teacher."""
+    m, w, xb, yb, x_te, y_te = poisoned
+    rev, _ = reversed_triggers
+    calls, unlearn = [], T._unlearn
+
+    def spy(model, params, deployed, x, y, stamps, **kw):
+        out = unlearn(model, params, deployed, x, y, stamps, **kw)
+        calls.append((params, deployed, stamps, out[0]))
+        return out
+
+    monkeypatch.setattr(T, "_unlearn", spy)
+    q, info = T.neural_cleanse(m, w, xb, yb, triggers=rev, threshold=0.3, rounds=2,
+                               steps=150, batch_size=30, **_CONSISTENCY)
+    first, second = info.details["rounds"]
+    assert first["flagged"] == rev.flagged(0.3) and second["flagged"]  # a second round ran
+    assert len(calls) == 2
+    (p1, d1, s1, out1), (p2, d2, s2, out2) = calls
+    assert p1 is d1 and d2 is d1 and p2 is out1  # from the unlearned network, same teacher
+    assert s1.mask.shape[0] == len(first["flagged"])
+    assert s2.mask.shape[0] == len(first["flagged"]) + len(second["flagged"])
+    np.testing.assert_array_equal(s2.mask[:s1.mask.shape[0]], s1.mask)
+    for a, b in zip(jax.tree_util.tree_leaves(q), jax.tree_util.tree_leaves(out2), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert A.attack_success_rate(m, q, x_te, y_te, 0, TRIGGER) < 0.1
+    assert A.accuracy(m, q, x_te, y_te) >= A.accuracy(m, w, x_te, y_te) - 0.03
+
+
+def test_take_and_concat_keep_every_field_aligned(reversed_triggers):
+    rev, _ = reversed_triggers
+    two = rev.take([2, 0])
+    np.testing.assert_array_equal(two.mask[0], rev.mask[2])
+    np.testing.assert_array_equal(two.anomaly, rev.anomaly[[2, 0]])
+    both = two.concat(rev.take([1]))
+    assert [f.shape[0] for f in both] == [3] * 5
+    np.testing.assert_array_equal(both.pattern[2], rev.pattern[1])
+    np.testing.assert_array_equal(both.mask_l1, rev.mask_l1[[2, 0, 1]])
+    with pytest.raises(ValueError, match="image shapes"):
+        two.concat(two._replace(mask=two.mask[:, :4]))
+
+
 def test_sparse_edit_applies_only_the_largest_entries_scaled():
     p = {"a": jnp.zeros(4), "b": {"c": jnp.zeros((2, 3))}}
     e = {"a": jnp.array([1.0, -5.0, 0.5, 2.0]), "b": {"c": jnp.array([[3.0, 0, 0], [0, -4, 0]])}}
@@ -143,6 +206,8 @@ def test_arguments_are_checked(poisoned):
         T.neural_cleanse(m, w, xb, yb, stamp_fraction=0.0)
     with pytest.raises(ValueError, match="unlearning"):
         T.neural_cleanse(m, w, xb, yb, unlearning="prune")
+    with pytest.raises(ValueError, match="rounds"):
+        T.neural_cleanse(m, w, xb, yb, rounds=0)
     rev = T.ReversedTriggers(jnp.zeros((3, 8, 8, 1)), jnp.zeros((3, 8, 8, 1)), np.ones(3),
                              np.ones(3), np.zeros(3))
     with pytest.raises(ValueError, match="classes"):
