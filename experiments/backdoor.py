@@ -689,7 +689,10 @@ def _note(r) -> str:
                      + ("" if flagged else ": the network comes back unchanged")
                      + "".join(f"; round {i + 2}: " + (
                          f"classes {r['flagged']} flagged again and unlearned with the "
-                         "earlier stamps" if r["flagged"] else "nothing flagged, stopped")
+                         "earlier stamps (gap {:.3g} -> {:.3g})".format(*r["stamped_gap"])
+                         if "stamped_gap" in r else f"classes {r['flagged']} flagged again "
+                         "and unlearned with the earlier stamps" if r["flagged"]
+                         else "nothing flagged, stopped")
                          for i, r in enumerate(d.get("rounds", [])[1:]))
                      + "; seconds include the trigger inversion")
     if "benign_patch_rank" in d:

@@ -316,9 +316,10 @@ def neural_cleanse(model, params, x_benign, y_benign, *, triggers: ReversedTrigg
 
     Returns:
         ``(params, DefenseInfo)``; ``details`` holds the first inversion's flagged classes,
-        anomaly indices and masks' L1 norms, and with ``rounds > 1`` ``rounds``: per round
-        run, its flagged classes and anomaly indices (the last entry is the inversion that
-        stopped, if one did). No flagged class: the params come back unchanged.
+        anomaly indices and masks' L1 norms (and the first unlearning's ``steps`` and
+        ``stamped_gap``), and with ``rounds > 1`` ``rounds``: per round, its flagged classes,
+        anomaly indices and unlearning details (the last entry is the inversion that stopped,
+        if one did). No flagged class: the params come back unchanged.
     """
     t0 = time.perf_counter()
     x, y = _check_data(x_benign, y_benign)
@@ -354,7 +355,9 @@ def neural_cleanse(model, params, x_benign, y_benign, *, triggers: ReversedTrigg
         current, step = _unlearn(model, current, deployed, x, y, stamps, unlearning=unlearning,
                                  stamp_fraction=stamp_fraction, epochs=epochs,
                                  learning_rate=learning_rate, consistency=consistency, key=key)
-        details.update(step)
+        history[-1].update(step)
+        if not r:
+            details.update(step)
     if rounds > 1:
         details["rounds"] = history
     out = sparse_edit(deployed, current, keep_fraction=keep_fraction, scale=scale)

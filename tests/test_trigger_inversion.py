@@ -158,6 +158,7 @@ def test_a_later_round_unlearns_every_stamp_found_from_the_unlearned_network(
                                steps=150, batch_size=30, **_CONSISTENCY)
     first, second = info.details["rounds"]
     assert first["flagged"] == rev.flagged(0.3) and second["flagged"]  # a second round ran
+    assert info.details["stamped_gap"] == first["stamped_gap"] != second["stamped_gap"]
     assert len(calls) == 2
     (p1, d1, s1, out1), (p2, d2, s2, out2) = calls
     assert p1 is d1 and d2 is d1 and p2 is out1  # from the unlearned network, same teacher
