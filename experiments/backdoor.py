@@ -503,17 +503,13 @@ def _neural_cleanse(model: _Model, params, xb, yb, key, measured) -> None:
         calls[variant.replace("consistency", "consistency-top")] = (
             variant if top_is_flagged else {**calls[variant], "threshold": None})
     done = {}
-    for variant in NC_VARIANTS:
-        if variant not in wanted:
-            continue
-        call = calls[variant]
-        if isinstance(call, str):  # the same unlearning as that variant's
-            done[variant] = done.get(call) or TI.neural_cleanse(
-                m, params, xb, yb, triggers=triggers, key=key, **calls[call])
-        else:
-            done[variant] = TI.neural_cleanse(m, params, xb, yb, triggers=triggers, key=key,
-                                              **call)
-        q, info = done[variant]
+    for variant in (v for v in NC_VARIANTS if v in wanted):
+        # a -top variant whose class set is the flagged one names that variant instead
+        source = calls[variant] if isinstance(calls[variant], str) else variant
+        if source not in done:
+            done[source] = TI.neural_cleanse(m, params, xb, yb, triggers=triggers, key=key,
+                                             **calls[source])
+        q, info = done[source]
         measured("nc", variant, q, info, seconds=t_inv + info.seconds)
 
 
@@ -643,6 +639,15 @@ def _tables(rows, dataset) -> str:
     return "\n".join(lines)
 
 
+def _later_round(later: dict) -> str:
+    """What one of :func:`jaxpurify.trigger_inversion.neural_cleanse`'s later rounds did."""
+    if not later["flagged"]:
+        return "nothing flagged, stopped"
+    gap = (" (gap {:.3g} -> {:.3g})".format(*later["stamped_gap"])
+           if "stamped_gap" in later else "")
+    return f"classes {later['flagged']} flagged again and unlearned with the earlier stamps{gap}"
+
+
 def _note(r) -> str:
     d = r.get("details", {})
     parts = []
@@ -687,13 +692,8 @@ def _note(r) -> str:
                      + ("; stamped-clean logit gap {:.3g} -> {:.3g}".format(*d["stamped_gap"])
                         if "stamped_gap" in d else "")
                      + ("" if flagged else ": the network comes back unchanged")
-                     + "".join(f"; round {i + 2}: " + (
-                         f"classes {r['flagged']} flagged again and unlearned with the "
-                         "earlier stamps (gap {:.3g} -> {:.3g})".format(*r["stamped_gap"])
-                         if "stamped_gap" in r else f"classes {r['flagged']} flagged again "
-                         "and unlearned with the earlier stamps" if r["flagged"]
-                         else "nothing flagged, stopped")
-                         for i, r in enumerate(d.get("rounds", [])[1:]))
+                     + "".join(f"; round {i}: {_later_round(later)}"
+                               for i, later in enumerate(d.get("rounds", [])[1:], start=2))
                      + "; seconds include the trigger inversion")
     if "benign_patch_rank" in d:
         parts.append(f"benign patch rank {d['benign_patch_rank']}"
