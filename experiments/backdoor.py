@@ -25,8 +25,11 @@ classes its anomaly index flags, ``consistency``, the same classes unlearned by 
 with the deployed network's logits, ``consistency-top``, the most anomalous class
 unlearned that way whether flagged or not, and ``consistency-rounds`` and
 ``consistency-top-rounds``, the same with up to :data:`NC_ROUNDS` rounds: the triggers
-reversed again on the unlearned network and unlearned too while a class is flagged; the
-consistency variants are judged; ``--set "nc_variants=(...)"`` picks a subset).
+reversed again on the unlearned network and unlearned too while a class is flagged, the
+unlearning continuing from the unlearned network, and ``consistency-rounds-restart`` and
+``consistency-top-rounds-restart``, the same rounds with each later unlearning started again
+from the deployed network; the consistency variants are judged; ``--set
+"nc_variants=(...)"`` picks a subset).
 ``--set "defenses=('jaxpurify', 'ft', 'fp')"`` leaves ANP and NC out; ``--set
 "jaxpurify_variants=('benign-readout',)"`` measures only those of jaxpurify's rows with data
 (:data:`JAXPURIFY_VARIANTS`; the data-free ``designed`` row always);
@@ -92,7 +95,8 @@ JAXPURIFY_VARIANTS = ("designed+code-ft", "benign-readout", "designed-readout",
 #: Neural Cleanse's rows (``--set "nc_variants=(...)"`` picks a subset); see
 #: :func:`_neural_cleanse`.
 NC_VARIANTS = ("fine-tune", "consistency", "consistency-top", "consistency-rounds",
-               "consistency-top-rounds")
+               "consistency-top-rounds", "consistency-rounds-restart",
+               "consistency-top-rounds-restart")
 
 #: At most this many inversion-and-unlearning rounds in the ``-rounds`` NC variants.
 NC_ROUNDS = 3
@@ -341,7 +345,7 @@ def _details(info: D.DefenseInfo) -> dict:
     out = {}
     for key in ("steps", "ft_steps", "num_pruned", "channels", "val_size", "certified",
                 "fraction", "layer", "threshold", "unknowns", "flagged", "anomaly",
-                "mask_l1", "stamped_gap", "rounds"):
+                "mask_l1", "stamped_gap", "rounds", "restart"):
         if key in d:
             out[key] = d[key]
     if "recovery" in d:
@@ -483,10 +487,12 @@ def _neural_cleanse(model: _Model, params, xb, yb, key, measured) -> None:
     ``consistency-top-rounds``, those two followed by up to ``NC_ROUNDS - 1`` further
     rounds (:func:`jaxpurify.trigger_inversion.neural_cleanse`'s ``rounds``: reverse the
     triggers on the unlearned network, stop when nothing is flagged, else unlearn every
-    stamp found so far). Where the top class alone is the flagged set, the ``-top`` rows are
-    the others (the same classes, the same unlearning). The consistency augmentation
-    follows the model's training: flips (and mirrored stamps) for the small VGG, shifts by
-    4 pixels on CIFAR-10 and 2 on MNIST.
+    stamp found so far, continuing from the unlearned network); ``consistency-rounds-restart``
+    and ``consistency-top-rounds-restart``, the same rounds with ``restart=True`` (each later
+    unlearning starts again from the deployed network). Where the top class alone is the
+    flagged set, the ``-top`` rows are the others (the same classes, the same unlearning).
+    The consistency augmentation follows the model's training: flips (and mirrored stamps)
+    for the small VGG, shifts by 4 pixels on CIFAR-10 and 2 on MNIST.
     """
     m = model.module
     wanted = model.cfg["nc_variants"]
@@ -499,7 +505,8 @@ def _neural_cleanse(model: _Model, params, xb, yb, key, measured) -> None:
              "consistency": {"unlearning": "consistency", "consistency": augment},
              "consistency-rounds": {"unlearning": "consistency", "consistency": augment,
                                     "rounds": NC_ROUNDS}}
-    for variant in ("consistency", "consistency-rounds"):
+    calls["consistency-rounds-restart"] = {**calls["consistency-rounds"], "restart": True}
+    for variant in ("consistency", "consistency-rounds", "consistency-rounds-restart"):
         calls[variant.replace("consistency", "consistency-top")] = (
             variant if top_is_flagged else {**calls[variant], "threshold": None})
     done = {}
@@ -639,13 +646,16 @@ def _tables(rows, dataset) -> str:
     return "\n".join(lines)
 
 
-def _later_round(later: dict) -> str:
-    """What one of :func:`jaxpurify.trigger_inversion.neural_cleanse`'s later rounds did."""
+def _later_round(later: dict, restart: bool = False) -> str:
+    """What one of :func:`jaxpurify.trigger_inversion.neural_cleanse`'s later rounds did
+    (``restart``: its unlearning started again from the deployed network)."""
     if not later["flagged"]:
         return "nothing flagged, stopped"
     gap = (" (gap {:.3g} -> {:.3g})".format(*later["stamped_gap"])
            if "stamped_gap" in later else "")
-    return f"classes {later['flagged']} flagged again and unlearned with the earlier stamps{gap}"
+    start = ", from the deployed network" if restart else ""
+    return (f"classes {later['flagged']} flagged again and unlearned with the earlier "
+            f"stamps{start}{gap}")
 
 
 def _note(r) -> str:
@@ -692,7 +702,7 @@ def _note(r) -> str:
                      + ("; stamped-clean logit gap {:.3g} -> {:.3g}".format(*d["stamped_gap"])
                         if "stamped_gap" in d else "")
                      + ("" if flagged else ": the network comes back unchanged")
-                     + "".join(f"; round {i}: {_later_round(later)}"
+                     + "".join(f"; round {i}: {_later_round(later, d.get('restart', False))}"
                                for i, later in enumerate(d.get("rounds", [])[1:], start=2))
                      + "; seconds include the trigger inversion")
     if "benign_patch_rank" in d:
@@ -1003,6 +1013,14 @@ _VARIANT_WHY = {
                           "clean, whether or not the real trigger still works",
     "consistency-top-rounds": "the same rounds after unlearning the most anomalous class, "
                               "flagged or not",
+    "consistency-rounds-restart": "the same rounds, each later unlearning started again from "
+                                  "the deployed network with every stamp found so far "
+                                  "(continuing distills toward the backdoored teacher for "
+                                  "longer, which can teach the shortcut back); a rule added "
+                                  "after a probe on the 10-epoch small VGG's Blended network "
+                                  "(see the README)",
+    "consistency-top-rounds-restart": "the same restarted rounds after unlearning the most "
+                                      "anomalous class, flagged or not",
 }
 
 
@@ -1140,7 +1158,8 @@ def _plot(rows, path: Path, dataset: str):
                "benign-principal": "P", "benign-layer-principal": "*",
                "benign-layer-principal+ft": "D", "fine-tune": "<", "consistency": ">",
                "consistency-top": "h", "consistency-rounds": "p",
-               "consistency-top-rounds": "H"}
+               "consistency-top-rounds": "H", "consistency-rounds-restart": "8",
+               "consistency-top-rounds-restart": "d"}
     for ax, ((model, attack), rs) in zip(axes[0], groups.items(), strict=True):
         for d, c in colors.items():
             for variant in sorted({r.get("variant") for r in rs if r["defense"] == d}, key=str):

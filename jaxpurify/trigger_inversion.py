@@ -40,7 +40,8 @@ The defense sees only benign data; the stopping rule of the inversion is its fix
 count, and a network with no flagged class is returned unchanged (Neural Cleanse's verdict:
 clean). ``neural_cleanse(..., rounds=r)`` asks that verdict again of the unlearned network:
 up to ``r - 1`` more inversions, each flagged stamp unlearned together with the earlier
-ones, until an inversion flags nothing.
+ones, until an inversion flags nothing; the later unlearning continues from the unlearned
+network, or with ``restart=True`` starts again from the deployed one.
 """
 
 from __future__ import annotations
@@ -280,16 +281,21 @@ def neural_cleanse(model, params, x_benign, y_benign, *, triggers: ReversedTrigg
                    threshold: float | None = 2.0, stamp_fraction: float = 0.2, epochs: int = 10,
                    learning_rate: float | None = None, keep_fraction: float = 1.0,
                    scale: float = 1.0, unlearning: str = "fine-tune", consistency=None,
-                   rounds: int = 1, key=None, **inversion):
+                   rounds: int = 1, restart: bool = False, key=None, **inversion):
     """Reverse the triggers, flag the anomalous classes, and unlearn their triggers.
 
     With ``rounds > 1`` the defense asks Neural Cleanse again: the triggers are reversed on
     the unlearned network, and while that inversion flags a class (anomaly index above
     ``threshold``, above 2 when ``threshold`` is None) its stamps join the ones unlearned so
-    far and the unlearning runs again from the current network (consistency: still toward
-    the *deployed* network's clean logits). A shortcut the first stamp did not cover shows
-    up as a new small mask; the stop is the inversion's own verdict that nothing is left,
-    judged on the benign budget only.
+    far and the unlearning runs again (consistency: still toward the *deployed* network's
+    clean logits), from the current network, or with ``restart`` from the deployed one. A
+    shortcut the first stamp did not cover shows up as a new small mask; the stop is the
+    inversion's own verdict that nothing is left, judged on the benign budget only.
+
+    Continuing distills the unlearned network toward the backdoored teacher for another
+    ``steps``, which can teach part of the shortcut back; restarting runs one unlearning of
+    every stamp found so far, of the same length as the first, and keeps only the inversions
+    from the earlier rounds.
 
     Args:
         model, params: the model and its deployed params.
@@ -309,6 +315,8 @@ def neural_cleanse(model, params, x_benign, y_benign, *, triggers: ReversedTrigg
         consistency: further keyword arguments of :func:`unlearn_consistent` (``steps``,
             ``batch_size``, ``hflip``, ``crop``, ``mirror``).
         rounds: at most this many inversion-and-unlearning rounds (1: Neural Cleanse's).
+        restart: a later round's unlearning starts from the deployed params instead of the
+            current (unlearned) ones; its inversion still looks at the current ones.
         keep_fraction, scale: apply only the largest entries of the whole update
             (:func:`sparse_edit`); the default applies it all.
         key: PRNG key of the stamped subset, the unlearning's order and later inversions.
@@ -317,9 +325,9 @@ def neural_cleanse(model, params, x_benign, y_benign, *, triggers: ReversedTrigg
     Returns:
         ``(params, DefenseInfo)``; ``details`` holds the first inversion's flagged classes,
         anomaly indices and masks' L1 norms (and the first unlearning's ``steps`` and
-        ``stamped_gap``), and with ``rounds > 1`` ``rounds``: per round, its flagged classes,
-        anomaly indices and unlearning details (the last entry is the inversion that stopped,
-        if one did). No flagged class: the params come back unchanged.
+        ``stamped_gap``), and with ``rounds > 1`` ``restart`` and ``rounds``: per round, its
+        flagged classes, anomaly indices and unlearning details (the last entry is the
+        inversion that stopped, if one did). No flagged class: the params come back unchanged.
     """
     t0 = time.perf_counter()
     x, y = _check_data(x_benign, y_benign)
@@ -352,14 +360,15 @@ def neural_cleanse(model, params, x_benign, y_benign, *, triggers: ReversedTrigg
             stamps = stamps.concat(again.take(found))
         else:
             history.append({"flagged": flagged, "anomaly": triggers.anomaly.tolist()})
-        current, step = _unlearn(model, current, deployed, x, y, stamps, unlearning=unlearning,
+        start = deployed if restart else current
+        current, step = _unlearn(model, start, deployed, x, y, stamps, unlearning=unlearning,
                                  stamp_fraction=stamp_fraction, epochs=epochs,
                                  learning_rate=learning_rate, consistency=consistency, key=key)
         history[-1].update(step)
         if not r:
             details.update(step)
     if rounds > 1:
-        details["rounds"] = history
+        details.update(restart=bool(restart), rounds=history)
     out = sparse_edit(deployed, current, keep_fraction=keep_fraction, scale=scale)
     return out, DefenseInfo("nc", time.perf_counter() - t0, details)
 

@@ -541,15 +541,16 @@ class _Inversion:
 
 _CONS = {"unlearning": "consistency"}
 _ROUNDS = {"unlearning": "consistency", "rounds": backdoor.NC_ROUNDS}
+_RESTART = {**_ROUNDS, "restart": True}
 _TOP = {"threshold": None}
+_EVERY_CALL = [{}, _CONS, {**_CONS, **_TOP}, _ROUNDS, {**_ROUNDS, **_TOP}, _RESTART,
+               {**_RESTART, **_TOP}]
 
 
 @pytest.mark.parametrize("anomaly, calls, same_top", [
-    ([4.0, 0.5, 0.1], [{}, _CONS, _ROUNDS], True),  # the top class is the flagged one
-    ([1.5, 0.5, 0.1], [{}, _CONS, {**_CONS, **_TOP}, _ROUNDS, {**_ROUNDS, **_TOP}],
-     False),  # nothing flagged
-    ([4.0, 3.0, 0.1], [{}, _CONS, {**_CONS, **_TOP}, _ROUNDS, {**_ROUNDS, **_TOP}],
-     False),  # two flagged
+    ([4.0, 0.5, 0.1], [{}, _CONS, _ROUNDS, _RESTART], True),  # the top class is the flagged one
+    ([1.5, 0.5, 0.1], _EVERY_CALL, False),  # nothing flagged
+    ([4.0, 3.0, 0.1], _EVERY_CALL, False),  # two flagged
 ])
 @pytest.mark.parametrize("name, dataset, augment", [
     ("small-vgg", "cifar10", {"hflip": True, "crop": 4}),
@@ -559,7 +560,7 @@ def test_neural_cleanse_rows_share_one_inversion(monkeypatch, anomaly, calls, sa
                                                  dataset, augment):
     """One inversion per budget; the -top variants are computed only when their class set
     differs from the flagged one; the consistency augmentation follows the model's
-    training; the -rounds variants ask for NC_ROUNDS rounds."""
+    training; the -rounds variants ask for NC_ROUNDS rounds, the -restart ones restarted."""
     seen = _fake_cleanse(monkeypatch, anomaly)
     rows = _nc_rows(name, dataset, backdoor.NC_VARIANTS)
     assert [kw for kw, _ in seen] == calls
@@ -568,7 +569,8 @@ def test_neural_cleanse_rows_share_one_inversion(monkeypatch, anomaly, calls, sa
     q = {v: q for _, v, q, _ in rows}
     assert (q["consistency-top"] == q["consistency"]) == same_top
     assert (q["consistency-top-rounds"] == q["consistency-rounds"]) == same_top
-    assert q["consistency-rounds"] != q["consistency"]
+    assert (q["consistency-top-rounds-restart"] == q["consistency-rounds-restart"]) == same_top
+    assert q["consistency-rounds"] != q["consistency"] != q["consistency-rounds-restart"]
     assert all(s >= 1.0 for *_, s in rows)  # the inversion's seconds added
 
 
@@ -626,11 +628,23 @@ def test_neural_cleanse_runs_end_to_end(tmp_path):
     rounds = nc["consistency-top-rounds"]["details"]["rounds"]
     assert 1 <= len(rounds) <= backdoor.NC_ROUNDS and rounds[0]["flagged"] == top["flagged"]
     assert "rounds" not in top
+    # restarting changes only the later unlearnings: round 1 and round 2's inversion agree
+    restarted = nc["consistency-top-rounds-restart"]["details"]
+    assert restarted["restart"] and not nc["consistency-top-rounds"]["details"]["restart"]
+    assert restarted["rounds"][0] == rounds[0]
+    if len(rounds) > 1:
+        assert [restarted["rounds"][1][k] for k in ("flagged", "anomaly")] == \
+            [rounds[1][k] for k in ("flagged", "anomaly")]
+    later = len(rounds) > 1 and bool(rounds[1]["flagged"])
+    if not later:  # round 2 flagged nothing: both are round 1's network
+        assert [nc["consistency-top-rounds-restart"][k] for k in ("acc", "asr")] == \
+            [nc["consistency-top-rounds"][k] for k in ("acc", "asr")]
     (t,) = metrics["targets"]
     assert "nc/consistency-top: ASR" in t["reason"] and "NC (fine-tune)" in t["reason"]
     tables = (tmp_path / "tables.md").read_text()
     assert "seconds include the trigger inversion" in tables
     assert ("round 2: " in tables) == (len(rounds) > 1)
+    assert ("stamps, from the deployed network" in tables) == later
 
 
 def test_stored_network_is_the_trained_one_and_a_foreign_key_is_refused(tmp_path):

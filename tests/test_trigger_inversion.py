@@ -140,28 +140,39 @@ def test_rounds_stop_when_the_next_inversion_flags_nothing(poisoned, reversed_tr
         np.testing.assert_array_equal(a, b)
 
 
-def test_a_later_round_unlearns_every_stamp_found_from_the_unlearned_network(
-        monkeypatch, poisoned, reversed_triggers):
+@pytest.mark.parametrize("restart", [False, True], ids=["continue", "restart"])
+def test_a_later_round_unlearns_every_stamp_found_so_far(monkeypatch, poisoned,
+                                                         reversed_triggers, restart):
     """While an inversion flags a class, its stamps join the earlier ones and the unlearning
-    continues from the current network, the deployed one still the teacher."""
+    runs again, the deployed network still the teacher: from the current network, or with
+    ``restart`` from the deployed one. The later inversion looks at the unlearned network
+    either way."""
     m, w, xb, yb, x_te, y_te = poisoned
     rev, _ = reversed_triggers
-    calls, unlearn = [], T._unlearn
+    calls, inverted, unlearn, invert = [], [], T._unlearn, T.reverse_triggers
 
     def spy(model, params, deployed, x, y, stamps, **kw):
         out = unlearn(model, params, deployed, x, y, stamps, **kw)
         calls.append((params, deployed, stamps, out[0]))
         return out
 
+    def spy_inversion(model, params, x, **kw):
+        inverted.append(params)
+        return invert(model, params, x, **kw)
+
     monkeypatch.setattr(T, "_unlearn", spy)
+    monkeypatch.setattr(T, "reverse_triggers", spy_inversion)
     q, info = T.neural_cleanse(m, w, xb, yb, triggers=rev, threshold=0.3, rounds=2,
-                               steps=150, batch_size=30, **_CONSISTENCY)
+                               restart=restart, steps=150, batch_size=30, **_CONSISTENCY)
     first, second = info.details["rounds"]
+    assert info.details["restart"] is restart
     assert first["flagged"] == rev.flagged(0.3) and second["flagged"]  # a second round ran
     assert info.details["stamped_gap"] == first["stamped_gap"] != second["stamped_gap"]
     assert len(calls) == 2
     (p1, d1, s1, out1), (p2, d2, s2, out2) = calls
-    assert p1 is d1 and d2 is d1 and p2 is out1  # from the unlearned network, same teacher
+    assert p1 is d1 and d2 is d1  # the first from the deployed network; the same teacher
+    assert p2 is (d1 if restart else out1)
+    assert len(inverted) == 1 and inverted[0] is out1  # round 2's inversion: the unlearned one
     assert s1.mask.shape[0] == len(first["flagged"])
     assert s2.mask.shape[0] == len(first["flagged"]) + len(second["flagged"])
     np.testing.assert_array_equal(s2.mask[:s1.mask.shape[0]], s1.mask)
