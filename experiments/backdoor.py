@@ -489,8 +489,10 @@ def _neural_cleanse(model: _Model, params, xb, yb, key, measured) -> None:
     triggers on the unlearned network, stop when nothing is flagged, else unlearn every
     stamp found so far, continuing from the unlearned network); ``consistency-rounds-restart``
     and ``consistency-top-rounds-restart``, the same rounds with ``restart=True`` (each later
-    unlearning starts again from the deployed network). Where the top class alone is the
-    flagged set, the ``-top`` rows are the others (the same classes, the same unlearning).
+    unlearning starts again from the deployed network; where the continuing row stopped
+    before a later unlearning, the restarted row is that row, not computed again). Where the
+    top class alone is the flagged set, the ``-top`` rows are the others (the same classes,
+    the same unlearning).
     The consistency augmentation follows the model's training: flips (and mirrored stamps)
     for the small VGG, shifts by 4 pixels on CIFAR-10 and 2 on MNIST.
     """
@@ -513,11 +515,24 @@ def _neural_cleanse(model: _Model, params, xb, yb, key, measured) -> None:
     for variant in (v for v in NC_VARIANTS if v in wanted):
         # a -top variant whose class set is the flagged one names that variant instead
         source = calls[variant] if isinstance(calls[variant], str) else variant
-        if source not in done:
+        continued = done.get(source.removesuffix("-restart"))
+        if source not in done and source.endswith("-restart") and _no_later_unlearning(continued):
+            # restarting changes only a later round's unlearning, and none ran: the same
+            # round 1 and stopping inversion (same key), so the continuing row is this one
+            q, info = continued
+            done[source] = q, info._replace(details={**info.details, "restart": True})
+        elif source not in done:
             done[source] = TI.neural_cleanse(m, params, xb, yb, triggers=triggers, key=key,
                                              **calls[source])
         q, info = done[source]
         measured("nc", variant, q, info, seconds=t_inv + info.seconds)
+
+
+def _no_later_unlearning(result) -> bool:
+    """Whether a :func:`jaxpurify.trigger_inversion.neural_cleanse` ``(params, info)`` with
+    rounds is known to have stopped before any later round unlearned (False if unknown)."""
+    rounds = None if result is None else result[1].details.get("rounds")
+    return rounds is not None and not any(later["flagged"] for later in rounds[1:])
 
 
 #: Published recipes beside the defaults of :func:`jaxpurify.defenses.fine_tune` (``ft``)

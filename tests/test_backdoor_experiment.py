@@ -584,9 +584,33 @@ def test_nc_variants_pick_the_rows_and_a_top_row_alone_is_computed_once(monkeypa
         backdoor.run(out=tmp_path, quick=True, nc_variants=("bogus",))
 
 
-def _fake_cleanse(monkeypatch, anomaly):
+@pytest.mark.parametrize("later, restarted", [([], False), ([2], True)])
+def test_a_restart_row_reuses_the_continuing_row_when_no_later_round_unlearned(monkeypatch,
+                                                                              later,
+                                                                              restarted):
+    """Restarting changes only a later round's unlearning: where the continuing rounds
+    stopped before one, the restarted row is that row (marked ``restart``), not computed
+    again; where a later round unlearned, it is computed."""
+    from types import SimpleNamespace
+
+    rounds = [{"flagged": [0]}, {"flagged": later}]
+    seen = _fake_cleanse(monkeypatch, [4.0, 0.5, 0.1], {"rounds": rounds})
+    rows = []
+    model = SimpleNamespace(module=None, name="lenet5", dataset="mnist",
+                            cfg={"nc_variants": ("consistency-rounds",
+                                                 "consistency-rounds-restart")})
+    backdoor._neural_cleanse(model, None, None, None, None,
+                             lambda d, v, q, info, seconds: rows.append((v, q, info)))
+    assert [kw for kw, _ in seen] == ([_ROUNDS, _RESTART] if restarted else [_ROUNDS])
+    (_, q1, info1), (_, q2, info2) = rows
+    assert (q2 == q1) != restarted
+    assert "restart" not in info1.details and info2.details["rounds"] == rounds
+    assert info2.details.get("restart", False) != restarted  # the fake sets none itself
+
+
+def _fake_cleanse(monkeypatch, anomaly, details=None):
     """Stand in for the inversion (``anomaly`` given) and for ``neural_cleanse`` (records
-    its keyword arguments, returns ``"params<call number>"``)."""
+    its keyword arguments, returns ``"params<call number>"`` and ``details``)."""
     from jaxpurify import trigger_inversion as TI
     from jaxpurify.defenses import DefenseInfo
 
@@ -594,7 +618,7 @@ def _fake_cleanse(monkeypatch, anomaly):
 
     def fake_cleanse(module, params, x, y, *, triggers, key, consistency=None, **kw):
         seen.append((kw, consistency))
-        return f"params{len(seen)}", DefenseInfo("nc", 1.0, {})
+        return f"params{len(seen)}", DefenseInfo("nc", 1.0, dict(details or {}))
 
     monkeypatch.setattr(TI, "reverse_triggers", _Inversion(anomaly))
     monkeypatch.setattr(TI, "neural_cleanse", fake_cleanse)
