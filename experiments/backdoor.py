@@ -28,7 +28,9 @@ unlearned that way whether flagged or not, and ``consistency-rounds`` and
 reversed again on the unlearned network and unlearned too while a class is flagged, the
 unlearning continuing from the unlearned network, and ``consistency-rounds-restart`` and
 ``consistency-top-rounds-restart``, the same rounds with each later unlearning started again
-from the deployed network; the consistency variants are judged; ``--set
+from the deployed network; the consistency variants are judged; ``consistency-rounds-restart-each``
+and ``consistency-top-rounds-restart-each``, the restarted rounds with every stamp found so
+far at the weight round 1 gave its single stamp, are a diagnostic that is not judged; ``--set
 "nc_variants=(...)"`` picks a subset).
 ``--set "defenses=('jaxpurify', 'ft', 'fp')"`` leaves ANP and NC out; ``--set
 "jaxpurify_variants=('benign-readout',)"`` measures only those of jaxpurify's rows with data
@@ -96,7 +98,13 @@ JAXPURIFY_VARIANTS = ("designed+code-ft", "benign-readout", "designed-readout",
 #: :func:`_neural_cleanse`.
 NC_VARIANTS = ("fine-tune", "consistency", "consistency-top", "consistency-rounds",
                "consistency-top-rounds", "consistency-rounds-restart",
-               "consistency-top-rounds-restart")
+               "consistency-top-rounds-restart", "consistency-rounds-restart-each",
+               "consistency-top-rounds-restart-each")
+
+#: NC variants measured but not judged: chosen after a probe had read their test numbers
+#: (restarted rounds at ``stamp_weighting="each"``, on the one-hidden MNIST CNN; see the
+#: README), so they are reported beside the judged rows and never decide a verdict.
+NC_DIAGNOSTICS = ("consistency-rounds-restart-each", "consistency-top-rounds-restart-each")
 
 #: At most this many inversion-and-unlearning rounds in the ``-rounds`` NC variants.
 NC_ROUNDS = 3
@@ -345,7 +353,7 @@ def _details(info: D.DefenseInfo) -> dict:
     out = {}
     for key in ("steps", "ft_steps", "num_pruned", "channels", "val_size", "certified",
                 "fraction", "layer", "threshold", "unknowns", "flagged", "anomaly",
-                "mask_l1", "stamped_gap", "rounds", "restart"):
+                "mask_l1", "stamped_gap", "rounds", "restart", "stamp_weighting"):
         if key in d:
             out[key] = d[key]
     if "recovery" in d:
@@ -490,7 +498,11 @@ def _neural_cleanse(model: _Model, params, xb, yb, key, measured) -> None:
     stamp found so far, continuing from the unlearned network); ``consistency-rounds-restart``
     and ``consistency-top-rounds-restart``, the same rounds with ``restart=True`` (each later
     unlearning starts again from the deployed network; where the continuing row stopped
-    before a later unlearning, the restarted row is that row, not computed again). Where the
+    before a later unlearning, the restarted row is that row, not computed again);
+    ``consistency-rounds-restart-each`` and ``consistency-top-rounds-restart-each``, the
+    restarted rounds with ``stamp_weighting="each"`` (a later unlearning weighs every stamp
+    found so far as round 1 weighed its one, instead of sharing that weight; the same reuse;
+    not judged, :data:`NC_DIAGNOSTICS`). Where the
     top class alone is the flagged set, the ``-top`` rows are the others (the same classes,
     the same unlearning).
     The consistency augmentation follows the model's training: flips (and mirrored stamps)
@@ -508,19 +520,27 @@ def _neural_cleanse(model: _Model, params, xb, yb, key, measured) -> None:
              "consistency-rounds": {"unlearning": "consistency", "consistency": augment,
                                     "rounds": NC_ROUNDS}}
     calls["consistency-rounds-restart"] = {**calls["consistency-rounds"], "restart": True}
-    for variant in ("consistency", "consistency-rounds", "consistency-rounds-restart"):
+    calls["consistency-rounds-restart-each"] = {
+        **calls["consistency-rounds-restart"],
+        "consistency": {**augment, "stamp_weighting": "each"}}
+    for variant in ("consistency", "consistency-rounds", "consistency-rounds-restart",
+                    "consistency-rounds-restart-each"):
         calls[variant.replace("consistency", "consistency-top")] = (
             variant if top_is_flagged else {**calls[variant], "threshold": None})
     done = {}
     for variant in (v for v in NC_VARIANTS if v in wanted):
         # a -top variant whose class set is the flagged one names that variant instead
         source = calls[variant] if isinstance(calls[variant], str) else variant
-        continued = done.get(source.removesuffix("-restart"))
-        if source not in done and source.endswith("-restart") and _no_later_unlearning(continued):
-            # restarting changes only a later round's unlearning, and none ran: the same
-            # round 1 and stopping inversion (same key), so the continuing row is this one
+        continued = done.get(source.removesuffix("-each").removesuffix("-restart"))
+        if source not in done and "-restart" in source and _no_later_unlearning(continued):
+            # restarting (and the later stamps' weights) change only a later round's
+            # unlearning, and none ran: the same round 1 (one stamp: the same loss under
+            # either weighting) and stopping inversion (same key), so the continuing row is
+            # this one
             q, info = continued
-            done[source] = q, info._replace(details={**info.details, "restart": True})
+            done[source] = q, info._replace(details={
+                **info.details, "restart": True,
+                **({"stamp_weighting": "each"} if source.endswith("-each") else {})})
         elif source not in done:
             done[source] = TI.neural_cleanse(m, params, xb, yb, triggers=triggers, key=key,
                                              **calls[source])
@@ -669,8 +689,9 @@ def _later_round(later: dict, restart: bool = False) -> str:
     gap = (" (gap {:.3g} -> {:.3g})".format(*later["stamped_gap"])
            if "stamped_gap" in later else "")
     start = ", from the deployed network" if restart else ""
+    each = ", each stamp at full weight" if later.get("stamp_weighting") == "each" else ""
     return (f"classes {later['flagged']} flagged again and unlearned with the earlier "
-            f"stamps{start}{gap}")
+            f"stamps{start}{each}{gap}")
 
 
 def _note(r) -> str:
@@ -719,7 +740,9 @@ def _note(r) -> str:
                      + ("" if flagged else ": the network comes back unchanged")
                      + "".join(f"; round {i}: {_later_round(later, d.get('restart', False))}"
                                for i, later in enumerate(d.get("rounds", [])[1:], start=2))
-                     + "; seconds include the trigger inversion")
+                     + "; seconds include the trigger inversion"
+                     + ("; diagnostic (not judged)" if r.get("variant") in NC_DIAGNOSTICS
+                        else ""))
     if "benign_patch_rank" in d:
         parts.append(f"benign patch rank {d['benign_patch_rank']}"
                      + ("" if r["acc"] is not None else
@@ -1174,7 +1197,8 @@ def _plot(rows, path: Path, dataset: str):
                "benign-layer-principal+ft": "D", "fine-tune": "<", "consistency": ">",
                "consistency-top": "h", "consistency-rounds": "p",
                "consistency-top-rounds": "H", "consistency-rounds-restart": "8",
-               "consistency-top-rounds-restart": "d"}
+               "consistency-top-rounds-restart": "d", "consistency-rounds-restart-each": "X",
+               "consistency-top-rounds-restart-each": "1"}
     for ax, ((model, attack), rs) in zip(axes[0], groups.items(), strict=True):
         for d, c in colors.items():
             for variant in sorted({r.get("variant") for r in rs if r["defense"] == d}, key=str):

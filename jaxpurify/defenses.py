@@ -316,7 +316,7 @@ def fine_tune(model, params, x_benign, y_benign, *, epochs: int = 10, learning_r
 
 def distill(model, params, x_benign, y_benign=None, *, teacher, steps: int = 300,
             learning_rate: float = 3e-4, batch_size: int = 64, hflip: bool = False,
-            crop: int = 0, stamps=None, key=None):
+            crop: int = 0, stamps=None, stamp_weight: float = 1.0, key=None):
     r"""Pull ``params`` toward the ``teacher``'s logits on (augmented) benign images.
 
     Minimizes, over every deployed parameter ``q`` (starting from ``params``),
@@ -343,8 +343,10 @@ def distill(model, params, x_benign, y_benign=None, *, teacher, steps: int = 300
         stamps: optional ``(masks, patterns)``, ``(S, H, W, 1)`` and ``(S, H, W, C)``: each
             batch is also stamped, ``(1 - m_s) a(x) + m_s p_s``, and every stamped image is
             pulled to the teacher's logits on the clean ``a(x)`` (the loss adds their mean
-            squared gap): a trigger's shortcut is unlearned without labels
-            (:func:`jaxpurify.trigger_inversion.unlearn_consistent`).
+            squared gap, times ``stamp_weight``): a trigger's shortcut is unlearned without
+            labels (:func:`jaxpurify.trigger_inversion.unlearn_consistent`).
+        stamp_weight: the weight of the stamped term against the clean one (finite, >= 0;
+            ignored without ``stamps``).
         key: PRNG key of the batches and augmentations (default ``PRNGKey(0)``).
 
     Returns:
@@ -366,6 +368,8 @@ def distill(model, params, x_benign, y_benign=None, *, teacher, steps: int = 300
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if not 1 <= batch_size or crop < 0:
         raise ValueError(f"batch_size must be >= 1 and crop >= 0, got {batch_size}, {crop}")
+    if not (np.isfinite(stamp_weight) and stamp_weight >= 0):
+        raise ValueError(f"stamp_weight must be finite and >= 0, got {stamp_weight!r}")
     p, t = _unwrap(params), _unwrap(teacher)
     if jax.tree_util.tree_structure(p) != jax.tree_util.tree_structure(t):
         raise ValueError("teacher must have the structure of params (the deployed network)")
@@ -378,6 +382,8 @@ def distill(model, params, x_benign, y_benign=None, *, teacher, steps: int = 300
                          "finite: check both params for NaN/Inf before distilling")
     state = _init_state(tx, p)
     key = jax.random.PRNGKey(0) if key is None else key
+    if stamps is not None:  # the weight travels as an array: a new weight, no new compile
+        stamps = (*stamps, jnp.asarray(stamp_weight, x.dtype))
     for k in jax.random.split(key, int(steps)):
         p, state = _distill_step(config, p, state, t, x, k, stamps)
     after = _logit_mse(apply, p, t, x)
@@ -426,10 +432,11 @@ def _distill_step(config, params, state, teacher, x, key, stamps=None):
         clean = jnp.mean(_squared_gaps(apply, q, xb, target))
         if stamps is None:
             return clean
-        masks, patterns = stamps
+        masks, patterns, weight = stamps
         xs = (1 - masks[:, None]) * xb[None] + masks[:, None] * patterns[:, None]
         logits = apply(q, xs.reshape((-1,) + xb.shape[1:]))
-        return clean + jnp.mean((logits.reshape((masks.shape[0],) + target.shape) - target) ** 2)
+        stamped = jnp.mean((logits.reshape((masks.shape[0],) + target.shape) - target) ** 2)
+        return clean + weight * stamped
 
     g = jax.grad(loss)(params)
     u, state = _make_tx(tx).update(g, state, params)

@@ -204,7 +204,7 @@ def sparse_edit(params, edited, *, keep_fraction: float = 1.0, scale: float = 1.
 def unlearn_consistent(model, params, x_benign, triggers: ReversedTriggers, classes, *,
                        teacher=None, steps: int = 300, learning_rate: float = 1e-3,
                        batch_size: int = 64, hflip: bool = True, crop: int = 4,
-                       mirror: bool | None = None, key=None):
+                       mirror: bool | None = None, stamp_weighting: str = "mean", key=None):
     r"""Unlearn reversed triggers by consistency with the deployed network's clean logits.
 
     Minimizes, over every deployed parameter ``q`` from ``q = params``, with ``T`` the
@@ -213,14 +213,17 @@ def unlearn_consistent(model, params, x_benign, triggers: ReversedTriggers, clas
     .. math::
 
         \frac{1}{BC} \sum_{x \in \text{batch}} \Big( \lVert f_q(a(x)) - f_T(a(x)) \rVert_2^2
-        + \frac{1}{|S|} \sum_{s \in S} \lVert f_q(s(a(x))) - f_T(a(x)) \rVert_2^2 \Big)
+        + \frac{\lambda}{|S|} \sum_{s \in S} \lVert f_q(s(a(x))) - f_T(a(x)) \rVert_2^2 \Big)
 
     with Adam (cosine decay from ``learning_rate`` over ``steps``), ``batch_size`` benign
     images per step augmented by ``a`` (random flips and shifts by up to ``crop`` pixels), and
     ``S`` the stamps ``s(x) = (1 - m_k) x + m_k p_k`` of ``classes``, plus their horizontal
     mirror images when ``mirror``. The teacher's logits on the clean image are the target of
     the stamped one, so the shortcut is unlearned without labels, and the first term holds
-    the clean behaviour.
+    the clean behaviour. ``\lambda`` is 1 (``stamp_weighting="mean"``: the stamps share one
+    clean term's weight) or the length of ``classes`` (``"each"``: every reversed stamp weighs
+    as much as a single one would alone; its mirror image shares its weight). With one class
+    the two are the same loss.
 
     Args:
         model, params: the model (see :func:`jaxpurify.defenses.network`) and deployed params.
@@ -234,16 +237,21 @@ def unlearn_consistent(model, params, x_benign, triggers: ReversedTriggers, clas
         hflip, crop: augmentations (CIFAR-10's: ``True``, 4; on MNIST ``False``, 0 or 2).
         mirror: also unlearn the stamps mirrored left-right (a network trained with flips
             learned the trigger on both sides, and the inversion finds one). Default: ``hflip``.
+        stamp_weighting: ``"mean"`` or ``"each"`` (``\lambda`` above). Averaging dilutes
+            each stamp as more are unlearned at once (e.g. :func:`neural_cleanse`'s restarted
+            rounds); ``"each"`` keeps every stamp's pull and gives the clean term less share.
         key: PRNG key of the batches and augmentations (default ``PRNGKey(0)``).
 
     Returns:
         ``(params, DefenseInfo)``; ``details`` holds ``classes``, ``steps`` and
         ``stamped_gap``: the mean squared logit gap between stamped and clean benign images
-        (un-augmented, the first stamp of each class), before and after.
+        (un-augmented, the first stamp of each class), before and after, and
+        ``stamp_weighting``.
 
     Raises:
-        ValueError: no classes, a class out of range, or what :func:`jaxpurify.defenses.distill`
-            refuses (bad ``steps``/``batch_size``/``crop``, non-finite logits: diverged).
+        ValueError: no classes, a class out of range, an unknown ``stamp_weighting``, or what
+            :func:`jaxpurify.defenses.distill` refuses (bad ``steps``/``batch_size``/``crop``,
+            non-finite logits: diverged).
     """
     t0 = time.perf_counter()
     x = jnp.asarray(x_benign)
@@ -253,6 +261,8 @@ def unlearn_consistent(model, params, x_benign, triggers: ReversedTriggers, clas
     num_classes = triggers.mask.shape[0]
     if not classes or any(not 0 <= k < num_classes for k in classes):
         raise ValueError(f"classes must name at least one of 0..{num_classes - 1}, got {classes}")
+    if stamp_weighting not in ("mean", "each"):
+        raise ValueError(f"stamp_weighting must be 'mean' or 'each', got {stamp_weighting!r}")
     mirror = hflip if mirror is None else mirror
     masks = triggers.mask[np.asarray(classes)]
     patterns = triggers.pattern[np.asarray(classes)]
@@ -271,10 +281,13 @@ def unlearn_consistent(model, params, x_benign, triggers: ReversedTriggers, clas
 
     p, _ = distill(model, start, x, teacher=teacher, steps=steps,
                    learning_rate=learning_rate, batch_size=batch_size, hflip=hflip, crop=crop,
-                   stamps=(masks, patterns), key=key)  # raises if it diverged
+                   stamps=(masks, patterns),
+                   stamp_weight=len(classes) if stamp_weighting == "each" else 1.0,
+                   key=key)  # raises if it diverged
     before, after = stamped_gap(start), stamped_gap(p)
     return p, DefenseInfo("nc-consistency", time.perf_counter() - t0, {
-        "classes": classes, "steps": int(steps), "stamped_gap": (before, after)})
+        "classes": classes, "steps": int(steps), "stamped_gap": (before, after),
+        "stamp_weighting": stamp_weighting})
 
 
 def neural_cleanse(model, params, x_benign, y_benign, *, triggers: ReversedTriggers | None = None,
@@ -313,7 +326,9 @@ def neural_cleanse(model, params, x_benign, y_benign, *, triggers: ReversedTrigg
         unlearning: ``"fine-tune"`` (Neural Cleanse's: the budget plus stamped copies at
             their true labels) or ``"consistency"`` (:func:`unlearn_consistent`; no labels).
         consistency: further keyword arguments of :func:`unlearn_consistent` (``steps``,
-            ``batch_size``, ``hflip``, ``crop``, ``mirror``).
+            ``batch_size``, ``hflip``, ``crop``, ``mirror``, ``stamp_weighting``: with
+            ``"each"`` a later round weighs every stamp found so far as round 1 weighed its
+            own, instead of sharing that weight among them).
         rounds: at most this many inversion-and-unlearning rounds (1: Neural Cleanse's).
         restart: a later round's unlearning starts from the deployed params instead of the
             current (unlearned) ones; its inversion still looks at the current ones.
@@ -324,10 +339,11 @@ def neural_cleanse(model, params, x_benign, y_benign, *, triggers: ReversedTrigg
 
     Returns:
         ``(params, DefenseInfo)``; ``details`` holds the first inversion's flagged classes,
-        anomaly indices and masks' L1 norms (and the first unlearning's ``steps`` and
-        ``stamped_gap``), and with ``rounds > 1`` ``restart`` and ``rounds``: per round, its
-        flagged classes, anomaly indices and unlearning details (the last entry is the
-        inversion that stopped, if one did). No flagged class: the params come back unchanged.
+        anomaly indices and masks' L1 norms (and the first unlearning's ``steps``,
+        ``stamped_gap`` and, with consistency, ``stamp_weighting``), and with ``rounds > 1``
+        ``restart`` and ``rounds``: per round, its flagged classes, anomaly indices and
+        unlearning details (the last entry is the inversion that stopped, if one did). No
+        flagged class: the params come back unchanged.
     """
     t0 = time.perf_counter()
     x, y = _check_data(x_benign, y_benign)
@@ -383,8 +399,8 @@ def _unlearn(model, params, deployed, x, y, stamps: ReversedTriggers, *, unlearn
         rate = {} if learning_rate is None else {"learning_rate": learning_rate}
         tuned, info = unlearn_consistent(model, params, x, stamps, every, teacher=deployed,
                                          key=key, **rate, **(consistency or {}))
-        return tuned, {"steps": info.details["steps"],
-                       "stamped_gap": info.details["stamped_gap"]}
+        return tuned, {key: info.details[key]
+                       for key in ("steps", "stamped_gap", "stamp_weighting")}
     count = max(1, int(round(stamp_fraction * x.shape[0])))
     xs, ys = [x], [y]
     for s, sub in zip(every, jax.random.split(key, len(every)), strict=True):

@@ -544,11 +544,12 @@ _ROUNDS = {"unlearning": "consistency", "rounds": backdoor.NC_ROUNDS}
 _RESTART = {**_ROUNDS, "restart": True}
 _TOP = {"threshold": None}
 _EVERY_CALL = [{}, _CONS, {**_CONS, **_TOP}, _ROUNDS, {**_ROUNDS, **_TOP}, _RESTART,
-               {**_RESTART, **_TOP}]
+               {**_RESTART, **_TOP}, _RESTART, {**_RESTART, **_TOP}]  # the last two: "each"
 
 
 @pytest.mark.parametrize("anomaly, calls, same_top", [
-    ([4.0, 0.5, 0.1], [{}, _CONS, _ROUNDS, _RESTART], True),  # the top class is the flagged one
+    # the top class is the flagged one
+    ([4.0, 0.5, 0.1], [{}, _CONS, _ROUNDS, _RESTART, _RESTART], True),
     ([1.5, 0.5, 0.1], _EVERY_CALL, False),  # nothing flagged
     ([4.0, 3.0, 0.1], _EVERY_CALL, False),  # two flagged
 ])
@@ -560,17 +561,23 @@ def test_neural_cleanse_rows_share_one_inversion(monkeypatch, anomaly, calls, sa
                                                  dataset, augment):
     """One inversion per budget; the -top variants are computed only when their class set
     differs from the flagged one; the consistency augmentation follows the model's
-    training; the -rounds variants ask for NC_ROUNDS rounds, the -restart ones restarted."""
+    training; the -rounds variants ask for NC_ROUNDS rounds, the -restart ones restarted,
+    the -each ones (the last calls) with every stamp at full weight."""
     seen = _fake_cleanse(monkeypatch, anomaly)
     rows = _nc_rows(name, dataset, backdoor.NC_VARIANTS)
     assert [kw for kw, _ in seen] == calls
-    assert all(c == (augment if "unlearning" in kw else None) for kw, c in seen)
+    each = 1 if same_top else 2
+    assert [c for _, c in seen] == [None] + [augment] * (len(calls) - 1 - each) + \
+        [{**augment, "stamp_weighting": "each"}] * each
     assert [(d, v) for d, v, _, _ in rows] == [("nc", v) for v in backdoor.NC_VARIANTS]
     q = {v: q for _, v, q, _ in rows}
     assert (q["consistency-top"] == q["consistency"]) == same_top
     assert (q["consistency-top-rounds"] == q["consistency-rounds"]) == same_top
     assert (q["consistency-top-rounds-restart"] == q["consistency-rounds-restart"]) == same_top
-    assert q["consistency-rounds"] != q["consistency"] != q["consistency-rounds-restart"]
+    assert (q["consistency-top-rounds-restart-each"]
+            == q["consistency-rounds-restart-each"]) == same_top
+    assert q["consistency-rounds"] != q["consistency"] != q["consistency-rounds-restart"] \
+        != q["consistency-rounds-restart-each"]
     assert all(s >= 1.0 for *_, s in rows)  # the inversion's seconds added
 
 
@@ -588,9 +595,10 @@ def test_nc_variants_pick_the_rows_and_a_top_row_alone_is_computed_once(monkeypa
 def test_a_restart_row_reuses_the_continuing_row_when_no_later_round_unlearned(monkeypatch,
                                                                               later,
                                                                               restarted):
-    """Restarting changes only a later round's unlearning: where the continuing rounds
-    stopped before one, the restarted row is that row (marked ``restart``), not computed
-    again; where a later round unlearned, it is computed."""
+    """Restarting (and the later stamps' weighting) change only a later round's unlearning:
+    where the continuing rounds stopped before one, the restarted rows are that row (marked
+    ``restart``, and ``stamp_weighting`` for -each), not computed again; where a later round
+    unlearned, each is computed."""
     from types import SimpleNamespace
 
     rounds = [{"flagged": [0]}, {"flagged": later}]
@@ -598,14 +606,18 @@ def test_a_restart_row_reuses_the_continuing_row_when_no_later_round_unlearned(m
     rows = []
     model = SimpleNamespace(module=None, name="lenet5", dataset="mnist",
                             cfg={"nc_variants": ("consistency-rounds",
-                                                 "consistency-rounds-restart")})
+                                                 "consistency-rounds-restart",
+                                                 "consistency-rounds-restart-each")})
     backdoor._neural_cleanse(model, None, None, None, None,
                              lambda d, v, q, info, seconds: rows.append((v, q, info)))
-    assert [kw for kw, _ in seen] == ([_ROUNDS, _RESTART] if restarted else [_ROUNDS])
-    (_, q1, info1), (_, q2, info2) = rows
-    assert (q2 == q1) != restarted
+    assert [kw for kw, _ in seen] == ([_ROUNDS, _RESTART, _RESTART] if restarted
+                                      else [_ROUNDS])
+    (_, q1, info1), (_, q2, info2), (_, q3, info3) = rows
+    assert (q2 == q1) != restarted and (q3 == q1) != restarted and (q3 == q2) != restarted
     assert "restart" not in info1.details and info2.details["rounds"] == rounds
     assert info2.details.get("restart", False) != restarted  # the fake sets none itself
+    assert info3.details.get("stamp_weighting") == (None if restarted else "each")
+    assert "stamp_weighting" not in info2.details
 
 
 def _fake_cleanse(monkeypatch, anomaly, details=None):
@@ -659,16 +671,25 @@ def test_neural_cleanse_runs_end_to_end(tmp_path):
     if len(rounds) > 1:
         assert [restarted["rounds"][1][k] for k in ("flagged", "anomaly")] == \
             [rounds[1][k] for k in ("flagged", "anomaly")]
+    # the stamps' weighting changes only the later unlearnings too (round 1 has one stamp)
+    each = nc["consistency-top-rounds-restart-each"]["details"]
+    assert each["restart"] and each["stamp_weighting"] == "each"
+    assert each["rounds"][0]["flagged"] == rounds[0]["flagged"]
+    assert each["rounds"][0]["stamped_gap"] == rounds[0]["stamped_gap"]
     later = len(rounds) > 1 and bool(rounds[1]["flagged"])
-    if not later:  # round 2 flagged nothing: both are round 1's network
-        assert [nc["consistency-top-rounds-restart"][k] for k in ("acc", "asr")] == \
-            [nc["consistency-top-rounds"][k] for k in ("acc", "asr")]
+    if not later:  # round 2 flagged nothing: all three are round 1's network
+        for v in ("consistency-top-rounds-restart", "consistency-top-rounds-restart-each"):
+            assert [nc[v][k] for k in ("acc", "asr")] == \
+                [nc["consistency-top-rounds"][k] for k in ("acc", "asr")]
     (t,) = metrics["targets"]
     assert "nc/consistency-top: ASR" in t["reason"] and "NC (fine-tune)" in t["reason"]
+    assert "-each" not in t["reason"] and not t["variant"].endswith("-each")  # not judged
     tables = (tmp_path / "tables.md").read_text()
     assert "seconds include the trigger inversion" in tables
+    assert "; diagnostic (not judged)" in tables
     assert ("round 2: " in tables) == (len(rounds) > 1)
     assert ("stamps, from the deployed network" in tables) == later
+    assert ("from the deployed network, each stamp at full weight" in tables) == later
 
 
 def test_stored_network_is_the_trained_one_and_a_foreign_key_is_refused(tmp_path):

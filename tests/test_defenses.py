@@ -708,6 +708,33 @@ def test_distill_full_batch_step_is_an_adam_step_on_the_logit_mse(deep_poisoned)
     assert _max_diff(q, optax.apply_updates(p0, u)) < 1e-12
 
 
+@pytest.mark.parametrize("weight", [0.0, 1.0, 3.0])
+def test_distill_full_batch_step_weighs_the_stamped_term(deep_poisoned, weight):
+    """With ``stamps`` one full-batch step is one Adam step on ``clean + w * stamped``: the
+    clean logit MSE plus ``stamp_weight`` times the mean over stamps of the stamped images'
+    squared gap to the teacher's clean logits (at ``w = 0``: the plain step)."""
+    m, p0, w, x, _ = deep_poisoned
+    masks = jnp.zeros((2, 8, 8, 1)).at[0, 5:, 5:].set(1.0).at[1, :3, :3].set(1.0)
+    patterns = jnp.stack([jnp.full((8, 8, 1), 4.0), jnp.full((8, 8, 1), -2.0)])
+    q, _ = D.distill(m, p0, x, teacher=w, steps=1, learning_rate=1e-2, batch_size=len(x),
+                     stamps=(masks, patterns), stamp_weight=weight)
+    target = m.apply_plain(w, x)
+
+    def loss(s):
+        stamped = jnp.mean(jnp.stack([
+            jnp.mean((m.apply_plain(s, (1 - k) * x + k * p) - target) ** 2)
+            for k, p in zip(masks, patterns, strict=True)]))
+        return jnp.mean((m.apply_plain(s, x) - target) ** 2) + weight * stamped
+
+    tx = optax.adam(1e-2)
+    u, _ = tx.update(jax.grad(loss)(p0), tx.init(p0), p0)
+    assert _max_diff(q, optax.apply_updates(p0, u)) < 1e-12
+    if weight == 0.0:
+        plain, _ = D.distill(m, p0, x, teacher=w, steps=1, learning_rate=1e-2,
+                             batch_size=len(x))
+        assert _max_diff(q, plain) < 1e-15
+
+
 def test_distill_pulls_a_projected_network_back_toward_its_teacher(deep_poisoned):
     """A layer-principal projection at a small share changes the benign logits; distilling
     the deployed network into it (augmented, float64 kept) takes most of that back, and it
@@ -756,6 +783,9 @@ def test_distill_checks_its_arguments(deep_poisoned):
     broken = {**w, "fc2": {**w["fc2"], "bias": w["fc2"]["bias"].at[0].set(jnp.nan)}}
     with pytest.raises(ValueError, match="not finite: check both params"):
         D.distill(m, p0, x, teacher=broken)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="stamp_weight must be finite and >= 0"):
+            D.distill(m, p0, x, teacher=w, stamp_weight=bad)
     with pytest.raises(ValueError, match="distillation diverged"):
         D.distill(m, p0, x, teacher=w, steps=3, learning_rate=1e200)  # float64: logits ~1e600
 

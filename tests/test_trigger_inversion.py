@@ -110,6 +110,35 @@ def test_consistency_unlearning_mirrors_the_stamps_of_a_flipped_network(poisoned
     assert any(not np.allclose(u, v) for u, v in zip(leaves(a), leaves(c), strict=True))
 
 
+def test_each_weighting_gives_every_stamp_the_weight_one_stamp_has_alone(poisoned,
+                                                                       reversed_triggers):
+    """``stamp_weighting="each"`` multiplies the mean stamped term by the number of stamps:
+    with one class it is the ``"mean"`` loss, and with ``k`` classes it is
+    :func:`jaxpurify.defenses.distill` at ``stamp_weight=k``; an unknown name is refused."""
+    from jaxpurify import defenses as D
+
+    m, w, xb, _, _, _ = poisoned
+    rev, _ = reversed_triggers
+    kw = {"steps": 5, "learning_rate": 1e-2, "batch_size": 30, "hflip": False, "crop": 0}
+    leaves = jax.tree_util.tree_leaves
+    one_mean, _ = T.unlearn_consistent(m, w, xb, rev, [0], **kw)
+    one_each, info = T.unlearn_consistent(m, w, xb, rev, [0], stamp_weighting="each", **kw)
+    assert info.details["stamp_weighting"] == "each"
+    for u, v in zip(leaves(one_mean), leaves(one_each), strict=True):
+        np.testing.assert_array_equal(u, v)
+    two_each, _ = T.unlearn_consistent(m, w, xb, rev, [0, 1], stamp_weighting="each", **kw)
+    two_mean, _ = T.unlearn_consistent(m, w, xb, rev, [0, 1], **kw)
+    stamps = (rev.mask[np.array([0, 1])], rev.pattern[np.array([0, 1])])
+    ref, _ = D.distill(m, w, xb, teacher=w, steps=5, learning_rate=1e-2, batch_size=30,
+                       stamps=stamps, stamp_weight=2.0, key=jax.random.PRNGKey(0))
+    for u, v in zip(leaves(two_each), leaves(ref), strict=True):
+        np.testing.assert_array_equal(u, v)
+    assert any(not np.allclose(u, v) for u, v in zip(leaves(two_each), leaves(two_mean),
+                                                     strict=True))
+    with pytest.raises(ValueError, match="stamp_weighting must be 'mean' or 'each'"):
+        T.unlearn_consistent(m, w, xb, rev, [0], stamp_weighting="sum", **kw)
+
+
 def test_neural_cleanse_returns_the_network_unchanged_when_nothing_is_flagged(poisoned,
                                                                              reversed_triggers):
     m, w, xb, yb, _, _ = poisoned
