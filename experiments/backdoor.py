@@ -1143,6 +1143,9 @@ def _poisoning_targets(model, attack, rate, sel, clean_asr=None, reasons=None) -
               + "".join(f", NC (fine-tune) {_pct(r)}" for r in at
                         if (r["defense"], r.get("variant")) == ("nc", "fine-tune"))
               + "".join(f", {_baseline_name(b)} {_pct(base[b])}" for b in judged if b[1])
+              + "".join(f", {_label(r)} (diagnostic, not judged) ASR {100 * r['asr']:.1f}%, "
+                        f"ACC drop {100 * (none['acc'] - r['acc']):.1f} pt" for r in at
+                        if r["defense"] == "nc" and r.get("variant") in NC_DIAGNOSTICS)
               + (f"; {' and '.join(beaten)} better on both ACC and ASR than {_label(jp)}"
                  if beaten else "") + probed)
     return [{"model": model, "attack": attack, "poison_rate": rate,

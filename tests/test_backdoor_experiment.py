@@ -683,7 +683,8 @@ def test_neural_cleanse_runs_end_to_end(tmp_path):
                 [nc["consistency-top-rounds"][k] for k in ("acc", "asr")]
     (t,) = metrics["targets"]
     assert "nc/consistency-top: ASR" in t["reason"] and "NC (fine-tune)" in t["reason"]
-    assert "-each" not in t["reason"] and not t["variant"].endswith("-each")  # not judged
+    assert not t["variant"].endswith("-each")  # not judged, but quoted in the reason
+    assert "nc/consistency-top-rounds-restart-each (diagnostic, not judged) ASR" in t["reason"]
     tables = (tmp_path / "tables.md").read_text()
     assert "seconds include the trigger inversion" in tables
     assert "; diagnostic (not judged)" in tables
