@@ -399,8 +399,8 @@ def _unlearn(model, params, deployed, x, y, stamps: ReversedTriggers, *, unlearn
         rate = {} if learning_rate is None else {"learning_rate": learning_rate}
         tuned, info = unlearn_consistent(model, params, x, stamps, every, teacher=deployed,
                                          key=key, **rate, **(consistency or {}))
-        return tuned, {key: info.details[key]
-                       for key in ("steps", "stamped_gap", "stamp_weighting")}
+        return tuned, {name: info.details[name]
+                       for name in ("steps", "stamped_gap", "stamp_weighting")}
     count = max(1, int(round(stamp_fraction * x.shape[0])))
     xs, ys = [x], [y]
     for s, sub in zip(every, jax.random.split(key, len(every)), strict=True):
