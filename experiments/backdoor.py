@@ -209,6 +209,12 @@ def _poisoning(dataset: str, cfg: dict, seed: int) -> _Poisoning:
                       order, poison)
 
 
+def benign_count(budget: float, n: int) -> int:
+    """How many clean training images a benign budget (a fraction of the ``n`` training
+    images) holds: at least one."""
+    return max(1, int(round(budget * n)))
+
+
 def _deep_class(name: str):
     from jaxpurify import multilayer
 
@@ -1076,6 +1082,20 @@ def _why(r, reasons=None) -> str:
             "this readout either, and it loses accuracy like the plain one")
 
 
+def small_enough(row, none) -> bool:
+    """The data-poisoning target's ASR and ACC part: ASR < 5% with an ACC drop under 2 pt
+    from the undefended row ``none``."""
+    return row["asr"] < 0.05 and none["acc"] - row["acc"] < 0.02
+
+
+def better_on_both(baseline, row) -> bool:
+    """Whether ``baseline`` beats ``row`` on both ACC and ASR: at least as good on both and
+    better on one ("better ACC at equal ASR"; a baseline that leaves more of the backdoor in
+    is not at equal ASR)."""
+    return (baseline["asr"] <= row["asr"] and baseline["acc"] >= row["acc"]
+            and (baseline["asr"] < row["asr"] or baseline["acc"] > row["acc"]))
+
+
 def _poisoning_targets(model, attack, rate, sel, clean_asr=None, reasons=None) -> list[dict]:
     """The data-poisoning verdict at the 1% budget: met when some judged variant (of the
     defenses in :data:`JUDGED`: jaxpurify's, and NC's consistency unlearning) has ASR
@@ -1096,16 +1116,8 @@ def _poisoning_targets(model, attack, rate, sel, clean_asr=None, reasons=None) -
         return []
     none = [r for r in sel if r["defense"] == "none"][0]
 
-    def judge_one(jp, b):
-        # "better ACC at equal ASR": the baseline is not at least as good on both (and better
-        # on one); a baseline that leaves more of the backdoor in is not at equal ASR
-        return not (b["asr"] <= jp["asr"] and b["acc"] >= jp["acc"]
-                    and (b["asr"] < jp["asr"] or b["acc"] > jp["acc"]))
-
     def judge(jp):
-        small = jp["asr"] < 0.05 and none["acc"] - jp["acc"] < 0.02
-        dominates = all(judge_one(jp, base[b]) for b in judged)
-        return small, dominates
+        return small_enough(jp, none), not any(better_on_both(base[b], jp) for b in judged)
 
     # the best variant: one that meets the target, else the lowest ASR among those within
     # the ACC budget, else the lowest ASR
@@ -1136,7 +1148,7 @@ def _poisoning_targets(model, attack, rate, sel, clean_asr=None, reasons=None) -
               + (": the hidden features carry the trigger as evidence for the target class, "
                  "so a readout's low ASR from few labels comes with under-fitting"
                  if carries else ""))
-    beaten = [_baseline_name(b) for b in judged if not judge_one(jp, base[b])]
+    beaten = [_baseline_name(b) for b in judged if better_on_both(base[b], jp)]
     reason = (took + f"at {jp['n_benign']} benign images, " + "; ".join(parts)
               + f". FT ASR {_pct(base.get(('ft', None)))}, FP {_pct(base.get(('fp', None)))}, "
               f"ANP {_pct(base.get(('anp', None)))}"
@@ -1230,6 +1242,22 @@ def _plot(rows, path: Path, dataset: str):
     plt.close(fig)
 
 
+def check_defense_options(cfg: dict, dataset: str) -> None:
+    """Refuse, before anything trains, a configuration naming an unknown defense, variant,
+    recipe or ``joint`` layer (the error lists the names there are)."""
+    for key, known in (("defenses", DEFENSES), ("jaxpurify_variants", JAXPURIFY_VARIANTS),
+                       ("nc_variants", NC_VARIANTS)):
+        if set(cfg[key]) - set(known):
+            raise ValueError(f"unknown {key} {sorted(set(cfg[key]) - set(known))}; "
+                             f"choose from {list(known)}")
+    recipe_runs(cfg, dataset)
+    unknown = set(cfg["joint"]) - {*_layer_names("one-hidden"), *_layer_names(cfg["deep"])}
+    if unknown:
+        raise ValueError(f"joint: unknown layers {sorted(unknown)}; the one-hidden CNN has "
+                         f"{list(_layer_names('one-hidden'))}, {cfg['deep']} "
+                         f"{list(_layer_names(cfg['deep']))}")
+
+
 def run(*, name: str = "backdoor-mnist", quick: bool = False, out: Path, seed: int = 0,
         models=None, budgets=None, rates=None, ks=None, **options) -> dict:
     """Run the backdoor experiment; see the module docstring. Returns the metrics.
@@ -1240,27 +1268,11 @@ def run(*, name: str = "backdoor-mnist", quick: bool = False, out: Path, seed: i
     t_all = time.perf_counter()
     dataset = "cifar10" if name.endswith("cifar10") else "mnist"
     cfg = with_options(_config(dataset, quick), options)
-    if set(cfg["defenses"]) - set(DEFENSES):
-        raise ValueError(f"unknown defenses {sorted(set(cfg['defenses']) - set(DEFENSES))}; "
-                         f"choose from {list(DEFENSES)}")
     if set(cfg["attacks"]) - set(DATA_ATTACKS):
         raise ValueError(f"unknown attacks {sorted(set(cfg['attacks']) - set(DATA_ATTACKS))}; "
                          f"choose from {list(DATA_ATTACKS)} (the weight edit runs per ks)")
-    if set(cfg["jaxpurify_variants"]) - set(JAXPURIFY_VARIANTS):
-        raise ValueError(f"unknown jaxpurify_variants "
-                         f"{sorted(set(cfg['jaxpurify_variants']) - set(JAXPURIFY_VARIANTS))}; "
-                         f"choose from {list(JAXPURIFY_VARIANTS)}")
-    if set(cfg["nc_variants"]) - set(NC_VARIANTS):
-        raise ValueError(f"unknown nc_variants "
-                         f"{sorted(set(cfg['nc_variants']) - set(NC_VARIANTS))}; "
-                         f"choose from {list(NC_VARIANTS)}")
-    recipe_runs(cfg, dataset)  # an unknown recipe fails before any training
+    check_defense_options(cfg, dataset)
     models = tuple(models or cfg["models"])
-    unknown = set(cfg["joint"]) - {*_layer_names("one-hidden"), *_layer_names(cfg["deep"])}
-    if unknown:
-        raise ValueError(f"joint: unknown layers {sorted(unknown)}; the one-hidden CNN has "
-                         f"{list(_layer_names('one-hidden'))}, {cfg['deep']} "
-                         f"{list(_layer_names(cfg['deep']))}")
     budgets = tuple(budgets or cfg["budgets"])
     rates = tuple(cfg["rates"] if rates is None else rates)  # () skips data poisoning
     ks = tuple(cfg["ks"] if ks is None else ks)  # () skips the weight edit
@@ -1272,7 +1284,7 @@ def run(*, name: str = "backdoor-mnist", quick: bool = False, out: Path, seed: i
     triggers, order, n = data.triggers, data.order, len(x_tr)
 
     def benign(budget):  # nested budgets of clean training images; never the test set
-        idx = order[: max(1, int(round(budget * n)))]
+        idx = order[:benign_count(budget, n)]
         return x_tr[idx], y_tr[idx]
 
     attacker_idx = order[-cfg["edit_images"]:]  # the weight-edit attacker's clean images

@@ -31,6 +31,8 @@ EXPERIMENTS = {
     "adaptive-edit-cifar10": "experiments.adaptive_edit",
     "backdoor-row-space-mnist": "experiments.row_space_backdoor",
     "backdoor-row-space-cifar10": "experiments.row_space_backdoor",
+    "backdoor-repeats-mnist": "experiments.backdoor_repeats",
+    "backdoor-repeats-cifar10": "experiments.backdoor_repeats",
 }
 
 #: ``purify --subspace`` choices (see :mod:`jaxpurify.subspaces`).

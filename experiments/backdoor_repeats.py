@@ -1,0 +1,279 @@
+r"""How far a backdoor verdict is from the draw behind it: one setting's defenses, repeated.
+
+The backdoor experiment (:mod:`experiments.backdoor`) measures every defense once per
+setting, on one benign draw (the first ``n`` images of a seeded order of the training set)
+with one PRNG key (where trigger inversion starts, the minibatch order). Where a judged row
+lands at the target's edge (the 10-epoch small VGG: NC's ``consistency`` 5.34% ASR on
+BadNets 10%, ``consistency-top`` 5.02% on Blended 10%, against ASR < 5%), one run cannot tell
+a defense that misses from a draw that missed. This experiment runs the defenses of one
+setting (``model``, ``attack``, poison ``rate``, benign ``budget``) ``repeats`` times on the
+same poisoned network (trained once, or loaded from ``networks`` where the backdoor
+experiment stored it):
+
+* repeat 0 is the backdoor experiment's own draw and key, so its rows are that
+  experiment's rows (measured: equal to the digit);
+* repeat ``r > 0`` draws afresh what ``vary`` names: ``"benign"``, another ``n`` clean
+  training images (a seeded permutation of the images outside the weight-edit attacker's;
+  never the test set), and ``"key"``, another key (``fold_in(key, r)``).
+
+For each defense row it reports the mean, standard deviation, min and max of ACC and ASR over
+the repeats, in how many the row has ASR < 5% with an ACC drop < 2 pt
+(:func:`experiments.backdoor.small_enough`), and, for the judged rows (jaxpurify's and NC's)
+when FT or FP run too, in how many no FT or FP row of the same repeat beats it on both
+(:func:`experiments.backdoor.better_on_both`). A diagnostic, not a verdict: the backdoor
+experiment's verdicts keep its own draw, and this run writes no ``targets``.
+
+Writes ``metrics.json`` (``rows``: the backdoor experiment's rows with ``repeat``,
+``benign_draw`` and ``key_draw``; ``summary``: one entry per defense row), ``tables.md``
+and ``repeats.png`` (ASR against ACC drop, one point per repeat, the target's box shaded).
+``--set networks=DIR`` loads the poisoned network the backdoor experiment stored there (the
+same key: dataset, model, seed, poisoning, training settings and code).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from experiments import backdoor as B
+from experiments._common import environment, pyplot, save_fig, with_options, write_metrics
+from jaxpurify import attacks as A
+
+#: What a later repeat may draw afresh (``vary``).
+VARIABLES = ("benign", "key")
+
+#: The grid's settings this experiment replaces by one setting (``model``, ``attack``,
+#: ``rate``, ``budget``).
+_GRID_KEYS = ("models", "rates", "budgets", "ks", "attacks", "probe_steps")
+
+
+def _config(dataset: str, quick: bool) -> dict:
+    """The backdoor experiment's configuration (so a stored network's key matches), one
+    setting instead of its grid, and NC's judged one-round rows as the defenses."""
+    cfg = {k: v for k, v in B._config(dataset, quick).items() if k not in _GRID_KEYS}
+    cfg.update(model="one-hidden" if quick else cfg["deep"], attack="badnets", rate=0.1,
+               budget=0.01, repeats=3 if quick else 5, vary=VARIABLES, defenses=("nc",),
+               nc_variants=("consistency", "consistency-top"))
+    return cfg
+
+
+def _check(cfg: dict, dataset: str) -> None:
+    B.check_defense_options(cfg, dataset)
+    models = ("one-hidden", cfg["deep"])
+    if cfg["model"] not in models:
+        raise ValueError(f"unknown model {cfg['model']!r}; on {dataset} choose from "
+                         f"{list(models)}")
+    if cfg["attack"] not in B.DATA_ATTACKS:
+        raise ValueError(f"unknown attack {cfg['attack']!r}; choose from "
+                         f"{list(B.DATA_ATTACKS)}")
+    if not 0 < cfg["rate"] < 1 or not 0 < cfg["budget"] < 1:
+        raise ValueError(f"rate and budget are fractions of the training set in (0, 1); got "
+                         f"rate={cfg['rate']}, budget={cfg['budget']}")
+    if not isinstance(cfg["repeats"], int) or cfg["repeats"] < 1:
+        raise ValueError(f"repeats must be a positive integer (repeat 0 is the backdoor "
+                         f"experiment's own draw); got {cfg['repeats']!r}")
+    if isinstance(cfg["vary"], str) or set(cfg["vary"]) - set(VARIABLES):
+        raise ValueError(f"vary must be a tuple of {list(VARIABLES)} (empty: every repeat "
+                         f"the same, a determinism check); got {cfg['vary']!r}")
+
+
+def draws(order: np.ndarray, count: int, edit_images: int, seed: int, repeat: int,
+          vary) -> tuple[np.ndarray, jax.Array]:
+    """Repeat ``repeat``'s benign indices and defense key.
+
+    Repeat 0, and every repeat for what ``vary`` leaves out, takes the backdoor experiment's:
+    the first ``count`` indices of ``order`` and ``PRNGKey(seed + 11)``. A fresh benign draw
+    is ``count`` indices of a permutation (keyed by ``seed`` and ``repeat``) of
+    ``order[:-edit_images]``, the images the weight-edit attacker does not hold; a fresh key
+    is ``fold_in(PRNGKey(seed + 11), repeat)``.
+    """
+    key = jax.random.PRNGKey(seed + 11)
+    idx = order[:count]
+    if repeat and "benign" in vary:
+        pool = order[:len(order) - edit_images]
+        pick = jax.random.permutation(jax.random.fold_in(jax.random.PRNGKey(seed + 7), repeat),
+                                      len(pool))
+        idx = pool[np.asarray(pick)[:count]]
+    if repeat and "key" in vary:
+        key = jax.random.fold_in(key, repeat)
+    return idx, key
+
+
+def _judged(r) -> bool:
+    return r["defense"] in B.JUDGED and r["variant"] is not None and r["variant"] != "designed"
+
+
+def judge_repeats(rows: list[dict]) -> None:
+    """Mark each defended row (in place) with ``small_enough`` (ASR < 5%, ACC drop < 2 pt
+    from its repeat's undefended row) and, for a judged row where FT or FP rows (published
+    recipes) share its repeat, ``not_beaten`` (none of them better on both ACC and ASR)."""
+    none = next(r for r in rows if r["defense"] == "none")
+    for r in rows:
+        if r["defense"] == "none" or r["acc"] is None:
+            continue
+        r["small_enough"] = B.small_enough(r, none)
+        base = [b for b in rows if b["repeat"] == r["repeat"] and b["defense"] in ("ft", "fp")
+                and b["acc"] is not None and B._published(b)]
+        if _judged(r) and base:
+            r["not_beaten"] = not any(B.better_on_both(b, r) for b in base)
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One entry per defense row (``defense``, ``variant``) over the repeats: ``n``, mean,
+    standard deviation (``ddof=1``; 0 for one repeat), min and max of ``acc`` and ``asr``,
+    the mean ACC drop from the undefended row, and counts of the repeats whose row is
+    ``small_enough`` and (where judged against FT and FP) also ``not_beaten``."""
+    none = next(r for r in rows if r["defense"] == "none")
+    out = []
+    for defense, variant in dict.fromkeys((r["defense"], r["variant"]) for r in rows
+                                          if r["budget"] > 0 and r["acc"] is not None):
+        rs = [r for r in rows if (r["defense"], r["variant"]) == (defense, variant)
+              and r["budget"] > 0 and r["acc"] is not None]
+        entry = {"defense": defense, "variant": variant, "n": len(rs),
+                 "repeats": [r["repeat"] for r in rs]}
+        for field in ("acc", "asr"):
+            v = np.array([r[field] for r in rs], dtype=float)
+            entry.update({f"{field}_mean": float(v.mean()),
+                          f"{field}_std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                          f"{field}_min": float(v.min()), f"{field}_max": float(v.max())})
+        entry["acc_drop_mean"] = none["acc"] - entry["acc_mean"]
+        entry["small_enough"] = sum(r["small_enough"] for r in rs)
+        if all("not_beaten" in r for r in rs):
+            entry["met"] = sum(r["small_enough"] and r["not_beaten"] for r in rs)
+        out.append(entry)
+    return out
+
+
+def _name(defense, variant) -> str:
+    return defense if variant is None else f"{defense} {variant}"
+
+
+def _tables(rows, summary, none, setting: str) -> str:
+    lines = [f"## {setting}", "",
+             f"Undefended: ACC {100 * none['acc']:.2f}%, ASR {100 * none['asr']:.2f}%. Each "
+             "defense row over the repeats (ACC / ASR in %, mean ± standard deviation, "
+             "[min, max]); *small* counts the repeats with ASR < 5% and an ACC drop < 2 pt, "
+             "*met* those where also no FT or FP row of the same repeat is better on both "
+             "(judged rows, where FT or FP ran).", "",
+             "| defense | repeats | ACC | ASR | ACC drop (pt) | small | met |",
+             "|---|---|---|---|---|---|---|"]
+    for s in summary:
+        cells = [f"{100 * s[f + '_mean']:.2f} ± {100 * s[f + '_std']:.2f} "
+                 f"[{100 * s[f + '_min']:.2f}, {100 * s[f + '_max']:.2f}]"
+                 for f in ("acc", "asr")]
+        met = f"{s['met']} of {s['n']}" if "met" in s else "—"
+        lines.append(f"| {_name(s['defense'], s['variant'])} | {s['n']} | {cells[0]} | "
+                     f"{cells[1]} | {100 * s['acc_drop_mean']:.2f} | "
+                     f"{s['small_enough']} of {s['n']} | {met} |")
+    lines += ["", "Every repeat (ACC / ASR in %; draws: the benign images and the key, "
+              "`grid` where they are the backdoor experiment's):", "",
+              "| repeat | benign | key | defense | ACC / ASR | ACC drop (pt) | seconds |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["budget"] > 0 and r["acc"] is not None:
+            lines.append(f"| {r['repeat']} | {r['benign_draw']} | {r['key_draw']} | "
+                         f"{_name(r['defense'], r['variant'])} | {100 * r['acc']:.2f} / "
+                         f"{100 * r['asr']:.2f} | {100 * (none['acc'] - r['acc']):.2f} | "
+                         f"{r['seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows, none, out: Path, setting: str) -> Path:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    ax.axvspan(-100, 2, ymax=1, color="0.9", zorder=0, lw=0)
+    pairs = list(dict.fromkeys((r["defense"], r["variant"]) for r in rows
+                               if r["budget"] > 0 and r["acc"] is not None))
+    for i, (defense, variant) in enumerate(pairs):
+        rs = [r for r in rows if (r["defense"], r["variant"]) == (defense, variant)
+              and r["budget"] > 0 and r["acc"] is not None]
+        ax.scatter([100 * (none["acc"] - r["acc"]) for r in rs], [100 * r["asr"] for r in rs],
+                   marker="os^Dv<>ph*"[i % 10], s=22, label=_name(defense, variant),
+                   edgecolors=["k" if r["repeat"] == 0 else "none" for r in rs])
+    ax.axhline(5, color="0.4", lw=0.8, ls="--")
+    ax.axvline(2, color="0.4", lw=0.8, ls="--")
+    ax.set_xlim(left=min(-0.5, ax.get_xlim()[0]))
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("ACC drop (pt)")
+    ax.set_ylabel("ASR %")
+    ax.set_title(f"{setting}: one point per repeat (outlined: the grid's draw);\n"
+                 "target: below the dashed ASR line, left of the dashed ACC line", fontsize=8)
+    ax.legend(fontsize=7, loc="upper right")
+    return save_fig(fig, out, "repeats.png")
+
+
+def run(*, name: str = "backdoor-repeats-mnist", quick: bool = False, out: Path,
+        seed: int = 0, **options) -> dict:
+    """Run the repeats; see the module docstring. Returns the metrics.
+
+    ``options`` override the configuration: ``model``, ``attack``, ``rate``, ``budget``,
+    ``repeats``, ``vary`` and the backdoor experiment's defense and training settings
+    (``defenses``, ``nc_variants``, ``jaxpurify_variants``, ``ft_recipes``, ``networks``, ...).
+    """
+    t_all = time.perf_counter()
+    dataset = "cifar10" if name.endswith("cifar10") else "mnist"
+    cfg = with_options(_config(dataset, quick), options)
+    _check(cfg, dataset)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = B._poisoning(dataset, cfg, seed)
+    x_tr, y_tr, x_te, y_te = data.x_tr, data.y_tr, data.x_te, data.y_te
+    count = B.benign_count(cfg["budget"], len(x_tr))
+    model = B._Model(cfg["model"], dataset, cfg, x_tr.shape[1:])
+    trigger = data.triggers[cfg["attack"]]
+
+    def evaluate(q):
+        return (A.accuracy(model.module, q, x_te, y_te),
+                A.attack_success_rate(model.module, q, x_te, y_te, B.TARGET, trigger))
+
+    init_plain = model.module.materialize(model.init(seed))
+    networks: dict = {}
+    xp, yp = data.poison(cfg["attack"], cfg["rate"])
+    params, t_train = model.trained(np.asarray(xp), np.asarray(yp), seed,
+                                    store=cfg["networks"],
+                                    poisoning=(cfg["attack"], cfg["rate"]), record=networks)
+    setting = (f"{dataset} {cfg['model']} {cfg['attack']} {100 * cfg['rate']:g}%, "
+               f"{100 * cfg['budget']:g}% budget ({count} images)")
+    rows = []
+    for repeat in range(cfg["repeats"]):
+        idx, key = draws(data.order, count, cfg["edit_images"], seed, repeat, cfg["vary"])
+        fresh = {v: bool(repeat) and v in cfg["vary"] for v in VARIABLES}
+        rs = B._defend(model, params, lambda _budget, idx=idx: (x_tr[idx], y_tr[idx]),
+                       (cfg["budget"],), evaluate, key, init_params=init_plain,
+                       row_space=True)
+        for r in rs:
+            r.pop("_params", None)
+            if r["budget"] == 0 and repeat:  # undefended and data-free: the same every time
+                continue
+            if r["defense"] == "none":
+                r["seconds"] = t_train
+            rows.append({"dataset": dataset, "model": cfg["model"], "attack": cfg["attack"],
+                         "poison_rate": cfg["rate"], "k": None, "repeat": repeat,
+                         "benign_draw": f"fresh {repeat}" if fresh["benign"] else "grid",
+                         "key_draw": f"fresh {repeat}" if fresh["key"] else "grid", **r})
+        done = [r for r in rows if r["repeat"] == repeat and r["budget"] > 0]
+        print(f"[repeat {repeat + 1}/{cfg['repeats']}] " + "; ".join(
+            f"{_name(r['defense'], r['variant'])} {B._fmt(r['acc'])} / {B._fmt(r['asr'])}"
+            for r in done), flush=True)
+    judge_repeats(rows)
+    summary = summarize(rows)
+    none = next(r for r in rows if r["defense"] == "none")
+    tables = _tables(rows, summary, none, setting)
+    (out / "tables.md").write_text(tables)
+    _plot(rows, none, out, setting)
+    metrics = {
+        "experiment": name, "dataset": dataset, "quick": quick, "seed": seed,
+        "setup": {"train_size": int(len(x_tr)), "test_size": int(len(y_te)),
+                  "target": B.TARGET, "n_benign": count,
+                  "config": {k: v for k, v in cfg.items() if k not in B.NOT_MODEL_CONFIG},
+                  **({"networks": {"dir": str(cfg["networks"]), **networks}}
+                     if cfg["networks"] else {})},
+        "rows": rows, "summary": summary, "seconds": time.perf_counter() - t_all,
+        "environment": environment(t_all)}
+    write_metrics(out, metrics)
+    print(tables)
+    return metrics
+
