@@ -1,0 +1,117 @@
+"""The repeats experiment (experiments/backdoor_repeats.py): one setting's defenses re-run on
+fresh benign draws and keys, repeat 0 being the backdoor experiment's own."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+backdoor = pytest.importorskip("experiments.backdoor")
+repeats = pytest.importorskip("experiments.backdoor_repeats")
+
+TINY = dict(quick=True, train_limit=2000, test_limit=500)
+
+
+def test_repeat_zero_is_the_grid_draw_and_later_ones_are_fresh():
+    order = np.arange(1000)[::-1].copy()
+    idx0, key0 = repeats.draws(order, 20, 256, 0, 0, ("benign", "key"))
+    np.testing.assert_array_equal(idx0, order[:20])
+    np.testing.assert_array_equal(key0, jax.random.PRNGKey(11))
+    fresh = [repeats.draws(order, 20, 256, 0, r, ("benign", "key")) for r in (1, 2)]
+    for idx, key in fresh:
+        assert len(set(idx.tolist())) == 20  # no image twice
+        assert not set(idx.tolist()) & set(order[-256:].tolist())  # never the attacker's
+        assert not np.array_equal(idx, idx0) and not np.array_equal(key, key0)
+    assert not np.array_equal(fresh[0][0], fresh[1][0])
+    assert not np.array_equal(fresh[0][1], fresh[1][1])
+    idx, key = repeats.draws(order, 20, 256, 0, 1, ("key",))  # only the key afresh
+    np.testing.assert_array_equal(idx, idx0)
+    assert not np.array_equal(key, key0)
+    idx, key = repeats.draws(order, 20, 256, 0, 1, ("benign",))  # only the images afresh
+    assert not np.array_equal(idx, idx0)
+    np.testing.assert_array_equal(key, key0)
+
+
+def _row(repeat, defense, variant, acc, asr, budget=0.01):
+    return {"repeat": repeat, "defense": defense, "variant": variant, "budget": budget,
+            "acc": acc, "asr": asr}
+
+
+def test_judge_and_summary_count_the_repeats_that_meet_the_target():
+    rows = [_row(0, "none", None, 0.70, 0.99, budget=0.0),
+            _row(0, "nc", "consistency-top", 0.69, 0.04),   # small, FT not better on both
+            _row(0, "ft", None, 0.60, 0.01),
+            _row(1, "nc", "consistency-top", 0.695, 0.06),  # ASR too high
+            _row(1, "ft", None, 0.60, 0.01),
+            _row(2, "nc", "consistency-top", 0.60, 0.01),   # small? no: 10 pt drop; FT equal
+            _row(2, "ft", None, 0.61, 0.01)]                # better on both (ACC, same ASR)
+    repeats.judge_repeats(rows)
+    nc = [r for r in rows if r["defense"] == "nc"]
+    assert [r["small_enough"] for r in nc] == [True, False, False]
+    assert [r["not_beaten"] for r in nc] == [True, True, False]
+    assert all("not_beaten" not in r for r in rows if r["defense"] == "ft")  # not judged
+    summary = {s["defense"]: s for s in repeats.summarize(rows)}
+    s = summary["nc"]
+    asr = np.array([0.04, 0.06, 0.01])
+    assert s["n"] == 3 and s["repeats"] == [0, 1, 2]
+    assert s["asr_mean"] == pytest.approx(asr.mean())
+    assert s["asr_std"] == pytest.approx(asr.std(ddof=1))
+    assert (s["asr_min"], s["asr_max"]) == (0.01, 0.06)
+    assert s["acc_drop_mean"] == pytest.approx(0.70 - np.mean([0.69, 0.695, 0.60]))
+    assert s["small_enough"] == 1 and s["met"] == 1
+    assert "met" not in summary["ft"]  # a baseline is not judged against itself
+    alone = [r for r in rows if r["defense"] != "ft"]  # without FT, nothing to be beaten by
+    for r in alone:
+        r.pop("not_beaten", None)
+    repeats.judge_repeats(alone)
+    assert "met" not in repeats.summarize(alone)[0]
+
+
+@pytest.mark.parametrize("option, match", [
+    ({"model": "resnet"}, "unknown model 'resnet'"),
+    ({"attack": "weight-edit"}, "unknown attack"),
+    ({"repeats": 0}, "repeats must be a positive integer"),
+    ({"vary": "key"}, "vary must be a tuple"),
+    ({"vary": ("bogus",)}, "vary must be a tuple"),
+    ({"budget": 0.0}, "fractions of the training set"),
+    ({"defenses": ("ft", "bogus")}, r"unknown defenses \['bogus'\]"),
+    ({"nc_variants": ("bogus",)}, r"unknown nc_variants \['bogus'\]"),
+])
+def test_bad_settings_are_refused_before_anything_runs(tmp_path, option, match):
+    with pytest.raises(ValueError, match=match):
+        repeats.run(out=tmp_path, **TINY, **option)
+
+
+def test_repeats_end_to_end_repeat_zero_equals_the_backdoor_experiment(tmp_path):
+    kw = dict(TINY, defenses=("jaxpurify", "ft"), jaxpurify_variants=("benign-readout",))
+    grid = backdoor.run(out=tmp_path / "grid", ks=(), attacks=("badnets",), **kw)
+    m = repeats.run(out=tmp_path / "rep", repeats=3, **kw)
+    assert "targets" not in m  # a diagnostic, never a verdict
+    on_disk = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert on_disk["summary"] == m["summary"]
+    assert (tmp_path / "rep" / "repeats.png").is_file()
+    assert "| jaxpurify benign-readout | 3 |" in (tmp_path / "rep" / "tables.md").read_text()
+
+    def numbers(rows, **match):
+        return {(r["defense"], r["variant"]): (r["acc"], r["asr"]) for r in rows
+                if all(r.get(k) == v for k, v in match.items())}
+
+    # repeat 0 is the grid's draw and key: the same numbers, bit for bit
+    assert numbers(m["rows"], repeat=0) == numbers(grid["rows"])
+    assert [r["benign_draw"] for r in m["rows"] if r["defense"] == "ft"] == \
+        ["grid", "fresh 1", "fresh 2"]
+    # the undefended and data-free rows are measured once
+    assert [r["repeat"] for r in m["rows"] if r["budget"] == 0] == [0, 0]
+    # a fresh draw re-fits the readout on other images: other numbers
+    readout = [r["acc"] for r in m["rows"] if r["variant"] == "benign-readout"]
+    assert len(set(readout)) > 1
+    s = next(s for s in m["summary"] if s["variant"] == "benign-readout")
+    assert s["acc_mean"] == pytest.approx(np.mean(readout))
+    assert "met" in s  # judged against the FT row of each repeat
+
+    # nothing varied: every repeat is the grid's (the defenses are deterministic)
+    same = repeats.run(out=tmp_path / "same", repeats=2, vary=(), **dict(kw, defenses=("ft",)))
+    ft = [(r["acc"], r["asr"]) for r in same["rows"] if r["defense"] == "ft"]
+    assert ft == [numbers(grid["rows"])[("ft", None)]] * 2
+    assert same["summary"][0]["acc_std"] == 0.0
