@@ -18,13 +18,15 @@ experiment stored it):
 
 For each defense row it reports the mean, standard deviation, min and max of ACC and ASR over
 the repeats, in how many the row has ASR < 5% with an ACC drop < 2 pt
-(:func:`experiments.backdoor.small_enough`), and, for the judged rows (jaxpurify's and NC's)
-when FT or FP run too, in how many no FT or FP row of the same repeat beats it on both
-(:func:`experiments.backdoor.better_on_both`). A diagnostic, not a verdict: the backdoor
+(:func:`experiments.backdoor.small_enough`), and, for jaxpurify's and NC's rows when FT or FP
+run too, in how many no FT or FP row of the same repeat beats it on both
+(:func:`experiments.backdoor.better_on_both`); and in how many repeats the verdict, judged
+on that repeat alone, is met. A diagnostic, not a verdict: the backdoor
 experiment's verdicts keep its own draw, and this run writes no ``targets``.
 
 Writes ``metrics.json`` (``rows``: the backdoor experiment's rows with ``repeat``,
-``benign_draw`` and ``key_draw``; ``summary``: one entry per defense row), ``tables.md``
+``benign_draw`` and ``key_draw``; ``summary``: one entry per defense row; ``verdicts``: in
+how many repeats some judged row meets the target, :func:`verdicts`), ``tables.md``
 and ``repeats.png`` (ASR against ACC drop, one point per repeat, the target's box shaded).
 ``--set networks=DIR`` loads the poisoned network the backdoor experiment stored there (the
 same key: dataset, model, seed, poisoning, training settings and code).
@@ -102,14 +104,22 @@ def draws(order: np.ndarray, count: int, edit_images: int, seed: int, repeat: in
     return idx, key
 
 
+def _against_baselines(r) -> bool:
+    """A row compared with FT and FP: jaxpurify's and NC's with data (the diagnostics too)."""
+    return r["defense"] in B.JUDGED and r["budget"] > 0
+
+
 def _judged(r) -> bool:
-    return r["defense"] in B.JUDGED and r["variant"] is not None and r["variant"] != "designed"
+    """A row the backdoor experiment's verdict judges (not NC's diagnostics nor its
+    ``fine-tune``)."""
+    return _against_baselines(r) and r["variant"] in B._VARIANT_WHY
 
 
 def judge_repeats(rows: list[dict]) -> None:
     """Mark each defended row (in place) with ``small_enough`` (ASR < 5%, ACC drop < 2 pt
-    from its repeat's undefended row) and, for a judged row where FT or FP rows (published
-    recipes) share its repeat, ``not_beaten`` (none of them better on both ACC and ASR)."""
+    from its repeat's undefended row) and, for a jaxpurify or NC row where FT or FP rows
+    (published recipes) share its repeat, ``not_beaten`` (none of them better on both ACC
+    and ASR)."""
     none = next(r for r in rows if r["defense"] == "none")
     for r in rows:
         if r["defense"] == "none" or r["acc"] is None:
@@ -117,7 +127,7 @@ def judge_repeats(rows: list[dict]) -> None:
         r["small_enough"] = B.small_enough(r, none)
         base = [b for b in rows if b["repeat"] == r["repeat"] and b["defense"] in ("ft", "fp")
                 and b["acc"] is not None and B._published(b)]
-        if _judged(r) and base:
+        if _against_baselines(r) and base:
             r["not_beaten"] = not any(B.better_on_both(b, r) for b in base)
 
 
@@ -147,12 +157,31 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+def verdicts(rows: list[dict]) -> dict:
+    """What the backdoor experiment's verdict would say on each repeat alone: ``judged``
+    (the judged rows measured), and the counts of repeats where some judged row is
+    ``small_enough`` and, where every judged row was judged against FT or FP, ``met`` (also
+    ``not_beaten``); ``repeats``: how many there were."""
+    judged = [r for r in rows if r["budget"] > 0 and r["acc"] is not None and _judged(r)]
+    out = {"judged": sorted({_name(r["defense"], r["variant"]) for r in judged}),
+           "repeats": len({r["repeat"] for r in rows}),
+           "small_enough": len({r["repeat"] for r in judged if r["small_enough"]})}
+    if judged and all("not_beaten" in r for r in judged):
+        out["met"] = len({r["repeat"] for r in judged if r["small_enough"] and r["not_beaten"]})
+    return out
+
+
 def _name(defense, variant) -> str:
     return defense if variant is None else f"{defense} {variant}"
 
 
-def _tables(rows, summary, none, setting: str) -> str:
+def _tables(rows, summary, verdict, none, setting: str) -> str:
+    met = (f", and met (no FT or FP row better on both) in {verdict['met']}"
+           if "met" in verdict else "")
     lines = [f"## {setting}", "",
+             f"The backdoor verdict on each repeat alone: some judged row ("
+             f"{', '.join(verdict['judged']) or 'none run'}) has ASR < 5% with an ACC drop "
+             f"< 2 pt in {verdict['small_enough']} of {verdict['repeats']} repeats{met}.", "",
              f"Undefended: ACC {100 * none['acc']:.2f}%, ASR {100 * none['asr']:.2f}%. Each "
              "defense row over the repeats (ACC / ASR in %, mean ± standard deviation, "
              "[min, max]); *small* counts the repeats with ASR < 5% and an ACC drop < 2 pt, "
@@ -270,8 +299,9 @@ def run(*, name: str = "backdoor-repeats-mnist", quick: bool = False, out: Path,
             for r in done), flush=True)
     judge_repeats(rows)
     summary = summarize(rows)
+    verdict = verdicts(rows)
     none = next(r for r in rows if r["defense"] == "none")
-    tables = _tables(rows, summary, none, setting)
+    tables = _tables(rows, summary, verdict, none, setting)
     (out / "tables.md").write_text(tables)
     _plot(rows, none, out, setting)
     metrics = {
@@ -281,7 +311,8 @@ def run(*, name: str = "backdoor-repeats-mnist", quick: bool = False, out: Path,
                   "config": {k: v for k, v in cfg.items() if k not in B.NOT_MODEL_CONFIG},
                   **({"networks": {"dir": str(cfg["networks"]), **networks}}
                      if cfg["networks"] else {})},
-        "rows": rows, "summary": summary, "seconds": time.perf_counter() - t_all,
+        "rows": rows, "summary": summary, "verdicts": verdict,
+        "seconds": time.perf_counter() - t_all,
         "environment": environment(t_all)}
     write_metrics(out, metrics)
     print(tables)

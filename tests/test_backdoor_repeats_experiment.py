@@ -61,11 +61,20 @@ def test_judge_and_summary_count_the_repeats_that_meet_the_target():
     assert s["acc_drop_mean"] == pytest.approx(0.70 - np.mean([0.69, 0.695, 0.60]))
     assert s["small_enough"] == 1 and s["met"] == 1
     assert "met" not in summary["ft"]  # a baseline is not judged against itself
+    assert repeats.verdicts(rows) == {"judged": ["nc consistency-top"], "repeats": 3,
+                                      "small_enough": 1, "met": 1}
+    # a diagnostic row meeting the target in another repeat counts for itself, not the verdict
+    rows.append(_row(1, "nc", "consistency-rounds-restart-each", 0.69, 0.01))
+    repeats.judge_repeats(rows)
+    each = {s["variant"]: s for s in repeats.summarize(rows)}["consistency-rounds-restart-each"]
+    assert each["small_enough"] == 1 and each["met"] == 1
+    assert repeats.verdicts(rows)["met"] == 1
     alone = [r for r in rows if r["defense"] != "ft"]  # without FT, nothing to be beaten by
     for r in alone:
         r.pop("not_beaten", None)
     repeats.judge_repeats(alone)
     assert "met" not in repeats.summarize(alone)[0]
+    assert "met" not in repeats.verdicts(alone)
 
 
 @pytest.mark.parametrize("option, match", [
@@ -109,6 +118,8 @@ def test_repeats_end_to_end_repeat_zero_equals_the_backdoor_experiment(tmp_path)
     s = next(s for s in m["summary"] if s["variant"] == "benign-readout")
     assert s["acc_mean"] == pytest.approx(np.mean(readout))
     assert "met" in s  # judged against the FT row of each repeat
+    assert m["verdicts"]["judged"] == ["jaxpurify benign-readout"]
+    assert m["verdicts"]["repeats"] == 3 and "met" in m["verdicts"]
 
     # nothing varied: every repeat is the grid's (the defenses are deterministic)
     same = repeats.run(out=tmp_path / "same", repeats=2, vary=(), **dict(kw, defenses=("ft",)))
