@@ -34,6 +34,7 @@ same key: dataset, model, seed, poisoning, training settings and code).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -274,8 +275,6 @@ def run(*, name: str = "backdoor-repeats-mnist", quick: bool = False, out: Path,
     params, t_train = model.trained(np.asarray(xp), np.asarray(yp), seed,
                                     store=cfg["networks"],
                                     poisoning=(cfg["attack"], cfg["rate"]), record=networks)
-    setting = (f"{dataset} {cfg['model']} {cfg['attack']} {100 * cfg['rate']:g}%, "
-               f"{100 * cfg['budget']:g}% budget ({count} images)")
     rows = []
     for repeat in range(cfg["repeats"]):
         idx, key = draws(data.order, count, cfg["edit_images"], seed, repeat, cfg["vary"])
@@ -297,13 +296,6 @@ def run(*, name: str = "backdoor-repeats-mnist", quick: bool = False, out: Path,
         print(f"[repeat {repeat + 1}/{cfg['repeats']}] " + "; ".join(
             f"{_name(r['defense'], r['variant'])} {B._fmt(r['acc'])} / {B._fmt(r['asr'])}"
             for r in done), flush=True)
-    judge_repeats(rows)
-    summary = summarize(rows)
-    verdict = verdicts(rows)
-    none = next(r for r in rows if r["defense"] == "none")
-    tables = _tables(rows, summary, verdict, none, setting)
-    (out / "tables.md").write_text(tables)
-    _plot(rows, none, out, setting)
     metrics = {
         "experiment": name, "dataset": dataset, "quick": quick, "seed": seed,
         "setup": {"train_size": int(len(x_tr)), "test_size": int(len(y_te)),
@@ -311,10 +303,52 @@ def run(*, name: str = "backdoor-repeats-mnist", quick: bool = False, out: Path,
                   "config": {k: v for k, v in cfg.items() if k not in B.NOT_MODEL_CONFIG},
                   **({"networks": {"dir": str(cfg["networks"]), **networks}}
                      if cfg["networks"] else {})},
-        "rows": rows, "summary": summary, "verdicts": verdict,
-        "seconds": time.perf_counter() - t_all,
-        "environment": environment(t_all)}
+        "rows": rows}
+    _judge_and_write(out, metrics)
+    metrics.update(seconds=time.perf_counter() - t_all, environment=environment(t_all))
     write_metrics(out, metrics)
-    print(tables)
+    print((out / "tables.md").read_text())
     return metrics
 
+
+def _judge_and_write(out: Path, metrics: dict) -> None:
+    """Judge ``metrics["rows"]`` (in place: the rows' marks, ``summary``, ``verdicts``) and
+    write ``tables.md`` and ``repeats.png``."""
+    rows = metrics["rows"]
+    for r in rows:  # judged afresh
+        r.pop("small_enough", None)
+        r.pop("not_beaten", None)
+    judge_repeats(rows)
+    metrics["summary"] = summarize(rows)
+    metrics["verdicts"] = verdicts(rows)
+    setup, cfg = metrics["setup"], metrics["setup"]["config"]
+    setting = (f"{metrics['dataset']} {cfg['model']} {cfg['attack']} {100 * cfg['rate']:g}%, "
+               f"{100 * cfg['budget']:g}% budget ({setup['n_benign']} images)")
+    none = next(r for r in rows if r["defense"] == "none")
+    (out / "tables.md").write_text(
+        _tables(rows, metrics["summary"], metrics["verdicts"], none, setting))
+    _plot(rows, none, out, setting)
+
+
+def rejudge(out: Path | str) -> dict:
+    """Re-derive a finished run's marks, ``summary`` and ``verdicts`` from its stored rows
+    (no new measurement) with the current rules; rewrites ``metrics.json`` and ``tables.md``
+    and redraws ``repeats.png``. ``python -m experiments.backdoor_repeats --rejudge DIR``."""
+    out = Path(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    _judge_and_write(out, metrics)
+    write_metrics(out, metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.backdoor_repeats",
+        description="Re-derive the summary and verdict counts of a repeats run.")
+    parser.add_argument("--rejudge", type=Path, metavar="DIR", required=True,
+                        help="a folder written by `jaxpurify run backdoor-repeats-*`")
+    args = parser.parse_args()
+    rejudge(args.rejudge)
+    print((args.rejudge / "tables.md").read_text())

@@ -121,6 +121,12 @@ def test_repeats_end_to_end_repeat_zero_equals_the_backdoor_experiment(tmp_path)
     assert m["verdicts"]["judged"] == ["jaxpurify benign-readout"]
     assert m["verdicts"]["repeats"] == 3 and "met" in m["verdicts"]
 
+    # re-judged from the stored rows: the same marks, summary and verdicts
+    stored = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    again = repeats.rejudge(tmp_path / "rep")
+    for field in ("rows", "summary", "verdicts"):
+        assert again[field] == stored[field]
+
     # nothing varied: every repeat is the grid's (the defenses are deterministic)
     same = repeats.run(out=tmp_path / "same", repeats=2, vary=(), **dict(kw, defenses=("ft",)))
     ft = [(r["acc"], r["asr"]) for r in same["rows"] if r["defense"] == "ft"]
