@@ -262,6 +262,7 @@ def backdoor_targets(runs: list[tuple[str, dict]]) -> list[str]:
         lines += _table(["dataset", "model", "attack", "poison", "undefended", "judged defense",
                          "defended", "ACC drop (pt)", "target", "runs"],
                         [[*cells, link(names)] for (_, cells), names in sorted(data.items())])
+    lines += repeat_verdicts(runs, link)
     if edits:
         cells = [c for row in edits.values() for c in row.values()]
         met = sum(c.endswith(" met") for c in cells)
@@ -273,6 +274,55 @@ def backdoor_targets(runs: list[tuple[str, dict]]) -> list[str]:
                         [[d, mdl, clean, *[row.get(k, "—") for k in ks_sorted], link([name])]
                          for (d, mdl, clean, name), row in sorted(edits.items())])
     return lines + [""]
+
+
+def _met_at(rows: list[dict], repeat: int) -> bool:
+    """Whether a judged row of repeat ``repeat`` meets the target (marks of a repeats run)."""
+    return any(r.get("small_enough") and r.get("not_beaten", True) for r in rows
+               if r.get("repeat") == repeat and r.get("judged"))
+
+
+def repeat_verdicts(runs: list[tuple[str, dict]], link) -> list[str]:
+    """The repeats runs (``backdoor-repeats-*``: a ``verdicts`` entry) as one table: per
+    setting, in how many repeats the verdict judged on that repeat alone is met, whether
+    the backdoor experiment's own draw (repeat 0) meets it, and the judged row that meets
+    it most often (ties: mean ACC drop within 2 pt, then the lowest mean ASR)."""
+    out = []
+    for name, m in runs:
+        v, cfg = m.get("verdicts"), (m.get("setup") or {}).get("config") or {}
+        if not isinstance(v, dict) or "repeats" not in v or not m.get("summary"):
+            continue
+        judged = [s for s in m["summary"] if _row_name(s) in v["judged"]]
+        if not judged:
+            continue
+        # as the verdict ranks: the row meeting the target most often, then within the ACC
+        # budget on average, then the lowest mean ASR
+        best = min(judged, key=lambda s: (-s.get("met", s["small_enough"]),
+                                          s["acc_drop_mean"] >= 0.02, s["asr_mean"]))
+        counted = v.get("met", v["small_enough"])
+        out.append([m.get("dataset", "?"), cfg.get("model", "?"), cfg.get("attack", "?"),
+                    f"{100 * cfg.get('rate', 0):g}%", ", ".join(cfg.get("vary", [])) or "none",
+                    f"{counted} of {v['repeats']}"
+                    + ("" if "met" in v else " (ASR and ACC only: no FT or FP ran)"),
+                    "met" if _met_at(m["rows"], 0) else "missed", _row_name(best),
+                    f"{100 * best['acc_drop_mean']:.2f}",
+                    f"{100 * best['asr_mean']:.2f} ± {100 * best['asr_std']:.2f} "
+                    f"[{100 * best['asr_min']:.2f}, {100 * best['asr_max']:.2f}]",
+                    link([name])])
+    if not out:
+        return []
+    return ["", "**Over fresh draws** (`backdoor-repeats-*`, a diagnostic): the same setting "
+            "re-defended on fresh benign images and keys, repeat 0 being the backdoor "
+            "experiment's own draw; *met in* counts the repeats whose verdict, judged on that "
+            "repeat alone, is met; the last columns are the judged row that meets it most "
+            "often (ties: mean ACC drop under 2 pt, then the lowest mean ASR), its mean ACC "
+            "drop and its ASR (mean ± standard deviation [min, max], %).", "",
+            *_table(["dataset", "model", "attack", "poison", "drawn afresh", "met in",
+                     "repeat 0", "judged row", "ACC drop (pt)", "ASR", "run"], sorted(out))]
+
+
+def _row_name(s: dict) -> str:
+    return s["defense"] if s.get("variant") is None else f"{s['defense']} {s['variant']}"
 
 
 def render_run(run_dir: Path, readme_dir: Path, m: dict | None = None) -> list[str]:

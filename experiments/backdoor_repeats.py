@@ -118,14 +118,15 @@ def _judged(r) -> bool:
 
 def judge_repeats(rows: list[dict]) -> None:
     """Mark each defended row (in place) with ``small_enough`` (ASR < 5%, ACC drop < 2 pt
-    from its repeat's undefended row) and, for a jaxpurify or NC row where FT or FP rows
-    (published recipes) share its repeat, ``not_beaten`` (none of them better on both ACC
-    and ASR)."""
+    from its repeat's undefended row), ``judged`` (a row the verdict judges) and, for a
+    jaxpurify or NC row where FT or FP rows (published recipes) share its repeat,
+    ``not_beaten`` (none of them better on both ACC and ASR)."""
     none = next(r for r in rows if r["defense"] == "none")
     for r in rows:
         if r["defense"] == "none" or r["acc"] is None:
             continue
         r["small_enough"] = B.small_enough(r, none)
+        r["judged"] = _judged(r)
         base = [b for b in rows if b["repeat"] == r["repeat"] and b["defense"] in ("ft", "fp")
                 and b["acc"] is not None and B._published(b)]
         if _against_baselines(r) and base:
@@ -316,8 +317,8 @@ def _judge_and_write(out: Path, metrics: dict) -> None:
     write ``tables.md`` and ``repeats.png``."""
     rows = metrics["rows"]
     for r in rows:  # judged afresh
-        r.pop("small_enough", None)
-        r.pop("not_beaten", None)
+        for mark in ("small_enough", "judged", "not_beaten"):
+            r.pop(mark, None)
     judge_repeats(rows)
     metrics["summary"] = summarize(rows)
     metrics["verdicts"] = verdicts(rows)

@@ -84,3 +84,34 @@ def test_backdoor_targets_one_row_per_verdict_with_what_it_misses():
     assert "97.35 / 0.37 met" in row and "97.35 / 20.00 **missed**" in row
     assert "long text" not in text  # the reasons stay in each run's section
     assert report.backdoor_targets([("x", {"targets": [{"met": True}]})]) == []
+
+
+def test_repeat_verdicts_tabulate_the_repeats_runs_beside_the_glance():
+    summary = [
+        {"defense": "nc", "variant": "consistency", "n": 3, "acc_drop_mean": 0.003,
+         "asr_mean": 0.06, "asr_std": 0.01, "asr_min": 0.049, "asr_max": 0.07,
+         "small_enough": 1, "met": 1},
+        {"defense": "jaxpurify", "variant": "benign-readout", "n": 3, "acc_drop_mean": 0.04,
+         "asr_mean": 0.02, "asr_std": 0.01, "asr_min": 0.01, "asr_max": 0.03,
+         "small_enough": 0, "met": 0},
+        {"defense": "ft", "variant": None, "n": 3, "acc_drop_mean": 0.0, "asr_mean": 0.9,
+         "asr_std": 0.0, "asr_min": 0.9, "asr_max": 0.9, "small_enough": 0}]
+    rows = [{"repeat": 0, "defense": "nc", "judged": True, "small_enough": False},
+            {"repeat": 1, "defense": "nc", "judged": True, "small_enough": True,
+             "not_beaten": True}]
+    m = {"dataset": "mnist", "setup": {"config": {"model": "one-hidden", "attack": "badnets",
+                                                  "rate": 0.01, "vary": ["benign", "key"]}},
+         "rows": rows, "summary": summary,
+         "verdicts": {"judged": ["jaxpurify benign-readout", "nc consistency"], "repeats": 3,
+                      "small_enough": 1, "met": 1}}
+    lines = report.repeat_verdicts([("rep", m), ("grid", {"targets": []})],
+                                   lambda names: ", ".join(names))
+    row = lines[-1]
+    # the row meeting the target most often is named, not the lower-ASR one over the budget
+    assert row == ("| mnist | one-hidden | badnets | 1% | benign, key | 1 of 3 | missed | "
+                   "nc consistency | 0.30 | 6.00 ± 1.00 [4.90, 7.00] | rep |")
+    no_baselines = {**m, "verdicts": {**m["verdicts"], "met": None}}
+    del no_baselines["verdicts"]["met"]
+    assert "(ASR and ACC only: no FT or FP ran)" in report.repeat_verdicts(
+        [("rep", no_baselines)], str)[-1]
+    assert report.repeat_verdicts([("grid", {"targets": []})], str) == []
