@@ -599,13 +599,17 @@ def _fine_tuned(module, params, x, y, *, key):
 def layer_principal_details(info: D.DefenseInfo) -> dict:
     """What a ``benign-layer-principal`` row records of
     :func:`jaxpurify.defenses.layer_principal_projection`: the share of each layer's benign
-    patch energy kept and the directions kept per layer, how the share was chosen and
+    patch energy kept and the directions kept per layer, how the share was chosen (every
+    candidate's held-out benign accuracy beside the undefended network's on the budget) and
     the share of the updates removed."""
     d = info.details
     return {"layer_principal_energy": d["energy"], "layer_principal_ranks": d["ranks"],
             "layer_principal_dims": d["dims"], "principal_folds": d["folds"],
             "principal_qualified": d["qualified"],
             "principal_held_out_acc": d["benign_acc"][d["energies"].index(d["energy"])],
+            "principal_candidates": dict(zip(map(str, d["energies"]), d["benign_acc"],
+                                             strict=True)),
+            "principal_undefended_acc": d["benign_acc_undefended"],
             "removed_energy": d["removed_energy"], "refined": d["refined"]}
 
 

@@ -445,6 +445,8 @@ def test_layer_principal_row_records_and_says_what_was_kept():
     d = {**backdoor.layer_principal_details(info),
          "trigger_outside_kept_layers": {"conv1": 0.042, "fc1": 0.99}}
     assert d["principal_held_out_acc"] == 0.972 and d["layer_principal_energy"] == 0.97
+    assert d["principal_candidates"] == {"0.9": 0.8, "0.97": 0.972, "1.0": 0.98}
+    assert d["principal_undefended_acc"] == 0.98
     row = {**_poison_row("jaxpurify", 0.959, 0.0101, "benign-layer-principal"), "details": d}
     note = backdoor._note(row)
     assert ("each layer's top directions holding 0.97 of its benign patch energy kept "
