@@ -276,12 +276,6 @@ def backdoor_targets(runs: list[tuple[str, dict]]) -> list[str]:
     return lines + [""]
 
 
-def _met_at(rows: list[dict], repeat: int) -> bool:
-    """Whether a judged row of repeat ``repeat`` meets the target (marks of a repeats run)."""
-    return any(r.get("small_enough") and r.get("not_beaten", True) for r in rows
-               if r.get("repeat") == repeat and r.get("judged"))
-
-
 def repeat_verdicts(runs: list[tuple[str, dict]], link) -> list[str]:
     """The repeats runs (``backdoor-repeats-*``: a ``verdicts`` entry) as one table: per
     setting, in how many repeats the verdict judged on that repeat alone is met, whether
@@ -304,7 +298,7 @@ def repeat_verdicts(runs: list[tuple[str, dict]], link) -> list[str]:
                     f"{100 * cfg.get('rate', 0):g}%", ", ".join(cfg.get("vary", [])) or "none",
                     f"{counted} of {v['repeats']}"
                     + ("" if "met" in v else " (ASR and ACC only: no FT or FP ran)"),
-                    "met" if _met_at(m["rows"], 0) else "missed", _row_name(best),
+                    "met" if 0 in v.get("repeats_met", ()) else "missed", _row_name(best),
                     f"{100 * best['acc_drop_mean']:.2f}",
                     f"{100 * best['asr_mean']:.2f} ± {100 * best['asr_std']:.2f} "
                     f"[{100 * best['asr_min']:.2f}, {100 * best['asr_max']:.2f}]",

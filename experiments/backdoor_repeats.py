@@ -161,15 +161,19 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def verdicts(rows: list[dict]) -> dict:
     """What the backdoor experiment's verdict would say on each repeat alone: ``judged``
-    (the judged rows measured), and the counts of repeats where some judged row is
+    (the judged rows measured), the counts of repeats where some judged row is
     ``small_enough`` and, where every judged row was judged against FT or FP, ``met`` (also
-    ``not_beaten``); ``repeats``: how many there were."""
+    ``not_beaten``), ``repeats_met`` (those repeats, or the ``small_enough`` ones where no FT
+    or FP ran) and ``repeats``: how many there were."""
     judged = [r for r in rows if r["budget"] > 0 and r["acc"] is not None and _judged(r)]
+    small = sorted({r["repeat"] for r in judged if r["small_enough"]})
     out = {"judged": sorted({_name(r["defense"], r["variant"]) for r in judged}),
-           "repeats": len({r["repeat"] for r in rows}),
-           "small_enough": len({r["repeat"] for r in judged if r["small_enough"]})}
+           "repeats": len({r["repeat"] for r in rows}), "small_enough": len(small),
+           "repeats_met": small}
     if judged and all("not_beaten" in r for r in judged):
-        out["met"] = len({r["repeat"] for r in judged if r["small_enough"] and r["not_beaten"]})
+        out["repeats_met"] = sorted({r["repeat"] for r in judged
+                                     if r["small_enough"] and r["not_beaten"]})
+        out["met"] = len(out["repeats_met"])
     return out
 
 

@@ -62,7 +62,7 @@ def test_judge_and_summary_count_the_repeats_that_meet_the_target():
     assert s["small_enough"] == 1 and s["met"] == 1
     assert "met" not in summary["ft"]  # a baseline is not judged against itself
     assert repeats.verdicts(rows) == {"judged": ["nc consistency-top"], "repeats": 3,
-                                      "small_enough": 1, "met": 1}
+                                      "small_enough": 1, "met": 1, "repeats_met": [0]}
     # a diagnostic row meeting the target in another repeat counts for itself, not the verdict
     rows.append(_row(1, "nc", "consistency-rounds-restart-each", 0.69, 0.01))
     repeats.judge_repeats(rows)

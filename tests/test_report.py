@@ -96,14 +96,11 @@ def test_repeat_verdicts_tabulate_the_repeats_runs_beside_the_glance():
          "small_enough": 0, "met": 0},
         {"defense": "ft", "variant": None, "n": 3, "acc_drop_mean": 0.0, "asr_mean": 0.9,
          "asr_std": 0.0, "asr_min": 0.9, "asr_max": 0.9, "small_enough": 0}]
-    rows = [{"repeat": 0, "defense": "nc", "judged": True, "small_enough": False},
-            {"repeat": 1, "defense": "nc", "judged": True, "small_enough": True,
-             "not_beaten": True}]
     m = {"dataset": "mnist", "setup": {"config": {"model": "one-hidden", "attack": "badnets",
                                                   "rate": 0.01, "vary": ["benign", "key"]}},
-         "rows": rows, "summary": summary,
+         "summary": summary,
          "verdicts": {"judged": ["jaxpurify benign-readout", "nc consistency"], "repeats": 3,
-                      "small_enough": 1, "met": 1}}
+                      "small_enough": 1, "met": 1, "repeats_met": [1]}}
     lines = report.repeat_verdicts([("rep", m), ("grid", {"targets": []})],
                                    lambda names: ", ".join(names))
     row = lines[-1]
