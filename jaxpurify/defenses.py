@@ -340,8 +340,9 @@ def distill(model, params, x_benign, y_benign=None, *, teacher, steps: int = 300
         teacher: the teacher's params (same structure; held fixed).
         steps, learning_rate, batch_size: Adam steps, peak rate, images per step.
         hflip, crop: augmentations (CIFAR-10: ``True``, 4).
-        stamps: optional ``(masks, patterns)``, ``(S, H, W, 1)`` and ``(S, H, W, C)``: each
-            batch is also stamped, ``(1 - m_s) a(x) + m_s p_s``, and every stamped image is
+        stamps: optional ``(masks, patterns)``, ``(S, H, W, 1)`` and ``(S, H, W, C)``, or
+            ``(masks, patterns, offsets)`` with additive ``offsets`` ``(S, H, W, C)``: each
+            batch is also stamped, ``(1 - m_s) a(x) + m_s p_s + d_s``, and every stamped image is
             pulled to the teacher's logits on the clean ``a(x)`` (the loss adds their mean
             squared gap, times ``stamp_weight``): a trigger's shortcut is unlearned without
             labels (:func:`jaxpurify.trigger_inversion.unlearn_consistent`).
@@ -383,6 +384,7 @@ def distill(model, params, x_benign, y_benign=None, *, teacher, steps: int = 300
     state = _init_state(tx, p)
     key = jax.random.PRNGKey(0) if key is None else key
     if stamps is not None:  # the weight travels as an array: a new weight, no new compile
+        stamps = _stamp_arrays(stamps, x)
         stamps = (*stamps, jnp.asarray(stamp_weight, x.dtype))
     for k in jax.random.split(key, int(steps)):
         p, state = _distill_step(config, p, state, t, x, k, stamps)
@@ -392,6 +394,24 @@ def distill(model, params, x_benign, y_benign=None, *, teacher, steps: int = 300
                          f"learning_rate={learning_rate:g}): lower the learning rate")
     return jax.block_until_ready(p), DefenseInfo("distill", time.perf_counter() - t0, {
         "steps": int(steps), "logit_mse": (before, after)})
+
+
+def _stamp_arrays(stamps, x):
+    """``(masks, patterns, offsets)`` of ``stamps`` (zero offsets when only masks and patterns
+    are given), checked against the images ``x``."""
+    if len(stamps) not in (2, 3):
+        raise ValueError(f"stamps must be (masks, patterns) or (masks, patterns, offsets), got "
+                         f"{len(stamps)} arrays")
+    masks, patterns = jnp.asarray(stamps[0], x.dtype), jnp.asarray(stamps[1], x.dtype)
+    count, image = masks.shape[0], x.shape[1:]
+    offsets = (jnp.zeros((count,) + image, x.dtype) if len(stamps) == 2
+               else jnp.asarray(stamps[2], x.dtype))
+    if (masks.shape != (count,) + image[:2] + (1,) or patterns.shape != (count,) + image
+            or offsets.shape != (count,) + image):
+        raise ValueError(f"stamps for images {image} must be masks (S, {image[0]}, {image[1]}, "
+                         f"1), patterns and offsets (S, {', '.join(map(str, image))}); got "
+                         f"{masks.shape}, {patterns.shape}, {offsets.shape}")
+    return masks, patterns, offsets
 
 
 def _squared_gaps(apply, params, x, target_logits):
@@ -432,8 +452,9 @@ def _distill_step(config, params, state, teacher, x, key, stamps=None):
         clean = jnp.mean(_squared_gaps(apply, q, xb, target))
         if stamps is None:
             return clean
-        masks, patterns, weight = stamps
-        xs = (1 - masks[:, None]) * xb[None] + masks[:, None] * patterns[:, None]
+        masks, patterns, offsets, weight = stamps
+        xs = ((1 - masks[:, None]) * xb[None] + masks[:, None] * patterns[:, None]
+              + offsets[:, None])
         logits = apply(q, xs.reshape((-1,) + xb.shape[1:]))
         stamped = jnp.mean((logits.reshape((masks.shape[0],) + target.shape) - target) ** 2)
         return clean + weight * stamped

@@ -9,26 +9,13 @@ import pytest
 
 from jaxpurify import attacks as A
 from jaxpurify import trigger_inversion as T
-from jaxpurify.models import OneHiddenLayerCNN
-from jaxpurify.training import fit, sgd
-from tests.backdoor_helpers import TRIGGER
-from tests.backdoor_helpers import synthetic_images as _synthetic
+from tests.backdoor_helpers import TRIGGER, poisoned_one_hidden
 
 
 @pytest.fixture(scope="module")
 def poisoned():
-    """A one-hidden-layer CNN (one 8x8 patch, 8 filters) trained on 300 images, 30 of them
-    stamped with a 3x3 corner square of 4s and relabelled to class 0; 60 benign images."""
-    m = OneHiddenLayerCNN(8, (8, 8), num_classes=3, pool="mean")
-    x, y = _synthetic(300, 3)
-    x_bd = jnp.concatenate([jnp.asarray(x), TRIGGER(jnp.asarray(x[:30]))])
-    y_bd = jnp.concatenate([jnp.asarray(y), jnp.zeros(30, jnp.int32)])
-    p0 = m.init(jax.random.PRNGKey(0), x_bd[:1])["params"]
-    w, _ = fit(m, p0, x_bd, y_bd, optimizer=sgd(0.05, momentum=0.9), steps=400,
-               loss="cross_entropy")
-    xb, yb = _synthetic(60, 7)
-    x_te, y_te = _synthetic(300, 1)
-    return m, w, jnp.asarray(xb), jnp.asarray(yb), x_te, y_te
+    """The shared poisoned one-hidden-layer CNN (:func:`poisoned_one_hidden`)."""
+    return poisoned_one_hidden()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,135 @@
+"""Universal adversarial unlearning: the perturbations, the radius rule and the unlearning."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpurify import adversarial_unlearning as AU
+from jaxpurify import attacks as A
+from jaxpurify import defenses as D
+from tests.backdoor_helpers import TRIGGER, poisoned_one_hidden
+
+
+@pytest.fixture(scope="module")
+def poisoned():
+    return poisoned_one_hidden()
+
+
+def _accuracy(m, p, x, y):
+    return float(jnp.mean(jnp.argmax(m.apply({"params": p}, x), -1) == y))
+
+
+def test_perturbations_stay_in_their_balls_and_match_one_radius_at_a_time(poisoned):
+    m, w, xb, *_ = poisoned
+    radii = [0.5, 2.0, 8.0]
+    both = AU.universal_perturbations(m, w, xb, radii, steps=20, batch_size=30)
+    norms = np.sqrt(np.sum(np.asarray(both.delta) ** 2, axis=(1, 2, 3)))
+    assert both.delta.shape == (3,) + xb.shape[1:]
+    assert np.all(norms <= np.asarray(radii) * (1 + 1e-6))
+    np.testing.assert_allclose(norms[-1], 8.0, rtol=1e-5)  # ascent reaches the boundary
+    for i, r in enumerate(radii):  # the vmap over radii is the same as one radius alone
+        one = AU.universal_perturbations(m, w, xb, [r], steps=20, batch_size=30)
+        np.testing.assert_allclose(one.delta[0], both.delta[i], rtol=1e-5, atol=1e-6)  # float32
+        assert abs(one.fooled[0] - both.fooled[i]) <= 1 / 60  # at most one image flips
+    # a larger ball holds the smaller ones' perturbations: it fools at least as many here
+    assert both.fooled[0] <= both.fooled[1] <= both.fooled[2]
+    assert both.fooled[2] > 0.5
+
+
+def test_the_radius_rule_takes_the_smallest_radius_that_fools_enough():
+    radii = [1.0, 2.0, 4.0, 8.0]
+    assert AU.choose_radius([0.1, 0.5, 0.9, 1.0], radii, 0.5) == 2.0
+    assert AU.choose_radius([0.1, 0.2, 0.9, 0.3], radii, 0.5) == 4.0
+    assert AU.choose_radius([0.1, 0.2, 0.3, 0.4], radii, 0.5) == 8.0  # none: the largest
+    x = np.ones((4, 2, 2, 1))
+    assert AU.benign_scale(x) == pytest.approx(2.0)
+
+
+def test_targeted_unlearning_finds_the_target_and_removes_the_backdoor(poisoned):
+    m, w, xb, _, x_te, y_te = poisoned
+    assert A.attack_success_rate(m, w, x_te, y_te, 0, TRIGGER) > 0.9
+    q, info = AU.universal_unlearning(m, w, xb, hflip=False, crop=0, steps=100,
+                                      learning_rate=1e-2)
+    d = info.details
+    assert A.attack_success_rate(m, q, x_te, y_te, 0, TRIGGER) < 0.05
+    assert _accuracy(m, q, x_te, y_te) >= _accuracy(m, w, x_te, y_te) - 0.02
+    assert d["targets"][0] == 0 and int(np.argmax(d["anomaly"])) == 0  # the planted target
+    # radii tried in increasing order until some class's perturbation reached 90%
+    tried = [radius for radius, _ in d["candidates"]]
+    assert tried == sorted(tried) and d["radius"] == tried[-1]
+    assert all(max(success) < 0.9 for _, success in d["candidates"][:-1])
+    assert max(d["candidates"][-1][1]) >= 0.9 or len(tried) == len(AU.RADIUS_FRACTIONS)
+    assert len(d["fooled"]) == 5 and d["rounds"] == 5
+    assert d["fooled"][0][1] < d["fooled"][0][0]  # each round unlearns its perturbation
+
+
+def test_untargeted_unlearning_is_i_baus_ascent_and_removes_this_backdoor(poisoned):
+    m, w, xb, _, x_te, y_te = poisoned
+    q, info = AU.universal_unlearning(m, w, xb, targeted=False, fool_level=0.5, hflip=False,
+                                      crop=0, steps=100, learning_rate=1e-2)
+    d = info.details
+    assert A.attack_success_rate(m, q, x_te, y_te, 0, TRIGGER) < 0.05
+    assert _accuracy(m, q, x_te, y_te) >= _accuracy(m, w, x_te, y_te) - 0.02
+    # the rule's radius is the smallest candidate fooling half the benign predictions
+    fooled = dict(map(tuple, d["candidates"]))
+    assert fooled[d["radius"]] >= 0.5 or d["radius"] == max(fooled)
+    assert all(f < 0.5 for r, f in fooled.items() if r < d["radius"])
+    assert "targets" not in d
+
+
+def test_a_given_radius_is_used_and_the_labels_are_not(poisoned):
+    m, w, xb, yb, *_ = poisoned
+    kw = dict(radius=2.0, rounds=2, steps=20, hflip=False, crop=0, ascent_steps=10,
+              targeted=False)
+    q1, info = AU.universal_unlearning(m, w, xb, yb, **kw)
+    q2, _ = AU.universal_unlearning(m, w, xb, jnp.zeros_like(yb), **kw)
+    assert info.details["radius"] == 2.0 and "candidates" not in info.details
+    for a, b in zip(jax.tree_util.tree_leaves(q1), jax.tree_util.tree_leaves(q2), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_distill_adds_offsets_to_the_stamped_images(poisoned):
+    m, w, xb, *_ = poisoned
+    zeros = jnp.zeros((1,) + xb.shape[1:3] + (1,))
+    patterns = jnp.zeros((1,) + xb.shape[1:])
+
+    def moved(offsets):  # student = teacher: only a stamped image's logit gap pulls
+        q, _ = D.distill(m, w, xb, teacher=w, steps=3, stamps=(zeros, patterns, offsets))
+        return max(float(jnp.max(jnp.abs(a - b)))
+                   for a, b in zip(jax.tree_util.tree_leaves(q), jax.tree_util.tree_leaves(w),
+                                   strict=True))
+
+    assert moved(jnp.zeros_like(patterns)) == 0.0  # a zero offset: the clean images, no gap
+    assert moved(jnp.ones_like(patterns)) > 1e-4
+    with pytest.raises(ValueError, match="stamps for images"):
+        D.distill(m, w, xb, teacher=w, steps=1, stamps=(zeros, patterns, patterns[:, :4]))
+    with pytest.raises(ValueError, match="masks, patterns"):
+        D.distill(m, w, xb, teacher=w, steps=1, stamps=(zeros,))
+
+
+def test_arguments_are_checked(poisoned):
+    m, w, xb, *_ = poisoned
+    with pytest.raises(ValueError, match="radii"):
+        AU.universal_perturbations(m, w, xb, [0.0])
+    with pytest.raises(ValueError, match="radii"):
+        AU.universal_perturbations(m, w, xb, [np.inf])
+    with pytest.raises(ValueError, match="steps"):
+        AU.universal_perturbations(m, w, xb, [1.0], steps=0)
+    with pytest.raises(ValueError, match="x_benign"):
+        AU.universal_perturbations(m, w, xb[0], [1.0])
+    with pytest.raises(ValueError, match="targets"):
+        AU.universal_perturbations(m, w, xb, [1.0, 2.0], targets=[0])
+    with pytest.raises(ValueError, match="targets"):
+        AU.universal_perturbations(m, w, xb, [1.0], targets=[3])  # 3 classes: 0..2
+    with pytest.raises(ValueError, match="rounds"):
+        AU.universal_unlearning(m, w, xb, rounds=0)
+    with pytest.raises(ValueError, match="fool_level"):
+        AU.universal_unlearning(m, w, xb, fool_level=0.0)
+    with pytest.raises(ValueError, match="radius"):
+        AU.universal_unlearning(m, w, xb, radius=-1.0)
+    nan = jax.tree_util.tree_map(lambda a: a * jnp.nan, w)
+    with pytest.raises(FloatingPointError, match="NaN"):
+        AU.universal_perturbations(m, nan, xb, [1.0], steps=2)
