@@ -32,6 +32,10 @@ from the deployed network; the consistency variants are judged; ``consistency-ro
 and ``consistency-top-rounds-restart-each``, the restarted rounds with every stamp found so
 far at the weight round 1 gave its single stamp, are a diagnostic that is not judged; ``--set
 "nc_variants=(...)"`` picks a subset).
+``universal`` (variant ``universal-targeted``, judged: per-class universal L2 perturbations,
+the most successful class's alternated with consistency unlearning; i-BAU's minimax with
+Neural Cleanse's targeted question and without i-BAU's implicit hypergradient,
+:func:`jaxpurify.adversarial_unlearning.universal_unlearning`).
 ``--set "defenses=('jaxpurify', 'ft', 'fp')"`` leaves ANP and NC out; ``--set
 "jaxpurify_variants=('benign-readout',)"`` measures only those of jaxpurify's rows with data
 (:data:`JAXPURIFY_VARIANTS`; the data-free ``designed`` row always);
@@ -75,6 +79,7 @@ import numpy as np
 import optax
 
 from experiments._common import environment, jsonable, with_options, write_metrics
+from jaxpurify import adversarial_unlearning as AU
 from jaxpurify import attacks as A
 from jaxpurify import defenses as D
 from jaxpurify import trigger_inversion as TI
@@ -82,10 +87,10 @@ from jaxpurify import trigger_inversion as TI
 TARGET = 0
 
 #: The defenses run with a benign budget (``--set "defenses=(...)"`` picks a subset).
-DEFENSES = ("jaxpurify", "ft", "fp", "anp", "nc")
+DEFENSES = ("jaxpurify", "ft", "fp", "anp", "nc", "universal")
 
 #: The defenses whose rows the data-poisoning verdict judges (by variant, ``_VARIANT_WHY``).
-JUDGED = ("jaxpurify", "nc")
+JUDGED = ("jaxpurify", "nc", "universal")
 
 #: jaxpurify's rows with a benign budget (``--set "jaxpurify_variants=(...)"`` picks a subset;
 #: the data-free ``designed`` row is always measured). The last four apply where
@@ -359,7 +364,8 @@ def _details(info: D.DefenseInfo) -> dict:
     out = {}
     for key in ("steps", "ft_steps", "num_pruned", "channels", "val_size", "certified",
                 "fraction", "layer", "threshold", "unknowns", "flagged", "anomaly",
-                "mask_l1", "stamped_gap", "rounds", "restart", "stamp_weighting"):
+                "mask_l1", "stamped_gap", "rounds", "restart", "stamp_weighting", "radius",
+                "candidates", "targets", "fooled", "fooled_final"):
         if key in d:
             out[key] = d[key]
     if "recovery" in d:
@@ -441,6 +447,9 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
             measured(defense, name, *fn(m, params, xb, yb, key=key, **kw))
         if "nc" in model.cfg["defenses"]:
             _neural_cleanse(model, params, xb, yb, key, measured)
+        if "universal" in model.cfg["defenses"]:
+            measured("universal", "universal-targeted",
+                     *AU.universal_unlearning(m, params, xb, key=key, **_augmentation(model)))
         for subspace, variant in (("plain", "benign-readout"),  # the readout re-fit in
                                   ("designed", "designed-readout")):  # both subspaces
             if wanted(variant):
@@ -519,7 +528,7 @@ def _neural_cleanse(model: _Model, params, xb, yb, key, measured) -> None:
     t = time.perf_counter()
     triggers, _ = TI.reverse_triggers(m, params, xb, key=key)
     t_inv = time.perf_counter() - t
-    augment = {"hflip": model.name == "small-vgg", "crop": 4 if model.dataset == "cifar10" else 2}
+    augment = _augmentation(model)
     top_is_flagged = triggers.flagged() == [int(np.argmax(triggers.anomaly))]
     calls = {"fine-tune": {},
              "consistency": {"unlearning": "consistency", "consistency": augment},
@@ -552,6 +561,12 @@ def _neural_cleanse(model: _Model, params, xb, yb, key, measured) -> None:
                                              **calls[source])
         q, info = done[source]
         measured("nc", variant, q, info, seconds=t_inv + info.seconds)
+
+
+def _augmentation(model: _Model) -> dict:
+    """The unlearning's augmentations, following the model's training: flips for the small
+    VGG, shifts by 4 pixels on CIFAR-10 and 2 on MNIST."""
+    return {"hflip": model.name == "small-vgg", "crop": 4 if model.dataset == "cifar10" else 2}
 
 
 def _no_later_unlearning(result) -> bool:
@@ -753,6 +768,17 @@ def _note(r) -> str:
                      + "; seconds include the trigger inversion"
                      + ("; diagnostic (not judged)" if r.get("variant") in NC_DIAGNOSTICS
                         else ""))
+    if r["defense"] == "universal":
+        targets = d.get("targets", [])
+        parts.append(f"L2 radius {d['radius']:.3g}"
+                     + (f" ({len(d['candidates'])} of the candidates tried)"
+                        if "candidates" in d else "")
+                     + (f", class {targets[0]} the most successful (anomaly index "
+                        f"{d['anomaly'][targets[0]]:.1f})" if targets else "")
+                     + "; per round the perturbation moved "
+                     + ", ".join(f"{100 * b:.0f}% -> {100 * a:.0f}%" for b, a in d["fooled"])
+                     + " of the benign images; a fresh one at the end "
+                     + f"{100 * d['fooled_final']:.0f}%")
     if "benign_patch_rank" in d:
         parts.append(f"benign patch rank {d['benign_patch_rank']}"
                      + ("" if r["acc"] is not None else
@@ -1069,6 +1095,12 @@ _VARIANT_WHY = {
                                   "(see the README)",
     "consistency-top-rounds-restart": "the same restarted rounds after unlearning the most "
                                       "anomalous class, flagged or not",
+    "universal-targeted": "a universal L2 perturbation toward each class (radius: the "
+                          "smallest at which some class's sends 90% of the other benign "
+                          "images there), the most successful class's unlearned by "
+                          "consistency with the deployed network's clean logits, five "
+                          "rounds: it removes the target's shortcut as far as that radius "
+                          "reaches, and needs the target to be the cheapest class to reach",
 }
 
 
@@ -1208,7 +1240,7 @@ def _plot(rows, path: Path, dataset: str):
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups) + 2.2, 3.6),
                              squeeze=False)
     colors = {"none": "k", "jaxpurify": "tab:red", "ft": "tab:blue", "fp": "tab:green",
-              "anp": "tab:purple", "nc": "tab:orange"}
+              "anp": "tab:purple", "nc": "tab:orange", "universal": "tab:brown"}
     markers = {None: "o", "designed": "x", "designed+code-ft": "o", "benign-readout": "^",
                "designed-readout": "D",
                "benign-row-space": "s", "benign-projection": "D", "benign-stop": "v",
@@ -1217,7 +1249,7 @@ def _plot(rows, path: Path, dataset: str):
                "consistency-top": "h", "consistency-rounds": "p",
                "consistency-top-rounds": "H", "consistency-rounds-restart": "8",
                "consistency-top-rounds-restart": "d", "consistency-rounds-restart-each": "X",
-               "consistency-top-rounds-restart-each": "1"}
+               "consistency-top-rounds-restart-each": "1", "universal-targeted": "2"}
     for ax, ((model, attack), rs) in zip(axes[0], groups.items(), strict=True):
         for d, c in colors.items():
             for variant in sorted({r.get("variant") for r in rs if r["defense"] == d}, key=str):
