@@ -256,9 +256,9 @@ def backdoor_targets(runs: list[tuple[str, dict]]) -> list[str]:
         met = sum(cells[-1] == "met" for (_, cells) in data)
         lines += ["", f"**Data poisoning** ({met} of {len(data)} met): ASR below 5% with an "
                   "ACC drop below 2 pt at the 1% budget, and neither FT nor FP better on both; "
-                  "each row is the judged defense (jaxpurify's variants, NC's consistency) the "
-                  "verdict picked: one that meets it, else the lowest ASR within 2 pt of ACC, "
-                  "else the lowest ASR.", ""]
+                  "each row is the judged defense (jaxpurify's variants, NC's consistency, the "
+                  "universal unlearning) the verdict picked: one that meets it, else the "
+                  "lowest ASR within 2 pt of ACC, else the lowest ASR.", ""]
         lines += _table(["dataset", "model", "attack", "poison", "undefended", "judged defense",
                          "defended", "ACC drop (pt)", "target", "runs"],
                         [[*cells, link(names)] for (_, cells), names in sorted(data.items())])

@@ -1134,12 +1134,12 @@ def better_on_both(baseline, row) -> bool:
 
 def _poisoning_targets(model, attack, rate, sel, clean_asr=None, reasons=None) -> list[dict]:
     """The data-poisoning verdict at the 1% budget: met when some judged variant (of the
-    defenses in :data:`JUDGED`: jaxpurify's, and NC's consistency unlearning) has ASR
-    < 5% with an ACC drop < 2 pt and neither FT nor FP beats it on both ACC and ASR; every
-    variant's numbers in the reason. ``clean_asr`` (the clean network's ASR with the same
-    trigger, if known) is quoted beside the undefended and probe ASRs: a clean network
-    also sends some triggered images to the target. ``reasons``: the judged variants and why
-    each may fail (default: this experiment's, ``_VARIANT_WHY``)."""
+    defenses in :data:`JUDGED`: jaxpurify's, NC's consistency unlearning and the universal
+    unlearning) has ASR < 5% with an ACC drop < 2 pt and neither FT nor FP beats it on both
+    ACC and ASR; every variant's numbers in the reason. ``clean_asr`` (the clean network's
+    ASR with the same trigger, if known) is quoted beside the undefended and probe ASRs: a
+    clean network also sends some triggered images to the target. ``reasons``: the judged
+    variants and why each may fail (default: this experiment's, ``_VARIANT_WHY``)."""
     reasons = reasons or _VARIANT_WHY
     at = [r for r in sel if r["budget"] == 0.01 and r["acc"] is not None]
     # the published recipes (FT and FP also under BackdoorBench's), not the diagnostic
