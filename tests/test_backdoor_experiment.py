@@ -695,6 +695,24 @@ def test_neural_cleanse_runs_end_to_end(tmp_path):
     assert ("from the deployed network, each stamp at full weight" in tables) == later
 
 
+def test_universal_unlearning_runs_end_to_end_and_is_judged(tmp_path):
+    """``defenses=("universal",)`` on 2000 real MNIST images: one judged row per budget with
+    the radius rule's trail, the rounds and a note saying what was unlearned."""
+    metrics = backdoor.run(out=tmp_path, quick=True, train_limit=2000, test_limit=500,
+                           steps=150, ks=(), budgets=(0.01,), attacks=("badnets",),
+                           defenses=("universal",), probe_steps=0)
+    (row,) = [r for r in metrics["rows"] if r["defense"] == "universal"]
+    d = row["details"]
+    assert row["variant"] == "universal-targeted" and row["n_benign"] == 20
+    assert 0.0 <= row["acc"] <= 1.0 and 0.0 <= row["asr"] <= 1.0 and row["seconds"] > 0
+    assert d["radius"] == d["candidates"][-1][0] and len(d["candidates"][-1][1]) == 10
+    assert len(d["fooled"]) == 5 and len(d["anomaly"]) == 10 and d["targets"]
+    (t,) = metrics["targets"]
+    assert t["defense"] == "universal" and "universal/universal-targeted: ASR" in t["reason"]
+    tables = (tmp_path / "tables.md").read_text()
+    assert f"L2 radius {d['radius']:.3g}" in tables and "a fresh one at the end" in tables
+
+
 def test_stored_network_is_the_trained_one_and_a_foreign_key_is_refused(tmp_path):
     """``networks``: the second call loads bit for bit what the first trained and saved; a
     checkpoint whose recorded key is not the one asked for (edited, or a hash collision) is
