@@ -54,6 +54,7 @@ import numpy as np
 import optax
 
 from jaxpurify.defenses import DefenseInfo, _unwrap, distill, network
+from jaxpurify.trigger_inversion import anomaly_index
 
 #: Candidate radii of the universal perturbation, as fractions of the benign images' root
 #: mean square L2 norm (the radius rule takes the smallest that fools enough images).
@@ -277,8 +278,6 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, radius: floa
         candidates = np.asarray([radius], np.float64)
     radius, targets, details = _choose(model, deployed, x, candidates, fool_level, targeted,
                                        ascent_steps, key)
-    if len(candidates) == 1:
-        details.pop("candidates")
     details["radius"] = radius
     current, history = deployed, []
     for r in range(int(rounds)):
@@ -312,14 +311,14 @@ def _choose(model, params, x, candidates, fool_level, targeted, ascent_steps, ke
     that radius's most successful class and any other whose success lies more than 2 robust
     standard deviations above the classes' median (:func:`anomaly_index` of minus it).
     """
+    if not targeted and len(candidates) == 1:  # a given radius: nothing to choose
+        return float(candidates[0]), [-1], {}
     if not targeted:
         found = universal_perturbations(model, params, x, candidates, steps=ascent_steps,
                                         key=key)
         return (choose_radius(found.fooled, candidates, fool_level), [-1],
                 {"candidates": [[float(r), float(f)]
                                 for r, f in zip(candidates, found.fooled, strict=True)]})
-    from jaxpurify.trigger_inversion import anomaly_index
-
     num_classes = int(jax.eval_shape(network(model).apply, params, x[:1]).shape[-1])
     tried = []
     for radius in np.sort(candidates):
@@ -332,5 +331,6 @@ def _choose(model, params, x, candidates, fool_level, targeted, ascent_steps, ke
     index = anomaly_index(-success)  # a large success is what Neural Cleanse's small mask is
     top = int(np.argmax(success))
     targets = [top] + [int(k) for k in np.argsort(-success) if k != top and index[k] > 2.0]
-    return float(radius), targets, {"candidates": tried, "targets": targets,
-                                    "anomaly": index.tolist()}
+    chosen = {"targets": targets, "anomaly": index.tolist()}
+    return float(radius), targets, ({"candidates": tried, **chosen} if len(candidates) > 1
+                                    else chosen)
