@@ -35,7 +35,9 @@ far at the weight round 1 gave its single stamp, are a diagnostic that is not ju
 ``universal`` (variant ``universal-targeted``, judged: per-class universal L2 perturbations,
 the most successful class's alternated with consistency unlearning; i-BAU's minimax with
 Neural Cleanse's targeted question and without i-BAU's implicit hypergradient,
-:func:`jaxpurify.adversarial_unlearning.universal_unlearning`).
+:func:`jaxpurify.adversarial_unlearning.universal_unlearning`; variant ``universal-sparse``,
+judged: the same with sparse perturbations, an L1 ball within the pixel range, whose
+corners are patches; ``--set "universal_variants=(...)"`` picks a subset).
 ``--set "defenses=('jaxpurify', 'ft', 'fp')"`` leaves ANP and NC out; ``--set
 "jaxpurify_variants=('benign-readout',)"`` measures only those of jaxpurify's rows with data
 (:data:`JAXPURIFY_VARIANTS`; the data-free ``designed`` row always);
@@ -91,6 +93,10 @@ DEFENSES = ("jaxpurify", "ft", "fp", "anp", "nc", "universal")
 
 #: The defenses whose rows the data-poisoning verdict judges (by variant, ``_VARIANT_WHY``).
 JUDGED = ("jaxpurify", "nc", "universal")
+
+#: The universal unlearning's rows by the ball of their perturbations (``--set
+#: "universal_variants=(...)"`` picks a subset).
+UNIVERSAL_VARIANTS = {"universal-targeted": "l2", "universal-sparse": "l1"}
 
 #: jaxpurify's rows with a benign budget (``--set "jaxpurify_variants=(...)"`` picks a subset;
 #: the data-free ``designed`` row is always measured). The last four apply where
@@ -152,7 +158,8 @@ def _config(dataset: str, quick: bool) -> dict:
                edit_clean_weight=1.0, row_space=True, joint=(),
                defenses=DEFENSES, attacks=DATA_ATTACKS, probe_steps=3000,
                ft_learning_rates=(), ft_recipes=(), fp_recipes=(), networks=None,
-               jaxpurify_variants=JAXPURIFY_VARIANTS, nc_variants=NC_VARIANTS)
+               jaxpurify_variants=JAXPURIFY_VARIANTS, nc_variants=NC_VARIANTS,
+               universal_variants=tuple(UNIVERSAL_VARIANTS))
     if quick:
         # the benign row-space option is slow where it applies (CIFAR-10: 64 L1 problems of
         # 769 x 400 past their recovery threshold, ~10 min on 2 CPU cores): full run only
@@ -364,8 +371,8 @@ def _details(info: D.DefenseInfo) -> dict:
     out = {}
     for key in ("steps", "ft_steps", "num_pruned", "channels", "val_size", "certified",
                 "fraction", "layer", "threshold", "unknowns", "flagged", "anomaly",
-                "mask_l1", "stamped_gap", "rounds", "restart", "stamp_weighting", "radius",
-                "candidates", "targets", "fooled", "fooled_final"):
+                "mask_l1", "stamped_gap", "rounds", "restart", "stamp_weighting", "norm",
+                "bound", "radius", "candidates", "targets", "fooled", "fooled_final"):
         if key in d:
             out[key] = d[key]
     if "recovery" in d:
@@ -447,9 +454,12 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
             measured(defense, name, *fn(m, params, xb, yb, key=key, **kw))
         if "nc" in model.cfg["defenses"]:
             _neural_cleanse(model, params, xb, yb, key, measured)
-        if "universal" in model.cfg["defenses"]:
-            measured("universal", "universal-targeted",
-                     *AU.universal_unlearning(m, params, xb, key=key, **_augmentation(model)))
+        for variant in model.cfg["universal_variants"] if "universal" in model.cfg[
+                "defenses"] else ():
+            measured("universal", variant,
+                     *AU.universal_unlearning(m, params, xb, key=key,
+                                              norm=UNIVERSAL_VARIANTS[variant],
+                                              **_augmentation(model)))
         for subspace, variant in (("plain", "benign-readout"),  # the readout re-fit in
                                   ("designed", "designed-readout")):  # both subspaces
             if wanted(variant):
@@ -770,7 +780,9 @@ def _note(r) -> str:
                         else ""))
     if r["defense"] == "universal":
         targets = d.get("targets", [])
-        parts.append(f"L2 radius {d['radius']:.3g}"
+        ball = ("L2" if d.get("norm", "l2") == "l2" else
+                f"sparse (L1 within |delta| <= {d['bound']:.3g})")
+        parts.append(f"{ball} radius {d['radius']:.3g}"
                      + (f" ({len(d['candidates'])} of the candidates tried)"
                         if "candidates" in d else "")
                      + (f", class {targets[0]} the most successful (anomaly index "
@@ -1101,6 +1113,10 @@ _VARIANT_WHY = {
                           "consistency with the deployed network's clean logits, five "
                           "rounds: it removes the target's shortcut as far as that radius "
                           "reaches, and needs the target to be the cheapest class to reach",
+    "universal-sparse": "the same with sparse perturbations (an L1 ball within the pixel "
+                        "range, radius from 0.5% of the benign images' L1 norm up): its "
+                        "corners are patches, a patch trigger's kind of shortcut, where an "
+                        "L2 ball reaches a dense one",
 }
 
 
@@ -1249,7 +1265,8 @@ def _plot(rows, path: Path, dataset: str):
                "consistency-top": "h", "consistency-rounds": "p",
                "consistency-top-rounds": "H", "consistency-rounds-restart": "8",
                "consistency-top-rounds-restart": "d", "consistency-rounds-restart-each": "X",
-               "consistency-top-rounds-restart-each": "1", "universal-targeted": "2"}
+               "consistency-top-rounds-restart-each": "1", "universal-targeted": "2",
+               "universal-sparse": "3"}
     for ax, ((model, attack), rs) in zip(axes[0], groups.items(), strict=True):
         for d, c in colors.items():
             for variant in sorted({r.get("variant") for r in rs if r["defense"] == d}, key=str):
@@ -1282,7 +1299,8 @@ def check_defense_options(cfg: dict, dataset: str) -> None:
     """Refuse, before anything trains, a configuration naming an unknown defense, variant,
     recipe or ``joint`` layer (the error lists the names there are)."""
     for key, known in (("defenses", DEFENSES), ("jaxpurify_variants", JAXPURIFY_VARIANTS),
-                       ("nc_variants", NC_VARIANTS)):
+                       ("nc_variants", NC_VARIANTS),
+                       ("universal_variants", UNIVERSAL_VARIANTS)):
         if set(cfg[key]) - set(known):
             raise ValueError(f"unknown {key} {sorted(set(cfg[key]) - set(known))}; "
                              f"choose from {list(known)}")

@@ -40,6 +40,21 @@ network. Three departures from i-BAU, stated so nobody mistakes this for it:
   many of the others there). On a backdoored network that is about the trigger's size,
   the trigger being the cheapest universal shortcut; nothing in the rule looks at
   triggered or test images.
+
+The ball decides which shortcuts the perturbation can reach. An L2 ball (``norm="l2"``)
+reaches dense ones like a blended pattern; a patch trigger is sparse, and on the CIFAR-10
+VGG the L2 perturbation toward the target found (and unlearned) a dense shortcut half the
+patch's L2 norm while the patch kept working. ``norm="l1"`` asks the same question in the
+sparse ball
+
+.. math::
+
+    \{\delta : \lVert\delta\rVert_1 \le \varepsilon,\;
+    \lVert\delta\rVert_\infty \le b\},
+
+``b`` the benign images' value range, whose corners are patches: ``eps / b`` pixels moved
+as far as a pixel can move. The ascent takes SLIDE's sparse steps (Tramer & Boneh, NeurIPS
+2019) and projects exactly (a soft threshold found by bisection, then the box).
 """
 
 from __future__ import annotations
@@ -59,6 +74,19 @@ from jaxpurify.trigger_inversion import anomaly_index
 #: Candidate radii of the universal perturbation, as fractions of the benign images' root
 #: mean square L2 norm (the radius rule takes the smallest that fools enough images).
 RADIUS_FRACTIONS = (0.025, 0.05, 0.1, 0.2, 0.4)
+
+#: The same for the sparse (``norm="l1"``) perturbation, as fractions of the benign images'
+#: root mean square L1 norm: a 3x3 corner patch is about 0.02 (CIFAR-10) to 0.05 (MNIST)
+#: of it, a full-image blend at ratio 0.1 about 0.2.
+SPARSE_RADIUS_FRACTIONS = (0.005, 0.01, 0.02, 0.04, 0.08)
+
+#: The balls a universal perturbation may live in: ``"l2"``, or ``"l1"``, the L1 ball
+#: within the box ``|delta| <= bound`` (the benign images' value range), whose corners are
+#: patches: a few pixels changed as far as an image's pixel may change.
+NORMS = ("l2", "l1")
+
+#: Fraction of the entries a sparse ascent step moves (its largest gradient entries).
+SPARSE_DENSITY = 0.01
 
 
 class UniversalPerturbations(NamedTuple):
@@ -85,10 +113,49 @@ def _project(delta, radius):
     return delta * jnp.minimum(1.0, radius / jnp.maximum(norm, 1e-12))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _ascent_step(apply, params, deltas, radii, step_sizes, targets, xb, labels):
-    """One normalized L2 gradient-ascent step of every perturbation (``vmap``): away from the
-    network's own ``labels`` (``target < 0``) or toward the target class."""
+def _project_sparse(delta, radius, bound, iterations: int = 60):
+    r"""The Euclidean projection of ``delta`` onto ``{|d|_1 <= radius, |d|_inf <= bound}``.
+
+    The projection soft-thresholds and clips, ``d_i = sign(v_i) min(max(|v_i| - tau, 0),
+    bound)``, with the smallest ``tau >= 0`` whose ``d`` lies in the L1 ball: the mass
+    ``sum_i min(max(|v_i| - tau, 0), bound)`` falls monotonically in ``tau``, so bisection
+    on ``[0, max |v|]`` finds it (``iterations`` halvings: far below float32 resolution).
+    """
+    a = jnp.abs(delta)
+
+    def mass(tau):
+        return jnp.sum(jnp.clip(a - tau, 0.0, bound))
+
+    def halve(_, interval):
+        lo, hi = interval
+        mid = 0.5 * (lo + hi)
+        over = mass(mid) > radius
+        return jnp.where(over, mid, lo), jnp.where(over, hi, mid)
+
+    _, tau = jax.lax.fori_loop(0, iterations, halve, (jnp.zeros_like(radius), jnp.max(a)))
+    tau = jnp.where(mass(0.0) <= radius, 0.0, tau)
+    return jnp.sign(delta) * jnp.clip(a - tau, 0.0, bound)
+
+
+def _sparse_direction(g, delta, bound, density: float):
+    """The steepest-ascent direction of L1 norm 1 spread over the ``density`` fraction of
+    the largest gradient entries (SLIDE's sparse step, Tramer & Boneh 2019): their signs.
+    Entries of ``delta`` at the box's edge that the gradient pushes further out are left out
+    (as APGD-L1 does): a step there would be clipped away."""
+    k = max(1, int(round(density * g.size)))
+    g = jnp.where((jnp.abs(delta) >= bound) & (jnp.sign(g) == jnp.sign(delta)), 0.0, g)
+    a = jnp.abs(g).reshape(-1)
+    kth = jax.lax.top_k(a, k)[0][-1]
+    chosen = (jnp.abs(g) >= kth) & (jnp.abs(g) > 0)
+    return jnp.sign(g) * chosen / jnp.maximum(jnp.sum(chosen), 1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _ascent_step(apply, norm, params, deltas, radii, step_sizes, targets, xb, labels, bound):
+    """One normalized gradient-ascent step of every perturbation (``vmap``): away from the
+    network's own ``labels`` (``target < 0``) or toward the target class; ``norm`` ``"l2"``
+    (the gradient scaled to unit L2 norm, projected onto the L2 ball) or ``"l1"`` (the
+    sparse step, projected onto the L1 ball within the box ``|d| <= bound``)."""
 
     def one(delta, radius, step, target):
         toward = target >= 0
@@ -103,6 +170,9 @@ def _ascent_step(apply, params, deltas, radii, step_sizes, targets, xb, labels):
                 jnp.sum(weight), 1.0)
 
         g = jax.grad(loss)(delta)
+        if norm == "l1":
+            ascent = _sparse_direction(g, delta, bound, SPARSE_DENSITY)
+            return _project_sparse(delta + step * ascent, radius, bound)
         g = g / jnp.maximum(jnp.sqrt(jnp.sum(g ** 2)), 1e-12)
         return _project(delta + step * g, radius)
 
@@ -138,14 +208,20 @@ def _fooled(apply, params, deltas, targets, x, labels, batch_size=1024) -> np.nd
 
 
 def universal_perturbations(model, params, x_benign, radii, *, targets=None, steps: int = 50,
-                            batch_size: int = 100, key=None) -> UniversalPerturbations:
-    r"""Universal L2 perturbations of ``params``, one per radius, found together (``vmap``).
+                            batch_size: int = 100, norm: str = "l2", bound: float | None = None,
+                            key=None) -> UniversalPerturbations:
+    r"""Universal perturbations of ``params``, one per radius, found together (``vmap``).
 
     For every radius ``eps`` maximizes ``mean CE(f(x + delta), argmax f(x))`` (untargeted)
     or, with a target class ``k``, ``-mean CE(f(x + delta), k)`` over the images not
-    predicted as ``k``, over ``|delta|_2 <= eps`` by ``steps`` normalized gradient-ascent
-    steps of size ``2.5 eps / steps`` from ``delta = 0``, each on a minibatch cycling
-    through a shuffled ``x_benign``, projected back onto the ball.
+    predicted as ``k``, over the ball by ``steps`` normalized gradient-ascent steps of size
+    ``2.5 eps / steps`` from ``delta = 0``, each on a minibatch cycling through a shuffled
+    ``x_benign``, projected back onto the ball. ``norm="l2"``: the ball
+    ``|delta|_2 <= eps``, steps along the gradient scaled to unit L2 norm. ``norm="l1"``:
+    the sparse ball ``|delta|_1 <= eps, |delta|_inf <= bound``, whose corners are patches
+    (``eps / bound`` entries at the box's edge), steps of unit L1 norm spread over the
+    :data:`SPARSE_DENSITY` largest gradient entries (SLIDE's, Tramer & Boneh, NeurIPS 2019)
+    and an exact projection (soft threshold found by bisection, then the box).
 
     Args:
         model, params: the model (see :func:`jaxpurify.defenses.network`) and its params.
@@ -154,18 +230,22 @@ def universal_perturbations(model, params, x_benign, radii, *, targets=None, ste
         radii: the balls' radii (positive, finite).
         targets: one target class per radius (``-1``: untargeted); default all untargeted.
         steps, batch_size: ascent steps and images per step.
+        norm: the ball, ``"l2"`` or ``"l1"`` (:data:`NORMS`).
+        bound: the sparse ball's box (``norm="l1"``; default: the value range of
+            ``x_benign``, max minus min, as far as one pixel of an image can move).
         key: PRNG key of the shuffle (default ``PRNGKey(0)``).
 
     Returns:
         :class:`UniversalPerturbations`.
 
     Raises:
-        ValueError: bad images, radii, ``steps`` or ``batch_size``.
+        ValueError: bad images, radii, ``steps``, ``batch_size``, ``norm`` or ``bound``.
         FloatingPointError: a non-finite perturbation (NaN/Inf params).
     """
     x = jnp.asarray(x_benign)
     if x.ndim != 4 or x.shape[0] == 0:
         raise ValueError(f"x_benign must be (N, H, W, C) with N >= 1, got shape {x.shape}")
+    bound = _check_ball(x, norm, bound)
     radii = np.asarray(radii, np.float64).reshape(-1)
     if radii.size == 0 or not np.all(np.isfinite(radii)) or np.any(radii <= 0):
         raise ValueError(f"radii must be positive and finite, got {radii.tolist()}")
@@ -189,8 +269,8 @@ def universal_perturbations(model, params, x_benign, radii, *, targets=None, ste
     per = max(1, x.shape[0] // b)
     for i in range(int(steps)):
         idx = order[(i % per) * b:(i % per + 1) * b]
-        deltas = _ascent_step(apply, params, deltas, r, 2.5 * r / steps, t, x[idx],
-                              labels[idx])
+        deltas = _ascent_step(apply, norm, params, deltas, r, 2.5 * r / steps, t, x[idx],
+                              labels[idx], jnp.asarray(bound or 0.0, x.dtype))
     if not bool(jnp.all(jnp.isfinite(deltas))):
         raise FloatingPointError("the universal perturbation is not finite: check the params "
                                  "for NaN/Inf")
@@ -198,10 +278,27 @@ def universal_perturbations(model, params, x_benign, radii, *, targets=None, ste
                                   targets)
 
 
-def benign_scale(x_benign) -> float:
-    """The benign images' root-mean-square L2 norm (what :data:`RADIUS_FRACTIONS` scale)."""
-    x = np.asarray(x_benign, np.float64)
-    return float(np.sqrt(np.mean(np.sum(x.reshape(x.shape[0], -1) ** 2, axis=1))))
+def _check_ball(x, norm: str, bound) -> float | None:
+    """``bound`` checked (the benign value range where ``None``; ``"l2"`` has none)."""
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose from {list(NORMS)}")
+    if norm == "l2":
+        return None
+    if bound is None:
+        bound = float(jnp.max(x) - jnp.min(x))
+        if not bound > 0:
+            raise ValueError("the benign images are constant: pass the sparse ball's bound")
+    elif not (np.isfinite(bound) and bound > 0):
+        raise ValueError(f"bound must be positive and finite (or None), got {bound!r}")
+    return float(bound)
+
+
+def benign_scale(x_benign, norm: str = "l2") -> float:
+    """The benign images' root-mean-square L2 (or, ``norm="l1"``, L1) norm: what
+    :data:`RADIUS_FRACTIONS` (:data:`SPARSE_RADIUS_FRACTIONS`) scale."""
+    x = np.asarray(x_benign, np.float64).reshape(len(x_benign), -1)
+    size = np.sum(np.abs(x), axis=1) if norm == "l1" else np.sqrt(np.sum(x ** 2, axis=1))
+    return float(np.sqrt(np.mean(size ** 2)))
 
 
 def choose_radius(fooled, radii, fool_level: float) -> float:
@@ -212,11 +309,12 @@ def choose_radius(fooled, radii, fool_level: float) -> float:
     return float(radii[enough].min() if enough.size else radii.max())
 
 
-def universal_unlearning(model, params, x_benign, y_benign=None, *, radius: float | None = None,
-                         radius_fractions=RADIUS_FRACTIONS, fool_level: float = 0.9,
-                         rounds: int = 5, steps: int = 100, learning_rate: float = 1e-3,
-                         batch_size: int = 64, ascent_steps: int = 50, targeted: bool = True,
-                         hflip: bool = True, crop: int = 4, mirror: bool | None = None,
+def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = "l2",
+                         radius: float | None = None, radius_fractions=None,
+                         fool_level: float = 0.9, rounds: int = 5, steps: int = 100,
+                         learning_rate: float = 1e-3, batch_size: int = 64,
+                         ascent_steps: int = 50, targeted: bool = True, hflip: bool = True,
+                         crop: int = 4, mirror: bool | None = None, bound: float | None = None,
                          key=None):
     r"""Alternate universal perturbations with consistency unlearning (module docstring).
 
@@ -224,10 +322,15 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, radius: floa
         model, params: the model (see :func:`jaxpurify.defenses.network`) and deployed params.
         x_benign: ``(N, H, W, C)`` the benign budget.
         y_benign: ignored (the labels are not used; the ``defense(params, x, y)`` signature).
-        radius: the perturbation's L2 radius; ``None`` chooses it on the benign images (the
-            smallest of ``radius_fractions`` times :func:`benign_scale` whose perturbation of
-            the deployed network changes at least ``fool_level`` of their predictions).
-        radius_fractions, fool_level: the rule's candidates and level. The default 0.9 was
+        norm: the perturbations' ball (:func:`universal_perturbations`): ``"l2"`` (a blend's
+            kind of trigger) or ``"l1"``, the sparse ball within the box ``bound`` (a patch's).
+        radius: the perturbation's radius in ``norm``; ``None`` chooses it on the benign
+            images (the smallest of ``radius_fractions`` times :func:`benign_scale` whose
+            perturbation of the deployed network changes at least ``fool_level`` of their
+            predictions).
+        radius_fractions, fool_level: the rule's candidates (default
+            :data:`RADIUS_FRACTIONS`, :data:`SPARSE_RADIUS_FRACTIONS` for ``"l1"``) and
+            level. The default 0.9 was
             chosen on MNIST LeNet-5 probes (BadNets 10%: at 0.5 the targeted unlearning left
             9.5% ASR, at 0.9 0.5%; the README), before any CIFAR-10 run.
         rounds: perturbation-and-unlearning rounds (i-BAU's default: 5).
@@ -243,10 +346,12 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, radius: floa
             is unlearned.
         hflip, crop: the unlearning's augmentations (CIFAR-10: ``True``, 4).
         mirror: also unlearn the perturbation mirrored left-right (default ``hflip``).
+        bound: the sparse ball's box (default: the benign images' value range).
         key: PRNG key of the ascent's and the unlearning's batches (default ``PRNGKey(0)``).
 
     Returns:
-        ``(params, DefenseInfo)``; ``details`` holds ``radius``, the rule's ``candidates``
+        ``(params, DefenseInfo)``; ``details`` holds ``norm`` (and ``bound`` for
+        ``"l1"``), ``radius``, the rule's ``candidates``
         when it chose (untargeted: ``[radius, fooled fraction]`` on the deployed network;
         targeted: ``[radius, per-class success]`` for each radius tried), with ``targeted``
         the ``targets`` unlearned and the classes' ``anomaly`` indices, and ``fooled``: per
@@ -255,13 +360,16 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, radius: floa
         perturbations of the returned network (all on the benign images).
 
     Raises:
-        ValueError: bad images, ``rounds``, ``fool_level`` or radius settings, or what
+        ValueError: bad images, ``rounds``, ``fool_level``, ball or radius settings, or what
             :func:`jaxpurify.defenses.distill` refuses (e.g. diverged unlearning).
     """
     t0 = time.perf_counter()
     x = jnp.asarray(x_benign)
     if x.ndim != 4 or x.shape[0] == 0:
         raise ValueError(f"x_benign must be (N, H, W, C) with N >= 1, got shape {x.shape}")
+    ball = {"norm": norm, "bound": _check_ball(x, norm, bound)}
+    if radius_fractions is None:
+        radius_fractions = SPARSE_RADIUS_FRACTIONS if norm == "l1" else RADIUS_FRACTIONS
     if not (isinstance(rounds, int | np.integer) and rounds >= 1):
         raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
     if not 0 < fool_level <= 1:
@@ -273,17 +381,19 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, radius: floa
     apply = network(model).apply
     deployed = _unwrap(params)
     if radius is None:
-        candidates = np.asarray(radius_fractions, np.float64) * benign_scale(x)
+        candidates = np.asarray(radius_fractions, np.float64) * benign_scale(x, norm)
     else:
         candidates = np.asarray([radius], np.float64)
     radius, targets, details = _choose(model, deployed, x, candidates, fool_level, targeted,
-                                       ascent_steps, key)
-    details["radius"] = radius
+                                       ascent_steps, ball, key)
+    details.update(norm=norm, radius=radius, **({"bound": ball["bound"]} if norm == "l1"
+                                                else {}))
     current, history = deployed, []
     for r in range(int(rounds)):
         k_ascent, k_unlearn = jax.random.split(jax.random.fold_in(key, r))
         found = universal_perturbations(model, current, x, [radius] * len(targets),
-                                        targets=targets, steps=ascent_steps, key=k_ascent)
+                                        targets=targets, steps=ascent_steps, key=k_ascent,
+                                        **ball)
         offsets = found.delta
         if mirror:
             offsets = jnp.concatenate([offsets, offsets[:, :, ::-1]])
@@ -296,13 +406,14 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, radius: floa
         after = _fooled(apply, current, found.delta, jnp.asarray(found.target), x, labels)
         history.append([float(np.mean(found.fooled)), float(np.mean(after))])
     final = universal_perturbations(model, current, x, [radius] * len(targets), targets=targets,
-                                    steps=ascent_steps, key=jax.random.fold_in(key, rounds))
+                                    steps=ascent_steps, key=jax.random.fold_in(key, rounds),
+                                    **ball)
     details.update(rounds=int(rounds), steps=int(steps), fooled=history,
                    fooled_final=float(np.mean(final.fooled)))
     return current, DefenseInfo("universal-unlearning", time.perf_counter() - t0, details)
 
 
-def _choose(model, params, x, candidates, fool_level, targeted, ascent_steps, key):
+def _choose(model, params, x, candidates, fool_level, targeted, ascent_steps, ball, key):
     """The radius and the perturbations' targets (``[-1]``: untargeted) the unlearning uses.
 
     Untargeted: the smallest candidate whose perturbation changes ``fool_level`` of the
@@ -315,7 +426,7 @@ def _choose(model, params, x, candidates, fool_level, targeted, ascent_steps, ke
         return float(candidates[0]), [-1], {}
     if not targeted:
         found = universal_perturbations(model, params, x, candidates, steps=ascent_steps,
-                                        key=key)
+                                        key=key, **ball)
         return (choose_radius(found.fooled, candidates, fool_level), [-1],
                 {"candidates": [[float(r), float(f)]
                                 for r, f in zip(candidates, found.fooled, strict=True)]})
@@ -323,7 +434,8 @@ def _choose(model, params, x, candidates, fool_level, targeted, ascent_steps, ke
     tried = []
     for radius in np.sort(candidates):
         found = universal_perturbations(model, params, x, [radius] * num_classes,
-                                        targets=range(num_classes), steps=ascent_steps, key=key)
+                                        targets=range(num_classes), steps=ascent_steps, key=key,
+                                        **ball)
         tried.append([float(radius), found.fooled.tolist()])
         if found.fooled.max() >= fool_level:
             break

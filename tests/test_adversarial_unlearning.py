@@ -39,6 +39,44 @@ def test_perturbations_stay_in_their_balls_and_match_one_radius_at_a_time(poison
     assert both.fooled[2] > 0.5
 
 
+@pytest.mark.parametrize("radius, bound", [(3.0, 0.5), (3.0, 10.0), (100.0, 0.5), (0.01, 1.0)])
+def test_the_sparse_projection_is_the_euclidean_projection(radius, bound):
+    """KKT conditions of ``min |d - v|^2 s.t. |d|_1 <= r, |d|_inf <= b``: ``d`` feasible,
+    ``d_i = sign(v_i) clip(|v_i| - tau, 0, b)`` with one ``tau >= 0``, and ``tau > 0`` only
+    where the L1 constraint is active (then ``|d|_1 = r``)."""
+    v = jax.random.normal(jax.random.PRNGKey(0), (6, 5, 3)) * 2.0
+    d = AU._project_sparse(v, jnp.float64(radius), jnp.float64(bound))
+    a, e = np.abs(np.asarray(v)), np.abs(np.asarray(d))
+    assert np.sum(e) <= radius * (1 + 1e-12) and np.max(e) <= bound
+    assert np.all(np.sign(np.asarray(d))[e > 0] == np.sign(np.asarray(v))[e > 0])
+    interior = (e > 0) & (e < bound)
+    shrink = a[interior] - e[interior]  # one threshold for every entry strictly inside
+    tau = shrink.mean() if shrink.size else 0.0
+    np.testing.assert_allclose(shrink, tau, atol=1e-12)
+    assert np.all(a[e == 0] <= tau + 1e-12)  # zeroed entries lie under it
+    assert np.all(a[e == bound] - bound >= tau - 1e-12)  # clipped ones over it
+    if np.sum(np.minimum(a, bound)) <= radius:  # the box alone is within the ball
+        np.testing.assert_allclose(e, np.minimum(a, bound), atol=1e-12)
+    else:
+        np.testing.assert_allclose(np.sum(e), radius, rtol=1e-10)
+        assert tau > 0
+
+
+def test_sparse_perturbations_are_patches_within_their_balls(poisoned):
+    m, w, xb, *_ = poisoned
+    radii = [1.0, 4.0]
+    found = AU.universal_perturbations(m, w, xb, radii, targets=[0, 0], steps=20,
+                                       batch_size=30, norm="l1", bound=0.5)
+    d = np.abs(np.asarray(found.delta)).reshape(2, -1)
+    assert np.all(d.sum(1) <= np.asarray(radii) * (1 + 1e-6)) and d.max() <= 0.5
+    np.testing.assert_allclose(d.sum(1)[-1], 4.0, rtol=1e-5)  # the ascent reaches the ball
+    assert np.count_nonzero(d[-1]) <= 0.25 * d.shape[1]  # a sparse perturbation
+    assert found.fooled[0] <= found.fooled[1]
+    # the default box is the benign value range
+    wide = AU.universal_perturbations(m, w, xb, [4.0], targets=[0], steps=3, norm="l1")
+    assert np.abs(np.asarray(wide.delta)).max() <= float(xb.max() - xb.min()) + 1e-6
+
+
 def test_the_radius_rule_takes_the_smallest_radius_that_fools_enough():
     radii = [1.0, 2.0, 4.0, 8.0]
     assert AU.choose_radius([0.1, 0.5, 0.9, 1.0], radii, 0.5) == 2.0
@@ -46,6 +84,7 @@ def test_the_radius_rule_takes_the_smallest_radius_that_fools_enough():
     assert AU.choose_radius([0.1, 0.2, 0.3, 0.4], radii, 0.5) == 8.0  # none: the largest
     x = np.ones((4, 2, 2, 1))
     assert AU.benign_scale(x) == pytest.approx(2.0)
+    assert AU.benign_scale(-x, "l1") == pytest.approx(4.0)
 
 
 def test_targeted_unlearning_finds_the_target_and_removes_the_backdoor(poisoned):
@@ -64,6 +103,24 @@ def test_targeted_unlearning_finds_the_target_and_removes_the_backdoor(poisoned)
     assert max(d["candidates"][-1][1]) >= 0.9 or len(tried) == len(AU.RADIUS_FRACTIONS)
     assert len(d["fooled"]) == 5 and d["rounds"] == 5
     assert d["fooled"][0][1] < d["fooled"][0][0]  # each round unlearns its perturbation
+
+
+def test_sparse_targeted_unlearning_removes_the_patch_backdoor(poisoned):
+    m, w, xb, _, x_te, y_te = poisoned
+    # the toy's trigger is half an image's L1 norm (a 3x3 square of 4s on 8x8 images, far
+    # beyond SPARSE_RADIUS_FRACTIONS, made for a 3x3 patch on 28x28 or 32x32 images); here
+    # five rounds leave 12% ASR, a fresh perturbation still moving 24% of the benign images
+    fractions = (0.05, 0.1, 0.2, 0.4, 0.8)
+    q, info = AU.universal_unlearning(m, w, xb, norm="l1", radius_fractions=fractions,
+                                      rounds=10, hflip=False, crop=0, steps=100,
+                                      learning_rate=1e-2)
+    d = info.details
+    assert d["norm"] == "l1" and d["bound"] == pytest.approx(float(xb.max() - xb.min()))
+    tried = [radius for radius, _ in d["candidates"]]
+    np.testing.assert_allclose(tried[0], fractions[0] * AU.benign_scale(xb, "l1"), rtol=1e-12)
+    assert d["targets"][0] == 0 and d["fooled_final"] < 0.05
+    assert A.attack_success_rate(m, q, x_te, y_te, 0, TRIGGER) < 0.05
+    assert _accuracy(m, q, x_te, y_te) >= _accuracy(m, w, x_te, y_te) - 0.02
 
 
 def test_untargeted_unlearning_is_i_baus_ascent_and_removes_this_backdoor(poisoned):
@@ -130,6 +187,12 @@ def test_arguments_are_checked(poisoned):
         AU.universal_unlearning(m, w, xb, fool_level=0.0)
     with pytest.raises(ValueError, match="radius"):
         AU.universal_unlearning(m, w, xb, radius=-1.0)
+    with pytest.raises(ValueError, match="norm"):
+        AU.universal_perturbations(m, w, xb, [1.0], norm="linf")
+    with pytest.raises(ValueError, match="bound"):
+        AU.universal_unlearning(m, w, xb, norm="l1", bound=0.0)
+    with pytest.raises(ValueError, match="constant"):
+        AU.universal_perturbations(m, w, jnp.zeros_like(xb), [1.0], norm="l1")
     nan = jax.tree_util.tree_map(lambda a: a * jnp.nan, w)
     with pytest.raises(FloatingPointError, match="NaN"):
         AU.universal_perturbations(m, nan, xb, [1.0], steps=2)

@@ -696,21 +696,28 @@ def test_neural_cleanse_runs_end_to_end(tmp_path):
 
 
 def test_universal_unlearning_runs_end_to_end_and_is_judged(tmp_path):
-    """``defenses=("universal",)`` on 2000 real MNIST images: one judged row per budget with
-    the radius rule's trail, the rounds and a note saying what was unlearned."""
+    """``defenses=("universal",)`` on 2000 real MNIST images: one judged row per budget and
+    ball (L2, sparse) with the radius rule's trail, the rounds and a note saying what was
+    unlearned."""
     metrics = backdoor.run(out=tmp_path, quick=True, train_limit=2000, test_limit=500,
                            steps=150, ks=(), budgets=(0.01,), attacks=("badnets",),
                            defenses=("universal",), probe_steps=0)
-    (row,) = [r for r in metrics["rows"] if r["defense"] == "universal"]
-    d = row["details"]
-    assert row["variant"] == "universal-targeted" and row["n_benign"] == 20
-    assert 0.0 <= row["acc"] <= 1.0 and 0.0 <= row["asr"] <= 1.0 and row["seconds"] > 0
-    assert d["radius"] == d["candidates"][-1][0] and len(d["candidates"][-1][1]) == 10
-    assert len(d["fooled"]) == 5 and len(d["anomaly"]) == 10 and d["targets"]
-    (t,) = metrics["targets"]
-    assert t["defense"] == "universal" and "universal/universal-targeted: ASR" in t["reason"]
+    rows = {r["variant"]: r for r in metrics["rows"] if r["defense"] == "universal"}
+    assert sorted(rows) == ["universal-sparse", "universal-targeted"]
     tables = (tmp_path / "tables.md").read_text()
-    assert f"L2 radius {d['radius']:.3g}" in tables and "a fresh one at the end" in tables
+    for variant, row in rows.items():
+        d = row["details"]
+        assert row["n_benign"] == 20 and row["seconds"] > 0
+        assert 0.0 <= row["acc"] <= 1.0 and 0.0 <= row["asr"] <= 1.0
+        assert d["radius"] == d["candidates"][-1][0] and len(d["candidates"][-1][1]) == 10
+        assert len(d["fooled"]) == 5 and len(d["anomaly"]) == 10 and d["targets"]
+        ball = ("L2" if variant == "universal-targeted"
+                else f"sparse (L1 within |delta| <= {d['bound']:.3g})")
+        assert d["norm"] == backdoor.UNIVERSAL_VARIANTS[variant]
+        assert f"{ball} radius {d['radius']:.3g}" in tables
+    assert "a fresh one at the end" in tables
+    (t,) = metrics["targets"]
+    assert t["defense"] == "universal" and "universal/universal-" in t["reason"]
 
 
 def test_stored_network_is_the_trained_one_and_a_foreign_key_is_refused(tmp_path):
