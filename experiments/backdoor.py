@@ -37,7 +37,9 @@ the most successful class's alternated with consistency unlearning; i-BAU's mini
 Neural Cleanse's targeted question and without i-BAU's implicit hypergradient,
 :func:`jaxpurify.adversarial_unlearning.universal_unlearning`; variant ``universal-sparse``,
 judged: the same with sparse perturbations, an L1 ball within the pixel range, whose
-corners are patches; ``--set "universal_variants=(...)"`` picks a subset).
+corners are patches; ``universal-both``, judged: both balls' perturbations unlearned
+together, for a defender who does not know the trigger's kind; ``--set
+"universal_variants=(...)"`` picks a subset).
 ``--set "defenses=('jaxpurify', 'ft', 'fp')"`` leaves ANP and NC out; ``--set
 "jaxpurify_variants=('benign-readout',)"`` measures only those of jaxpurify's rows with data
 (:data:`JAXPURIFY_VARIANTS`; the data-free ``designed`` row always);
@@ -96,7 +98,8 @@ JUDGED = ("jaxpurify", "nc", "universal")
 
 #: The universal unlearning's rows by the ball of their perturbations (``--set
 #: "universal_variants=(...)"`` picks a subset).
-UNIVERSAL_VARIANTS = {"universal-targeted": "l2", "universal-sparse": "l1"}
+UNIVERSAL_VARIANTS = {"universal-targeted": "l2", "universal-sparse": "l1",
+                      "universal-both": ("l2", "l1")}
 
 #: jaxpurify's rows with a benign budget (``--set "jaxpurify_variants=(...)"`` picks a subset;
 #: the data-free ``designed`` row is always measured). The last four apply where
@@ -372,7 +375,7 @@ def _details(info: D.DefenseInfo) -> dict:
     for key in ("steps", "ft_steps", "num_pruned", "channels", "val_size", "certified",
                 "fraction", "layer", "threshold", "unknowns", "flagged", "anomaly",
                 "mask_l1", "stamped_gap", "rounds", "restart", "stamp_weighting", "norm",
-                "bound", "radius", "candidates", "targets", "fooled", "fooled_final"):
+                "bound", "balls", "radius", "candidates", "targets", "fooled", "fooled_final"):
         if key in d:
             out[key] = d[key]
     if "recovery" in d:
@@ -729,6 +732,18 @@ def _later_round(later: dict, restart: bool = False) -> str:
             f"stamps{start}{each}{gap}")
 
 
+def _ball_note(d: dict) -> str:
+    """One ball of a universal unlearning: its radius, how it was chosen, the target."""
+    targets = d.get("targets", [])
+    ball = ("L2" if d.get("norm", "l2") == "l2" else
+            f"sparse (L1 within |delta| <= {d['bound']:.3g})")
+    return (f"{ball} radius {d['radius']:.3g}"
+            + (f" ({len(d['candidates'])} of the candidates tried)" if "candidates" in d
+               else "")
+            + (f", class {targets[0]} the most successful (anomaly index "
+               f"{d['anomaly'][targets[0]]:.1f})" if targets else ""))
+
+
 def _note(r) -> str:
     d = r.get("details", {})
     parts = []
@@ -779,14 +794,7 @@ def _note(r) -> str:
                      + ("; diagnostic (not judged)" if r.get("variant") in NC_DIAGNOSTICS
                         else ""))
     if r["defense"] == "universal":
-        targets = d.get("targets", [])
-        ball = ("L2" if d.get("norm", "l2") == "l2" else
-                f"sparse (L1 within |delta| <= {d['bound']:.3g})")
-        parts.append(f"{ball} radius {d['radius']:.3g}"
-                     + (f" ({len(d['candidates'])} of the candidates tried)"
-                        if "candidates" in d else "")
-                     + (f", class {targets[0]} the most successful (anomaly index "
-                        f"{d['anomaly'][targets[0]]:.1f})" if targets else "")
+        parts.append(" and ".join(map(_ball_note, d.get("balls", [d])))
                      + "; per round the perturbation moved "
                      + ", ".join(f"{100 * b:.0f}% -> {100 * a:.0f}%" for b, a in d["fooled"])
                      + " of the benign images; a fresh one at the end "
@@ -1113,6 +1121,9 @@ _VARIANT_WHY = {
                           "consistency with the deployed network's clean logits, five "
                           "rounds: it removes the target's shortcut as far as that radius "
                           "reaches, and needs the target to be the cheapest class to reach",
+    "universal-both": "the L2 and the sparse perturbations, each ball's radius and target "
+                      "by its own rule, unlearned together every round: a defender who does "
+                      "not know whether the trigger is dense or a patch",
     "universal-sparse": "the same with sparse perturbations (an L1 ball within the pixel "
                         "range, radius from 0.5% of the benign images' L1 norm up): its "
                         "corners are patches, a patch trigger's kind of shortcut, where an "
@@ -1266,7 +1277,7 @@ def _plot(rows, path: Path, dataset: str):
                "consistency-top-rounds": "H", "consistency-rounds-restart": "8",
                "consistency-top-rounds-restart": "d", "consistency-rounds-restart-each": "X",
                "consistency-top-rounds-restart-each": "1", "universal-targeted": "2",
-               "universal-sparse": "3"}
+               "universal-sparse": "3", "universal-both": "4"}
     for ax, ((model, attack), rs) in zip(axes[0], groups.items(), strict=True):
         for d, c in colors.items():
             for variant in sorted({r.get("variant") for r in rs if r["defense"] == d}, key=str):

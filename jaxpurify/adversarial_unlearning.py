@@ -324,16 +324,19 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
         x_benign: ``(N, H, W, C)`` the benign budget.
         y_benign: ignored (the labels are not used; the ``defense(params, x, y)`` signature).
         norm: the perturbations' ball (:func:`universal_perturbations`): ``"l2"`` (a blend's
-            kind of trigger) or ``"l1"``, the sparse ball within the box ``bound`` (a patch's).
-        radius: the perturbation's radius in ``norm``; ``None`` chooses it on the benign
-            images (the smallest of ``radius_fractions`` times :func:`benign_scale` whose
-            perturbation of the deployed network changes at least ``fool_level`` of their
-            predictions).
-        radius_fractions, fool_level: the rule's candidates (default
+            kind of trigger) or ``"l1"``, the sparse ball within the box ``bound`` (a
+            patch's); or a tuple of both, ``("l2", "l1")``: each ball's radius and targets
+            chosen by its own rule, and each round unlearns every ball's perturbations
+            together (a defender who does not know the trigger's kind).
+        radius: the perturbation's radius in ``norm`` (one ball only); ``None`` chooses it
+            on the benign images (the smallest of ``radius_fractions`` times
+            :func:`benign_scale` whose perturbation of the deployed network changes at least
+            ``fool_level`` of their predictions).
+        radius_fractions, fool_level: the rule's candidates (one ball only; default
             :data:`RADIUS_FRACTIONS`, :data:`SPARSE_RADIUS_FRACTIONS` for ``"l1"``) and
-            level. The default 0.9 was
-            chosen on MNIST LeNet-5 probes (BadNets 10%: at 0.5 the targeted unlearning left
-            9.5% ASR, at 0.9 0.5%; the README), before any CIFAR-10 run.
+            level. The default 0.9 was chosen on MNIST LeNet-5 probes (BadNets 10%: at 0.5
+            the targeted L2 unlearning left 9.5% ASR, at 0.9 0.5%; the README), before any
+            CIFAR-10 run.
         rounds: perturbation-and-unlearning rounds (i-BAU's default: 5).
         steps, learning_rate, batch_size: each round's unlearning (Adam, cosine decay from
             ``learning_rate`` over ``steps``; :func:`jaxpurify.defenses.distill`).
@@ -358,7 +361,10 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
         the ``targets`` unlearned and the classes' ``anomaly`` indices, and ``fooled``: per
         round, the fraction of the benign images that round's perturbations moved before
         its unlearning and after it (mean over targets), and ``fooled_final``, fresh
-        perturbations of the returned network (all on the benign images).
+        perturbations of the returned network (all on the benign images). With several
+        balls, ``norm`` joins their names (``"l2+l1"``), ``balls`` holds each one's
+        ``norm``, ``bound``, ``radius``, ``candidates``, ``targets`` and ``anomaly``, and
+        ``fooled`` and ``fooled_final`` average over every ball's perturbations.
 
     Raises:
         ValueError: bad images, ``rounds``, ``fool_level``, ball or radius settings, or what
@@ -368,9 +374,14 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
     x = jnp.asarray(x_benign)
     if x.ndim != 4 or x.shape[0] == 0:
         raise ValueError(f"x_benign must be (N, H, W, C) with N >= 1, got shape {x.shape}")
-    ball = {"norm": norm, "bound": _check_ball(x, norm, bound)}
-    if radius_fractions is None:
-        radius_fractions = SPARSE_RADIUS_FRACTIONS if norm == "l1" else RADIUS_FRACTIONS
+    norms = (norm,) if isinstance(norm, str) else tuple(norm)
+    if not norms or len(set(norms)) != len(norms):
+        raise ValueError(f"norm must be one of {list(NORMS)} or a tuple of distinct ones, "
+                         f"got {norm!r}")
+    balls = [{"norm": n, "bound": _check_ball(x, n, bound)} for n in norms]
+    if len(norms) > 1 and (radius is not None or radius_fractions is not None):
+        raise ValueError("radius and radius_fractions apply to one ball; with several norms "
+                         "each ball's rule uses its default fractions")
     if not (isinstance(rounds, int | np.integer) and rounds >= 1):
         raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
     if not 0 < fool_level <= 1:
@@ -381,21 +392,30 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
     mirror = hflip if mirror is None else mirror
     apply = network(model).apply
     deployed = _unwrap(params)
-    if radius is None:
-        candidates = np.asarray(radius_fractions, np.float64) * benign_scale(x, norm)
-    else:
-        candidates = np.asarray([radius], np.float64)
-    radius, targets, details = _choose(model, deployed, x, candidates, fool_level, targeted,
-                                       ascent_steps, ball, key)
-    details.update(norm=norm, radius=radius, **({"bound": ball["bound"]} if norm == "l1"
-                                                else {}))
+    plans = []  # per ball: its radius, targets and the rule's record
+    for ball in balls:
+        if radius is not None:
+            candidates = np.asarray([radius], np.float64)
+        else:
+            fractions = radius_fractions if radius_fractions is not None else (
+                SPARSE_RADIUS_FRACTIONS if ball["norm"] == "l1" else RADIUS_FRACTIONS)
+            candidates = np.asarray(fractions, np.float64) * benign_scale(x, ball["norm"])
+        chosen, targets, record = _choose(model, deployed, x, candidates, fool_level, targeted,
+                                          ascent_steps, ball, key)
+        record.update(norm=ball["norm"], radius=chosen,
+                      **({"bound": ball["bound"]} if ball["norm"] == "l1" else {}))
+        plans.append((ball, chosen, targets, record))
+
+    def perturb(current, k):  # every ball's perturbations toward its targets
+        return [universal_perturbations(model, current, x, [chosen] * len(targets),
+                                        targets=targets, steps=ascent_steps, key=k, **ball)
+                for ball, chosen, targets, _ in plans]
+
     current, history = deployed, []
     for r in range(int(rounds)):
         k_ascent, k_unlearn = jax.random.split(jax.random.fold_in(key, r))
-        found = universal_perturbations(model, current, x, [radius] * len(targets),
-                                        targets=targets, steps=ascent_steps, key=k_ascent,
-                                        **ball)
-        offsets = found.delta
+        found = perturb(current, k_ascent)
+        offsets = jnp.concatenate([f.delta for f in found])
         if mirror:
             offsets = jnp.concatenate([offsets, offsets[:, :, ::-1]])
         zeros = jnp.zeros(offsets.shape[:3] + (1,), x.dtype)
@@ -404,13 +424,15 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
                              crop=crop, stamps=(zeros, jnp.zeros_like(offsets), offsets),
                              key=k_unlearn)
         labels = _predictions(apply, current, x)
-        after = _fooled(apply, current, found.delta, jnp.asarray(found.target), x, labels)
-        history.append([float(np.mean(found.fooled)), float(np.mean(after))])
-    final = universal_perturbations(model, current, x, [radius] * len(targets), targets=targets,
-                                    steps=ascent_steps, key=jax.random.fold_in(key, rounds),
-                                    **ball)
+        after = [_fooled(apply, current, f.delta, jnp.asarray(f.target), x, labels)
+                 for f in found]
+        history.append([float(np.mean(np.concatenate([f.fooled for f in found]))),
+                        float(np.mean(np.concatenate(after)))])
+    final = perturb(current, jax.random.fold_in(key, rounds))
+    details = (plans[0][3] if len(plans) == 1 else
+               {"norm": "+".join(norms), "balls": [record for *_, record in plans]})
     details.update(rounds=int(rounds), steps=int(steps), fooled=history,
-                   fooled_final=float(np.mean(final.fooled)))
+                   fooled_final=float(np.mean(np.concatenate([f.fooled for f in final]))))
     return current, DefenseInfo("universal-unlearning", time.perf_counter() - t0, details)
 
 

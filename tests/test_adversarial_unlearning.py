@@ -123,6 +123,22 @@ def test_sparse_targeted_unlearning_removes_the_patch_backdoor(poisoned):
     assert _accuracy(m, q, x_te, y_te) >= _accuracy(m, w, x_te, y_te) - 0.02
 
 
+def test_both_balls_are_chosen_each_by_its_rule_and_unlearned_together(poisoned):
+    m, w, xb, _, x_te, y_te = poisoned
+    kw = dict(hflip=False, crop=0, steps=100, learning_rate=1e-2)
+    q, info = AU.universal_unlearning(m, w, xb, norm=("l2", "l1"), **kw)
+    d = info.details
+    assert d["norm"] == "l2+l1" and [b["norm"] for b in d["balls"]] == ["l2", "l1"]
+    # each ball's rule is the one a single-ball run applies (same key: same choice)
+    for ball in d["balls"]:
+        _, alone = AU.universal_unlearning(m, w, xb, norm=ball["norm"], **{**kw, "rounds": 1})
+        for k in ("radius", "targets", "candidates", "anomaly"):
+            assert ball[k] == alone.details[k]
+    assert "bound" in d["balls"][1] and "bound" not in d["balls"][0]
+    assert len(d["fooled"]) == 5 and 0 <= d["fooled_final"] <= 1
+    assert A.attack_success_rate(m, q, x_te, y_te, 0, TRIGGER) < 0.05
+
+
 def test_untargeted_unlearning_is_i_baus_ascent_and_removes_this_backdoor(poisoned):
     m, w, xb, _, x_te, y_te = poisoned
     q, info = AU.universal_unlearning(m, w, xb, targeted=False, fool_level=0.5, hflip=False,
@@ -189,6 +205,10 @@ def test_arguments_are_checked(poisoned):
         AU.universal_unlearning(m, w, xb, radius=-1.0)
     with pytest.raises(ValueError, match="norm"):
         AU.universal_perturbations(m, w, xb, [1.0], norm="linf")
+    with pytest.raises(ValueError, match="distinct"):
+        AU.universal_unlearning(m, w, xb, norm=("l2", "l2"))
+    with pytest.raises(ValueError, match="one ball"):
+        AU.universal_unlearning(m, w, xb, norm=("l2", "l1"), radius=1.0)
     with pytest.raises(ValueError, match="bound"):
         AU.universal_unlearning(m, w, xb, norm="l1", bound=0.0)
     with pytest.raises(ValueError, match="constant"):

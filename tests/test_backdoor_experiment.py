@@ -703,18 +703,22 @@ def test_universal_unlearning_runs_end_to_end_and_is_judged(tmp_path):
                            steps=150, ks=(), budgets=(0.01,), attacks=("badnets",),
                            defenses=("universal",), probe_steps=0)
     rows = {r["variant"]: r for r in metrics["rows"] if r["defense"] == "universal"}
-    assert sorted(rows) == ["universal-sparse", "universal-targeted"]
+    assert sorted(rows) == ["universal-both", "universal-sparse", "universal-targeted"]
     tables = (tmp_path / "tables.md").read_text()
     for variant, row in rows.items():
         d = row["details"]
-        assert row["n_benign"] == 20 and row["seconds"] > 0
+        assert row["n_benign"] == 20 and row["seconds"] > 0 and len(d["fooled"]) == 5
         assert 0.0 <= row["acc"] <= 1.0 and 0.0 <= row["asr"] <= 1.0
-        assert d["radius"] == d["candidates"][-1][0] and len(d["candidates"][-1][1]) == 10
-        assert len(d["fooled"]) == 5 and len(d["anomaly"]) == 10 and d["targets"]
-        ball = ("L2" if variant == "universal-targeted"
-                else f"sparse (L1 within |delta| <= {d['bound']:.3g})")
-        assert d["norm"] == backdoor.UNIVERSAL_VARIANTS[variant]
-        assert f"{ball} radius {d['radius']:.3g}" in tables
+        norms = backdoor.UNIVERSAL_VARIANTS[variant]
+        assert d["norm"] == (norms if isinstance(norms, str) else "+".join(norms))
+        for ball in d.get("balls", [d]):  # universal-both: one record per ball
+            assert ball["radius"] == ball["candidates"][-1][0]
+            assert len(ball["candidates"][-1][1]) == 10
+            assert len(ball["anomaly"]) == 10 and ball["targets"]
+            shown = ("L2" if ball["norm"] == "l2"
+                     else f"sparse (L1 within |delta| <= {ball['bound']:.3g})")
+            assert f"{shown} radius {ball['radius']:.3g}" in tables
+    assert [b["norm"] for b in rows["universal-both"]["details"]["balls"]] == ["l2", "l1"]
     assert "a fresh one at the end" in tables
     (t,) = metrics["targets"]
     assert t["defense"] == "universal" and "universal/universal-" in t["reason"]
