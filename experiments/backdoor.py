@@ -457,12 +457,12 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
             measured(defense, name, *fn(m, params, xb, yb, key=key, **kw))
         if "nc" in model.cfg["defenses"]:
             _neural_cleanse(model, params, xb, yb, key, measured)
-        for variant in model.cfg["universal_variants"] if "universal" in model.cfg[
-                "defenses"] else ():
-            measured("universal", variant,
-                     *AU.universal_unlearning(m, params, xb, key=key,
-                                              norm=UNIVERSAL_VARIANTS[variant],
-                                              **_augmentation(model)))
+        if "universal" in model.cfg["defenses"]:
+            for variant in model.cfg["universal_variants"]:
+                measured("universal", variant,
+                         *AU.universal_unlearning(m, params, xb, key=key,
+                                                  norm=UNIVERSAL_VARIANTS[variant],
+                                                  **_augmentation(model)))
         for subspace, variant in (("plain", "benign-readout"),  # the readout re-fit in
                                   ("designed", "designed-readout")):  # both subspaces
             if wanted(variant):

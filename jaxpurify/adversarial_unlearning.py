@@ -121,6 +121,9 @@ def _project_sparse(delta, radius, bound, iterations: int = 60):
     bound)``, with the smallest ``tau >= 0`` whose ``d`` lies in the L1 ball: the mass
     ``sum_i min(max(|v_i| - tau, 0), bound)`` falls monotonically in ``tau``, so bisection
     on ``[0, max |v|]`` finds it (``iterations`` halvings: far below float32 resolution).
+    The upper end of the last bracket is taken, so ``d`` never leaves the ball by rounding.
+    (:func:`jaxpurify.phase_transition._bisect_decreasing` is the same bisection returning
+    the midpoint: it would move the results stored in ``results/`` by a float32 ulp.)
     """
     a = jnp.abs(delta)
 
@@ -145,9 +148,8 @@ def _sparse_direction(g, delta, bound, density: float):
     (as APGD-L1 does): a step there would be clipped away."""
     k = max(1, int(round(density * g.size)))
     g = jnp.where((jnp.abs(delta) >= bound) & (jnp.sign(g) == jnp.sign(delta)), 0.0, g)
-    a = jnp.abs(g).reshape(-1)
-    kth = jax.lax.top_k(a, k)[0][-1]
-    chosen = (jnp.abs(g) >= kth) & (jnp.abs(g) > 0)
+    a = jnp.abs(g)
+    chosen = (a >= jax.lax.top_k(a.reshape(-1), k)[0][-1]) & (a > 0)
     return jnp.sign(g) * chosen / jnp.maximum(jnp.sum(chosen), 1)
 
 
