@@ -55,6 +55,13 @@ sparse ball
 ``b`` the benign images' value range, whose corners are patches: ``eps / b`` pixels moved
 as far as a pixel can move. The ascent takes SLIDE's sparse steps (Tramer & Boneh, NeurIPS
 2019) and projects exactly (a soft threshold found by bisection, then the box).
+
+A defender who does not know the trigger's kind asks both balls (``norm=("l2", "l1")``):
+each ball's radius and targets come from its own rule, and each round unlearns all their
+perturbations together. One mean over every stamp (``ball_weighting="mean"``) gives a ball
+its share of the perturbations, half the pull a run with it alone gives it when both balls
+have as many; ``ball_weighting="each"`` gives each ball that full pull,
+:math:`\sum_b \frac{1}{S_b} \sum_{s \in b} \mathrm{gap}_s` (:func:`ball_weights`).
 """
 
 from __future__ import annotations
@@ -318,7 +325,7 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
                          learning_rate: float = 1e-3, batch_size: int = 64,
                          ascent_steps: int = 50, targeted: bool = True, hflip: bool = True,
                          crop: int = 4, mirror: bool | None = None, bound: float | None = None,
-                         key=None):
+                         ball_weighting: str = "mean", key=None):
     r"""Alternate universal perturbations with consistency unlearning (module docstring).
 
     Args:
@@ -353,6 +360,13 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
         hflip, crop: the unlearning's augmentations (CIFAR-10: ``True``, 4).
         mirror: also unlearn the perturbation mirrored left-right (default ``hflip``).
         bound: the sparse ball's box (default: the benign images' value range).
+        ball_weighting: with several balls, how the unlearning weighs their perturbations:
+            ``"mean"``, one mean over every perturbation (a ball's share of the stamped term
+            is its share of the perturbations), or ``"each"``, every ball's perturbations
+            at the weight a run with that ball alone gives them (the stamped term is the sum
+            over balls of their means,
+            :math:`\sum_b \frac{1}{S_b} \sum_{s \in b} \mathrm{gap}_s`). One ball: the two
+            are the same.
         key: PRNG key of the ascent's and the unlearning's batches (default ``PRNGKey(0)``).
 
     Returns:
@@ -365,8 +379,9 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
         its unlearning and after it (mean over targets), and ``fooled_final``, fresh
         perturbations of the returned network (all on the benign images). With several
         balls, ``norm`` joins their names (``"l2+l1"``), ``balls`` holds each one's
-        ``norm``, ``bound``, ``radius``, ``candidates``, ``targets`` and ``anomaly``, and
-        ``fooled`` and ``fooled_final`` average over every ball's perturbations.
+        ``norm``, ``bound``, ``radius``, ``candidates``, ``targets`` and ``anomaly``,
+        ``ball_weighting`` says how they were weighed, and ``fooled`` and ``fooled_final``
+        average over every ball's perturbations.
 
     Raises:
         ValueError: bad images, ``rounds``, ``fool_level``, ball or radius settings, or what
@@ -386,6 +401,8 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
                          "each ball's rule uses its default fractions")
     if not (isinstance(rounds, int | np.integer) and rounds >= 1):
         raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+    if ball_weighting not in ("mean", "each"):
+        raise ValueError(f"ball_weighting must be 'mean' or 'each', got {ball_weighting!r}")
     if not 0 < fool_level <= 1:
         raise ValueError(f"fool_level must be in (0, 1], got {fool_level!r}")
     if radius is not None and not (np.isfinite(radius) and radius > 0):
@@ -407,6 +424,8 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
         record.update(norm=ball["norm"], radius=chosen,
                       **({"bound": ball["bound"]} if ball["norm"] == "l1" else {}))
         plans.append((ball, chosen, targets, record))
+    weights = (1.0 if ball_weighting == "mean" or len(plans) == 1 else
+               ball_weights([len(targets) for _, _, targets, _ in plans], mirror))
 
     def perturb(current, k):  # every ball's perturbations toward its targets
         return [universal_perturbations(model, current, x, [chosen] * len(targets),
@@ -424,7 +443,7 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
         current, _ = distill(model, current, x, teacher=deployed, steps=steps,
                              learning_rate=learning_rate, batch_size=batch_size, hflip=hflip,
                              crop=crop, stamps=(zeros, jnp.zeros_like(offsets), offsets),
-                             key=k_unlearn)
+                             stamp_weight=weights, key=k_unlearn)
         labels = _predictions(apply, current, x)
         after = [_fooled(apply, current, f.delta, jnp.asarray(f.target), x, labels)
                  for f in found]
@@ -432,10 +451,27 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
                         float(np.mean(np.concatenate(after)))])
     final = perturb(current, jax.random.fold_in(key, rounds))
     details = (plans[0][3] if len(plans) == 1 else
-               {"norm": "+".join(norms), "balls": [record for *_, record in plans]})
+               {"norm": "+".join(norms), "balls": [record for *_, record in plans],
+                "ball_weighting": ball_weighting})
     details.update(rounds=int(rounds), steps=int(steps), fooled=history,
                    fooled_final=float(np.mean(np.concatenate([f.fooled for f in final]))))
     return current, DefenseInfo("universal-unlearning", time.perf_counter() - t0, details)
+
+
+def ball_weights(counts, mirror: bool) -> np.ndarray:
+    r"""Per-stamp weights that give each ball the pull a run with it alone gives it.
+
+    With ``S_b = counts[b]`` perturbations in ball ``b`` and ``S = sum_b S_b``, the weight
+    ``S / S_b`` on each of ball ``b``'s stamps turns :func:`jaxpurify.defenses.distill`'s
+    ``mean_s w_s gap_s`` into :math:`\sum_b \frac{1}{S_b} \sum_{s \in b} \mathrm{gap}_s`.
+    The order is the stamps': the balls' perturbations one after another, then (``mirror``)
+    the same again mirrored.
+    """
+    counts = np.asarray(counts, np.int64)
+    if counts.ndim != 1 or counts.size == 0 or np.any(counts < 1):
+        raise ValueError(f"counts must be positive perturbation counts per ball, got {counts}")
+    weights = np.repeat(counts.sum() / counts, counts)
+    return np.concatenate([weights, weights]) if mirror else weights
 
 
 def _choose(model, params, x, candidates, fool_level, targeted, ascent_steps, ball, key):

@@ -347,7 +347,8 @@ def distill(model, params, x_benign, y_benign=None, *, teacher, steps: int = 300
             squared gap, times ``stamp_weight``): a trigger's shortcut is unlearned without
             labels (:func:`jaxpurify.trigger_inversion.unlearn_consistent`).
         stamp_weight: the weight of the stamped term against the clean one (finite, >= 0;
-            ignored without ``stamps``).
+            ignored without ``stamps``), or one weight per stamp, ``(S,)``: the stamped term
+            is then ``mean_s w_s gap_s`` (a scalar ``w`` is every ``w_s = w``).
         key: PRNG key of the batches and augmentations (default ``PRNGKey(0)``).
 
     Returns:
@@ -369,8 +370,10 @@ def distill(model, params, x_benign, y_benign=None, *, teacher, steps: int = 300
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if not 1 <= batch_size or crop < 0:
         raise ValueError(f"batch_size must be >= 1 and crop >= 0, got {batch_size}, {crop}")
-    if not (np.isfinite(stamp_weight) and stamp_weight >= 0):
-        raise ValueError(f"stamp_weight must be finite and >= 0, got {stamp_weight!r}")
+    weights = np.asarray(stamp_weight, np.float64)
+    if weights.ndim > 1 or not (np.all(np.isfinite(weights)) and np.all(weights >= 0)):
+        raise ValueError(f"stamp_weight must be finite and >= 0 (a number, or one per stamp), "
+                         f"got {stamp_weight!r}")
     p, t = _unwrap(params), _unwrap(teacher)
     if jax.tree_util.tree_structure(p) != jax.tree_util.tree_structure(t):
         raise ValueError("teacher must have the structure of params (the deployed network)")
@@ -385,7 +388,10 @@ def distill(model, params, x_benign, y_benign=None, *, teacher, steps: int = 300
     key = jax.random.PRNGKey(0) if key is None else key
     if stamps is not None:  # the weight travels as an array: a new weight, no new compile
         stamps = _stamp_arrays(stamps, x)
-        stamps = (*stamps, jnp.asarray(stamp_weight, x.dtype))
+        if weights.ndim == 1 and weights.shape != (stamps[0].shape[0],):
+            raise ValueError(f"stamp_weight has {weights.shape[0]} weights for "
+                             f"{stamps[0].shape[0]} stamps: give one per stamp or one number")
+        stamps = (*stamps, jnp.asarray(weights, x.dtype))
     for k in jax.random.split(key, int(steps)):
         p, state = _distill_step(config, p, state, t, x, k, stamps)
     after = _logit_mse(apply, p, t, x)
@@ -456,8 +462,10 @@ def _distill_step(config, params, state, teacher, x, key, stamps=None):
         xs = ((1 - masks[:, None]) * xb[None] + masks[:, None] * patterns[:, None]
               + offsets[:, None])
         logits = apply(q, xs.reshape((-1,) + xb.shape[1:]))
-        stamped = jnp.mean((logits.reshape((masks.shape[0],) + target.shape) - target) ** 2)
-        return clean + weight * stamped
+        gaps = (logits.reshape((masks.shape[0],) + target.shape) - target) ** 2
+        if weight.ndim == 0:  # one weight: the mean over every stamp, as it always was
+            return clean + weight * jnp.mean(gaps)
+        return clean + jnp.mean(weight[:, None, None] * gaps)
 
     g = jax.grad(loss)(params)
     u, state = _make_tx(tx).update(g, state, params)

@@ -139,6 +139,37 @@ def test_both_balls_are_chosen_each_by_its_rule_and_unlearned_together(poisoned)
     assert A.attack_success_rate(m, q, x_te, y_te, 0, TRIGGER) < 0.05
 
 
+def test_each_ball_is_weighed_as_a_run_with_it_alone_weighs_it(poisoned, monkeypatch):
+    """``ball_weighting="each"``: ball ``b``'s stamps weigh ``S / S_b`` in distill's
+    ``mean_s w_s gap_s``, so each ball's stamps add up to the weight 1 a run with that ball
+    alone gives them (per mirrored copy); ``"mean"`` keeps the one weight; with one ball the
+    two are the same run."""
+    weights = AU.ball_weights([1, 3], mirror=True)
+    np.testing.assert_allclose(weights, [4, 4 / 3, 4 / 3, 4 / 3] * 2)
+    np.testing.assert_allclose([weights[:1].sum() / 4, weights[1:4].sum() / 4], [1.0, 1.0])
+    with pytest.raises(ValueError, match="counts"):
+        AU.ball_weights([2, 0], mirror=False)
+    m, w, xb, *_ = poisoned
+    seen, distill = [], AU.distill
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["stamps"][2].shape[0], kwargs["stamp_weight"]))
+        return distill(*args, **kwargs)
+
+    monkeypatch.setattr(AU, "distill", spy)
+    kw = dict(rounds=1, hflip=False, crop=0, steps=20, learning_rate=1e-2)
+    _, each = AU.universal_unlearning(m, w, xb, norm=("l2", "l1"), ball_weighting="each", **kw)
+    _, mean = AU.universal_unlearning(m, w, xb, norm=("l2", "l1"), **kw)
+    counts = [len(b["targets"]) for b in each.details["balls"]]
+    assert each.details["ball_weighting"] == "each" and mean.details["ball_weighting"] == "mean"
+    assert seen[0][0] == sum(counts)
+    np.testing.assert_array_equal(seen[0][1], AU.ball_weights(counts, mirror=False))
+    assert seen[1][1] == 1.0
+    one = [AU.universal_unlearning(m, w, xb, norm="l1", ball_weighting=b, **kw)[0]
+           for b in ("each", "mean")]
+    assert all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(jnp.array_equal, *one)))
+
+
 def test_untargeted_unlearning_is_i_baus_ascent_and_removes_this_backdoor(poisoned):
     m, w, xb, _, x_te, y_te = poisoned
     q, info = AU.universal_unlearning(m, w, xb, targeted=False, fool_level=0.5, hflip=False,
@@ -207,6 +238,8 @@ def test_arguments_are_checked(poisoned):
         AU.universal_perturbations(m, w, xb, [1.0], norm="linf")
     with pytest.raises(ValueError, match="distinct"):
         AU.universal_unlearning(m, w, xb, norm=("l2", "l2"))
+    with pytest.raises(ValueError, match="ball_weighting"):
+        AU.universal_unlearning(m, w, xb, norm=("l2", "l1"), ball_weighting="sum")
     with pytest.raises(ValueError, match="one ball"):
         AU.universal_unlearning(m, w, xb, norm=("l2", "l1"), radius=1.0)
     with pytest.raises(ValueError, match="bound"):

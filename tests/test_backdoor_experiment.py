@@ -703,14 +703,16 @@ def test_universal_unlearning_runs_end_to_end_and_is_judged(tmp_path):
                            steps=150, ks=(), budgets=(0.01,), attacks=("badnets",),
                            defenses=("universal",), probe_steps=0)
     rows = {r["variant"]: r for r in metrics["rows"] if r["defense"] == "universal"}
-    assert sorted(rows) == ["universal-both", "universal-sparse", "universal-targeted"]
+    assert sorted(rows) == sorted(backdoor.UNIVERSAL_VARIANTS)
     tables = (tmp_path / "tables.md").read_text()
     for variant, row in rows.items():
         d = row["details"]
         assert row["n_benign"] == 20 and row["seconds"] > 0 and len(d["fooled"]) == 5
         assert 0.0 <= row["acc"] <= 1.0 and 0.0 <= row["asr"] <= 1.0
-        norms = backdoor.UNIVERSAL_VARIANTS[variant]
+        norms = backdoor.UNIVERSAL_VARIANTS[variant]["norm"]
         assert d["norm"] == (norms if isinstance(norms, str) else "+".join(norms))
+        assert d.get("ball_weighting") == backdoor.UNIVERSAL_VARIANTS[variant].get(
+            "ball_weighting", None if isinstance(norms, str) else "mean")
         for ball in d.get("balls", [d]):  # universal-both: one record per ball
             assert ball["radius"] == ball["candidates"][-1][0]
             assert len(ball["candidates"][-1][1]) == 10
@@ -718,7 +720,9 @@ def test_universal_unlearning_runs_end_to_end_and_is_judged(tmp_path):
             shown = ("L2" if ball["norm"] == "l2"
                      else f"sparse (L1 within |delta| <= {ball['bound']:.3g})")
             assert f"{shown} radius {ball['radius']:.3g}" in tables
-    assert [b["norm"] for b in rows["universal-both"]["details"]["balls"]] == ["l2", "l1"]
+    for both in ("universal-both", "universal-both-each"):
+        assert [b["norm"] for b in rows[both]["details"]["balls"]] == ["l2", "l1"]
+    assert "each ball at its own run's weight" in tables
     assert "a fresh one at the end" in tables
     (t,) = metrics["targets"]
     assert t["defense"] == "universal" and "universal/universal-" in t["reason"]

@@ -735,6 +735,35 @@ def test_distill_full_batch_step_weighs_the_stamped_term(deep_poisoned, weight):
         assert _max_diff(q, plain) < 1e-15
 
 
+def test_distill_weighs_each_stamp_by_its_own_weight(deep_poisoned):
+    """``stamp_weight`` of shape ``(S,)``: one full-batch step is one Adam step on ``clean +
+    mean_s w_s gap_s``; equal weights give the scalar's step; a weight count that is not the
+    stamp count is refused."""
+    m, p0, w, x, _ = deep_poisoned
+    masks = jnp.zeros((2, 8, 8, 1)).at[0, 5:, 5:].set(1.0).at[1, :3, :3].set(1.0)
+    patterns = jnp.stack([jnp.full((8, 8, 1), 4.0), jnp.full((8, 8, 1), -2.0)])
+    weights = jnp.asarray([3.0, 0.5])
+    run = functools.partial(D.distill, m, p0, x, teacher=w, steps=1, learning_rate=1e-2,
+                            batch_size=len(x), stamps=(masks, patterns))
+    q, _ = run(stamp_weight=weights)
+    target = m.apply_plain(w, x)
+
+    def loss(s):
+        gaps = jnp.stack([jnp.mean((m.apply_plain(s, (1 - k) * x + k * p) - target) ** 2)
+                          for k, p in zip(masks, patterns, strict=True)])
+        return jnp.mean((m.apply_plain(s, x) - target) ** 2) + jnp.mean(weights * gaps)
+
+    tx = optax.adam(1e-2)
+    u, _ = tx.update(jax.grad(loss)(p0), tx.init(p0), p0)
+    assert _max_diff(q, optax.apply_updates(p0, u)) < 1e-12
+    assert _max_diff(run(stamp_weight=jnp.asarray([2.0, 2.0]))[0], run(stamp_weight=2.0)[0]) \
+        < 1e-12
+    with pytest.raises(ValueError, match="3 weights for 2 stamps"):
+        run(stamp_weight=[1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="stamp_weight must be finite and >= 0"):
+        run(stamp_weight=[1.0, -1.0])
+
+
 def test_distill_pulls_a_projected_network_back_toward_its_teacher(deep_poisoned):
     """A layer-principal projection at a small share changes the benign logits; distilling
     the deployed network into it (augmented, float64 kept) takes most of that back, and it
