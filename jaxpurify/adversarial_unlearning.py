@@ -62,6 +62,18 @@ perturbations together. One mean over every stamp (``ball_weighting="mean"``) gi
 its share of the perturbations, half the pull a run with it alone gives it when both balls
 have as many; ``ball_weighting="each"`` gives each ball that full pull,
 :math:`\sum_b \frac{1}{S_b} \sum_{s \in b} \mathrm{gap}_s` (:func:`ball_weights`).
+
+The radius rule asks its question once, of the deployed network (``radius_schedule="fixed"``).
+A network that is not robust anywhere answers with a radius below the trigger's size (the
+one-hidden CNNs: the smallest candidates, where the CIFAR-10 patch is 0.021 of the L1 scale
+and the rule stopped at 0.02), and five rounds there leave the trigger outside the ball.
+``radius_schedule="climb"`` asks it again before every later round, of the current network,
+over each ball's candidates from its last radius up: the unlearning follows the cheapest
+universal shortcut that still moves ``fool_level`` of the benign images, a ball with none
+left among its candidates sits the round out, and the rounds end early when every ball does.
+A ball's targets accumulate (a class once unlearned stays among them at the new radius):
+a round that turned to another class's shortcut alone would give the first one back.
+Nothing in it looks at triggered or test images.
 """
 
 from __future__ import annotations
@@ -325,7 +337,8 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
                          learning_rate: float = 1e-3, batch_size: int = 64,
                          ascent_steps: int = 50, targeted: bool = True, hflip: bool = True,
                          crop: int = 4, mirror: bool | None = None, bound: float | None = None,
-                         ball_weighting: str = "mean", key=None):
+                         ball_weighting: str = "mean", radius_schedule: str = "fixed",
+                         key=None):
     r"""Alternate universal perturbations with consistency unlearning (module docstring).
 
     Args:
@@ -367,6 +380,13 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
             over balls of their means,
             :math:`\sum_b \frac{1}{S_b} \sum_{s \in b} \mathrm{gap}_s`). One ball: the two
             are the same.
+        radius_schedule: ``"fixed"``, every round at the radius and targets the rule chose
+            on the deployed network, or ``"climb"``: before every later round each ball's
+            rule runs again on the current network, over its candidates from its last
+            radius up, and picks that round's radius and new targets (added to the ball's
+            earlier ones); a ball whose
+            perturbations reach ``fool_level`` at none of them sits the round out, and the
+            rounds stop when every ball does (module docstring). Needs ``radius=None``.
         key: PRNG key of the ascent's and the unlearning's batches (default ``PRNGKey(0)``).
 
     Returns:
@@ -381,7 +401,9 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
         balls, ``norm`` joins their names (``"l2+l1"``), ``balls`` holds each one's
         ``norm``, ``bound``, ``radius``, ``candidates``, ``targets`` and ``anomaly``,
         ``ball_weighting`` says how they were weighed, and ``fooled`` and ``fooled_final``
-        average over every ball's perturbations.
+        average over every ball's perturbations. ``rounds`` counts the rounds run; under
+        ``"climb"``, ``schedule`` holds per round and ball ``[radius, targets]`` (``None``:
+        the ball sat out) and ``stopped`` whether the rounds ended before ``rounds``.
 
     Raises:
         ValueError: bad images, ``rounds``, ``fool_level``, ball or radius settings, or what
@@ -403,6 +425,11 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
         raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
     if ball_weighting not in ("mean", "each"):
         raise ValueError(f"ball_weighting must be 'mean' or 'each', got {ball_weighting!r}")
+    if radius_schedule not in ("fixed", "climb"):
+        raise ValueError(f"radius_schedule must be 'fixed' or 'climb', got {radius_schedule!r}")
+    if radius_schedule == "climb" and radius is not None:
+        raise ValueError("radius_schedule='climb' re-runs the radius rule every round; give "
+                         "radius=None (and radius_fractions for the candidates)")
     if not 0 < fool_level <= 1:
         raise ValueError(f"fool_level must be in (0, 1], got {fool_level!r}")
     if radius is not None and not (np.isfinite(radius) and radius > 0):
@@ -411,7 +438,7 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
     mirror = hflip if mirror is None else mirror
     apply = network(model).apply
     deployed = _unwrap(params)
-    plans = []  # per ball: its radius, targets and the rule's record
+    plans, ladders = [], []  # per ball: its radius, targets and the rule's record; candidates
     for ball in balls:
         if radius is not None:
             candidates = np.asarray([radius], np.float64)
@@ -419,23 +446,42 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
             fractions = radius_fractions if radius_fractions is not None else (
                 SPARSE_RADIUS_FRACTIONS if ball["norm"] == "l1" else RADIUS_FRACTIONS)
             candidates = np.asarray(fractions, np.float64) * benign_scale(x, ball["norm"])
-        chosen, targets, record = _choose(model, deployed, x, candidates, fool_level, targeted,
-                                          ascent_steps, ball, key)
+        chosen, targets, record, _ = _choose(model, deployed, x, candidates, fool_level,
+                                             targeted, ascent_steps, ball, key)
         record.update(norm=ball["norm"], radius=chosen,
                       **({"bound": ball["bound"]} if ball["norm"] == "l1" else {}))
         plans.append((ball, chosen, targets, record))
-    weights = (1.0 if ball_weighting == "mean" or len(plans) == 1 else
-               ball_weights([len(targets) for _, _, targets, _ in plans], mirror))
+        ladders.append(candidates)
+    climb = radius_schedule == "climb"
 
-    def perturb(current, k):  # every ball's perturbations toward its targets
+    def perturb(active, current, k):  # every active ball's perturbations toward its targets
         return [universal_perturbations(model, current, x, [chosen] * len(targets),
                                         targets=targets, steps=ascent_steps, key=k, **ball)
-                for ball, chosen, targets, _ in plans]
+                for ball, chosen, targets, _ in active]
 
-    current, history = deployed, []
+    current, history, schedule, active = deployed, [], [], plans
     for r in range(int(rounds)):
         k_ascent, k_unlearn = jax.random.split(jax.random.fold_in(key, r))
-        found = perturb(current, k_ascent)
+        if climb and r > 0:  # each ball's rule again, on this network, from its last radius
+            active, step = [], []
+            for b, ((ball, last, before, record), ladder) in enumerate(zip(plans, ladders,
+                                                                           strict=True)):
+                chosen, new, _, reached = _choose(
+                    model, current, x, ladder[ladder >= last], fool_level, targeted,
+                    ascent_steps, ball, k_ascent, check=True)
+                targets = before + [t for t in new if t not in before]  # none given back
+                step.append([chosen, targets] if reached else None)
+                if reached:  # a ball that sits out keeps its last radius and targets
+                    plans[b] = (ball, chosen, targets, record)
+                    active.append(plans[b])
+            schedule.append(step)
+            if not active:
+                break
+        elif climb:
+            schedule.append([[chosen, targets] for _, chosen, targets, _ in plans])
+        weights = (1.0 if ball_weighting == "mean" or len(active) == 1 else
+                   ball_weights([len(targets) for _, _, targets, _ in active], mirror))
+        found = perturb(active, current, k_ascent)
         offsets = jnp.concatenate([f.delta for f in found])
         if mirror:
             offsets = jnp.concatenate([offsets, offsets[:, :, ::-1]])
@@ -449,12 +495,15 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
                  for f in found]
         history.append([float(np.mean(np.concatenate([f.fooled for f in found]))),
                         float(np.mean(np.concatenate(after)))])
-    final = perturb(current, jax.random.fold_in(key, rounds))
+    final = perturb(plans, current, jax.random.fold_in(key, rounds))
     details = (plans[0][3] if len(plans) == 1 else
                {"norm": "+".join(norms), "balls": [record for *_, record in plans],
                 "ball_weighting": ball_weighting})
-    details.update(rounds=int(rounds), steps=int(steps), fooled=history,
+    details.update(rounds=len(history), steps=int(steps), fooled=history,
                    fooled_final=float(np.mean(np.concatenate([f.fooled for f in final]))))
+    if climb:
+        details.update(radius_schedule="climb", stopped=len(history) < rounds,
+                       schedule=[s if len(plans) > 1 else s[0] for s in schedule])
     return current, DefenseInfo("universal-unlearning", time.perf_counter() - t0, details)
 
 
@@ -474,23 +523,28 @@ def ball_weights(counts, mirror: bool) -> np.ndarray:
     return np.concatenate([weights, weights]) if mirror else weights
 
 
-def _choose(model, params, x, candidates, fool_level, targeted, ascent_steps, ball, key):
-    """The radius and the perturbations' targets (``[-1]``: untargeted) the unlearning uses.
+def _choose(model, params, x, candidates, fool_level, targeted, ascent_steps, ball, key,
+            check: bool = False):
+    """The radius and the perturbations' targets (``[-1]``: untargeted) the unlearning uses,
+    the rule's record, and whether a perturbation reached ``fool_level`` at that radius.
 
     Untargeted: the smallest candidate whose perturbation changes ``fool_level`` of the
     predictions. Targeted: candidates in increasing order, each with one perturbation per
     class, until a class's reaches ``fool_level`` there (else the largest); the targets are
     that radius's most successful class and any other whose success lies more than 2 robust
     standard deviations above the classes' median (:func:`anomaly_index` of minus it).
+    A single untargeted candidate is taken unmeasured (reached: ``True``) unless ``check``.
     """
-    if not targeted and len(candidates) == 1:  # a given radius: nothing to choose
-        return float(candidates[0]), [-1], {}
+    if not targeted and len(candidates) == 1 and not check:  # a given radius: nothing to choose
+        return float(candidates[0]), [-1], {}, True
     if not targeted:
         found = universal_perturbations(model, params, x, candidates, steps=ascent_steps,
                                         key=key, **ball)
-        return (choose_radius(found.fooled, candidates, fool_level), [-1],
+        chosen = choose_radius(found.fooled, candidates, fool_level)
+        return (chosen, [-1],
                 {"candidates": [[float(r), float(f)]
-                                for r, f in zip(candidates, found.fooled, strict=True)]})
+                                for r, f in zip(candidates, found.fooled, strict=True)]},
+                bool(found.fooled.max() >= fool_level))
     num_classes = int(jax.eval_shape(network(model).apply, params, x[:1]).shape[-1])
     tried = []
     for radius in np.sort(candidates):
@@ -505,5 +559,5 @@ def _choose(model, params, x, candidates, fool_level, targeted, ascent_steps, ba
     top = int(np.argmax(success))
     targets = [top] + [int(k) for k in np.argsort(-success) if k != top and index[k] > 2.0]
     chosen = {"targets": targets, "anomaly": index.tolist()}
-    return float(radius), targets, ({"candidates": tried, **chosen} if len(candidates) > 1
-                                    else chosen)
+    return (float(radius), targets, ({"candidates": tried, **chosen} if len(candidates) > 1
+                                     else chosen), bool(success.max() >= fool_level))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -170,6 +172,69 @@ def test_each_ball_is_weighed_as_a_run_with_it_alone_weighs_it(poisoned, monkeyp
     assert all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(jnp.array_equal, *one)))
 
 
+def test_the_climbing_radius_follows_the_shortcut_the_fixed_one_leaves(poisoned):
+    """``radius_schedule="climb"``: each later round re-runs the rule on the current network
+    from the last radius up, the targets accumulate, and on the toy's oversized patch five
+    rounds remove what ten fixed ones leave (12% ASR, the sparse test above)."""
+    m, w, xb, _, x_te, y_te = poisoned
+    fractions = (0.05, 0.1, 0.2, 0.4, 0.8)
+    kw = dict(norm="l1", radius_fractions=fractions, hflip=False, crop=0, steps=100,
+              learning_rate=1e-2)
+    q, info = AU.universal_unlearning(m, w, xb, radius_schedule="climb", **kw)
+    d = info.details
+    assert A.attack_success_rate(m, q, x_te, y_te, 0, TRIGGER) < 0.05
+    assert _accuracy(m, q, x_te, y_te) >= _accuracy(m, w, x_te, y_te) - 0.02
+    ladder = np.asarray(fractions) * AU.benign_scale(xb, "l1")
+    assert d["radius_schedule"] == "climb" and len(d["schedule"]) == d["rounds"]
+    assert d["schedule"][0] == [d["radius"], d["targets"]]  # round 1: the deployed network's
+    radii = [radius for radius, _ in d["schedule"]]
+    assert radii == sorted(radii) and all(np.isclose(ladder, r).any() for r in radii)
+    assert radii[-1] > radii[0]  # it climbed
+    for (_, before), (_, after) in itertools.pairwise(d["schedule"]):
+        assert after[:len(before)] == before  # no target given back
+    # a round's rule is the single-ball rule run on that round's network from its radius
+    fixed, _ = AU.universal_unlearning(m, w, xb, rounds=1, **kw)
+    round_2 = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(0), 1))[0]
+    upper = [f for f, r in zip(fractions, ladder, strict=True) if r >= radii[0]]
+    _, again = AU.universal_unlearning(m, fixed, xb, **{**kw, "radius_fractions": upper,
+                                                        "rounds": 1, "key": round_2})
+    assert d["schedule"][1][0] == again.details["radius"]
+    assert d["schedule"][1][1] == d["targets"] + [
+        t for t in again.details["targets"] if t not in d["targets"]]
+
+
+def test_a_ball_without_a_shortcut_sits_out_and_the_rounds_stop_when_all_do(poisoned,
+                                                                            monkeypatch):
+    m, w, xb, *_ = poisoned
+    kw = dict(norm=("l2", "l1"), radius_schedule="climb", hflip=False, crop=0, steps=100,
+              learning_rate=1e-2)
+    # the toy's backdoor is gone after one round: no ball's rule reaches 90% again
+    q, info = AU.universal_unlearning(m, w, xb, **kw)
+    d = info.details
+    assert d["rounds"] == 1 and d["stopped"] and len(d["fooled"]) == 1
+    assert d["schedule"][1] == [None, None]
+    assert d["schedule"][0] == [[b["radius"], b["targets"]] for b in d["balls"]]
+    # one ball without a shortcut: only the other's stamps, at a single ball's weight
+    seen, distill, choose = [], AU.distill, AU._choose
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["stamps"][2].shape[0], kwargs["stamp_weight"]))
+        return distill(*args, **kwargs)
+
+    def only_l1_finds_one(*args, **kwargs):  # in the later rounds' rules (check=True)
+        radius, targets, record, reached = choose(*args, **kwargs)
+        return radius, targets, record, (args[7]["norm"] == "l1" if kwargs.get("check")
+                                         else reached)
+
+    monkeypatch.setattr(AU, "distill", spy)
+    monkeypatch.setattr(AU, "_choose", only_l1_finds_one)
+    _, info = AU.universal_unlearning(m, w, xb, **{**kw, "rounds": 2, "ball_weighting": "each"})
+    d = info.details
+    assert d["rounds"] == 2 and not d["stopped"] and d["schedule"][1][0] is None
+    assert seen[0][0] == sum(len(b["targets"]) for b in d["balls"])
+    assert seen[1] == (len(d["schedule"][1][1][1]), 1.0)
+
+
 def test_untargeted_unlearning_is_i_baus_ascent_and_removes_this_backdoor(poisoned):
     m, w, xb, _, x_te, y_te = poisoned
     q, info = AU.universal_unlearning(m, w, xb, targeted=False, fool_level=0.5, hflip=False,
@@ -240,6 +305,10 @@ def test_arguments_are_checked(poisoned):
         AU.universal_unlearning(m, w, xb, norm=("l2", "l2"))
     with pytest.raises(ValueError, match="ball_weighting"):
         AU.universal_unlearning(m, w, xb, norm=("l2", "l1"), ball_weighting="sum")
+    with pytest.raises(ValueError, match="radius_schedule"):
+        AU.universal_unlearning(m, w, xb, radius_schedule="grow")
+    with pytest.raises(ValueError, match="radius=None"):
+        AU.universal_unlearning(m, w, xb, radius=1.0, radius_schedule="climb")
     with pytest.raises(ValueError, match="one ball"):
         AU.universal_unlearning(m, w, xb, norm=("l2", "l1"), radius=1.0)
     with pytest.raises(ValueError, match="bound"):

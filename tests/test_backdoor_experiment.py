@@ -707,7 +707,8 @@ def test_universal_unlearning_runs_end_to_end_and_is_judged(tmp_path):
     tables = (tmp_path / "tables.md").read_text()
     for variant, row in rows.items():
         d = row["details"]
-        assert row["n_benign"] == 20 and row["seconds"] > 0 and len(d["fooled"]) == 5
+        assert row["n_benign"] == 20 and row["seconds"] > 0 and len(d["fooled"]) == d["rounds"]
+        assert d["rounds"] == 5 or d.get("stopped")  # the climb may stop early
         assert 0.0 <= row["acc"] <= 1.0 and 0.0 <= row["asr"] <= 1.0
         norms = backdoor.UNIVERSAL_VARIANTS[variant]["norm"]
         assert d["norm"] == (norms if isinstance(norms, str) else "+".join(norms))
@@ -720,9 +721,14 @@ def test_universal_unlearning_runs_end_to_end_and_is_judged(tmp_path):
             shown = ("L2" if ball["norm"] == "l2"
                      else f"sparse (L1 within |delta| <= {ball['bound']:.3g})")
             assert f"{shown} radius {ball['radius']:.3g}" in tables
-    for both in ("universal-both", "universal-both-each"):
+    for both in ("universal-both", "universal-both-each", "universal-both-climb"):
         assert [b["norm"] for b in rows[both]["details"]["balls"]] == ["l2", "l1"]
     assert "each ball at its own run's weight" in tables
+    climb = rows["universal-both-climb"]["details"]
+    assert climb["radius_schedule"] == "climb" and len(climb["schedule"]) == climb["rounds"] + (
+        1 if climb["stopped"] else 0)
+    assert climb["schedule"][0] == [[b["radius"], b["targets"]] for b in climb["balls"]]
+    assert "rule asked again each round" in tables
     assert "a fresh one at the end" in tables
     (t,) = metrics["targets"]
     assert t["defense"] == "universal" and "universal/universal-" in t["reason"]
