@@ -201,6 +201,13 @@ def test_the_climbing_radius_follows_the_shortcut_the_fixed_one_leaves(poisoned)
     assert d["schedule"][1][0] == again.details["radius"]
     assert d["schedule"][1][1] == d["targets"] + [
         t for t in again.details["targets"] if t not in d["targets"]]
+    # retarget=False: the first round's targets only, their radius climbing
+    _, info = AU.universal_unlearning(m, w, xb, radius_schedule="climb", retarget=False, **kw)
+    d = info.details
+    assert d["retarget"] is False and d["schedule"][0] == [d["radius"], d["targets"]]
+    assert all(step is None or step[1] == d["targets"] for step in d["schedule"])
+    radii = [step[0] for step in d["schedule"] if step is not None]
+    assert radii == sorted(radii) and radii[-1] > radii[0]
 
 
 def test_a_ball_without_a_shortcut_sits_out_and_the_rounds_stop_when_all_do(poisoned,

@@ -721,7 +721,8 @@ def test_universal_unlearning_runs_end_to_end_and_is_judged(tmp_path):
             shown = ("L2" if ball["norm"] == "l2"
                      else f"sparse (L1 within |delta| <= {ball['bound']:.3g})")
             assert f"{shown} radius {ball['radius']:.3g}" in tables
-    for both in ("universal-both", "universal-both-each", "universal-both-climb"):
+    for both in ("universal-both", "universal-both-each", "universal-both-climb",
+                 "universal-both-climb-first"):
         assert [b["norm"] for b in rows[both]["details"]["balls"]] == ["l2", "l1"]
     assert "each ball at its own run's weight" in tables
     climb = rows["universal-both-climb"]["details"]
@@ -729,6 +730,11 @@ def test_universal_unlearning_runs_end_to_end_and_is_judged(tmp_path):
         1 if climb["stopped"] else 0)
     assert climb["schedule"][0] == [[b["radius"], b["targets"]] for b in climb["balls"]]
     assert "rule asked again each round" in tables
+    first = rows["universal-both-climb-first"]["details"]
+    assert not first["retarget"] and all(
+        step is None or step[1] == ball["targets"]
+        for steps in first["schedule"] for step, ball in zip(steps, first["balls"], strict=True))
+    assert "(the first round's targets only)" in tables
     assert "a fresh one at the end" in tables
     (t,) = metrics["targets"]
     assert t["defense"] == "universal" and "universal/universal-" in t["reason"]
