@@ -1,0 +1,77 @@
+"""The universal-shortcuts diagnostic (experiments/universal_shortcuts.py): every class's
+universal perturbation per ball and radius, on the clean and the poisoned networks."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpurify import adversarial_unlearning as AU
+
+shortcuts = pytest.importorskip("experiments.universal_shortcuts")
+backdoor = pytest.importorskip("experiments.backdoor")
+
+
+def test_a_trigger_size_is_the_mean_change_it_stamps():
+    x = np.zeros((4, 3, 3, 1))
+    x[1] = 1.0
+
+    def corner(v):  # one pixel set to 2: it changes by 2, 1, 2, 2 -> L2 = L1 = 1.75
+        return v.at[:, 0, 0, 0].set(2.0)
+
+    size = shortcuts.trigger_size(corner, x)
+    assert size["l2"] == pytest.approx(1.75) and size["l1"] == pytest.approx(1.75)
+    assert size["l2_fraction"] == pytest.approx(1.75 / AU.benign_scale(x, "l2"))
+    assert size["l1_fraction"] == pytest.approx(1.75 / AU.benign_scale(x, "l1"))
+
+
+def test_the_summary_takes_the_smallest_fraction_that_reaches_the_level():
+    rows = [{"network": "clean", "norm": "l2", "fraction": f, "target_success": t,
+             "top_success": s} for f, t, s in ((0.1, 0.2, 0.95), (0.05, 0.1, 0.5),
+                                               (0.2, 0.91, 0.99))]
+    rows.append({"network": "badnets", "norm": "l1", "fraction": 0.01, "target_success": 0.3,
+                 "top_success": 0.3})
+    s = shortcuts.summarize(rows, 0.9)
+    assert s == [{"network": "clean", "norm": "l2", "target_reaches": 0.2,
+                  "some_class_reaches": 0.1},
+                 {"network": "badnets", "norm": "l1", "target_reaches": None,
+                  "some_class_reaches": None}]
+
+
+def test_the_quick_run_measures_every_network_ball_and_radius(tmp_path):
+    metrics = shortcuts.run(name="universal-shortcuts-mnist", quick=True, out=tmp_path,
+                            train_limit=2000, test_limit=500, steps=150, ascent_steps=5,
+                            attacks=("badnets",))
+    rows = metrics["rows"]
+    assert [r["network"] for r in rows[::10]] == ["clean", "badnets"]
+    assert len(rows) == 2 * (len(AU.RADIUS_FRACTIONS) + len(AU.SPARSE_RADIUS_FRACTIONS))
+    for r in rows:
+        assert len(r["success"]) == 10 and all(0 <= s <= 1 for s in r["success"])
+        assert r["target_success"] == r["success"][backdoor.TARGET]
+        assert r["top_success"] == max(r["success"]) == r["success"][r["top_class"]]
+    t = metrics["triggers"]["badnets"]
+    assert 0 < t["l1_fraction"] < 1 and 0 < t["l2_fraction"] < 1
+    assert len(metrics["summary"]) == 4
+    stored = json.loads((tmp_path / "metrics.json").read_text())
+    assert stored["rows"] == json.loads(json.dumps(rows))
+    assert (tmp_path / "shortcuts.png").stat().st_size > 0
+    assert "| badnets | l1 |" in (tmp_path / "tables.md").read_text()
+
+
+def test_each_row_is_the_radius_rules_own_measurement():
+    """One ball and radius of :func:`shortcuts` is the radius rule's call: every class's
+    targeted perturbation with the same key and steps."""
+    from tests.backdoor_helpers import poisoned_one_hidden
+
+    m, w, xb, *_ = poisoned_one_hidden()
+    key = jax.random.PRNGKey(3)
+    rows = shortcuts.shortcuts(m, w, jnp.asarray(xb), key, ascent_steps=5)
+    r = rows[len(AU.RADIUS_FRACTIONS) + 2]  # the sparse ball's third candidate
+    assert r["norm"] == "l1" and r["fraction"] == AU.SPARSE_RADIUS_FRACTIONS[2]
+    num_classes = len(r["success"])
+    found = AU.universal_perturbations(m, w, xb, [r["radius"]] * num_classes,
+                                       targets=range(num_classes), steps=5, key=key,
+                                       norm="l1", bound=float(xb.max() - xb.min()))
+    np.testing.assert_allclose(r["success"], found.fooled)
