@@ -15,16 +15,18 @@ fraction of the benign images not predicted as the class that it sends there,
 
     s_c(\varepsilon) = \frac{|\{x : f(x) \ne c,\; f(x + \delta_c) = c\}|}
                             {|\{x : f(x) \ne c\}|},
-    \qquad \delta_c \approx \arg\max_{\lVert\delta\rVert \le \varepsilon} \ldots
+    \qquad \lVert\delta_c\rVert \le \varepsilon,
 
+``delta_c`` found by the radius rule's projected ascent toward ``c`` (the same key and steps).
 It also measures each trigger's own size in both norms (the mean over the benign images of
 the stamp's change), so the curves show whether the backdoor's shortcut stands out at the
 trigger's size or the clean network already has one there.
 
 Writes ``metrics.json`` (``rows``: one per network, ball and radius, with ``success`` per
-class; ``triggers``: the triggers' sizes; ``summary``: per network and ball the smallest
-fraction at which the target's and any class's success reaches ``fool_level``), ``tables.md``
-and ``shortcuts.png``. ``--set networks=DIR`` loads the networks the backdoor experiment
+class; ``networks``: each network's test ACC and ASR per trigger; ``triggers``: the
+triggers' sizes; ``summary``: per network and ball the smallest fraction at which the
+target's and any class's success reaches ``fool_level``), ``tables.md`` and
+``shortcuts.png``. ``--set networks=DIR`` loads the networks the backdoor experiment
 stored there; ``--set "model='lenet5'"`` (or ``'small-vgg'``) measures the deep model.
 """
 
@@ -40,6 +42,7 @@ import numpy as np
 from experiments import backdoor as B
 from experiments._common import environment, pyplot, save_fig, with_options, write_metrics
 from jaxpurify import adversarial_unlearning as AU
+from jaxpurify import attacks as A
 from jaxpurify.defenses import network
 
 #: The grid's settings this experiment replaces (one model, rate and budget).
@@ -118,8 +121,11 @@ def summarize(rows: list[dict], fool_level: float) -> list[dict]:
     return out
 
 
-def _tables(rows, triggers, summary, setting: str, fool_level: float) -> str:
-    lines = [f"## {setting}", "", "Each trigger's size (mean over the benign images of the "
+def _tables(rows, evaluated, triggers, summary, setting: str, fool_level: float) -> str:
+    lines = [f"## {setting}", "", "The networks (test ACC and ASR, %): " + "; ".join(
+        f"{name} " + ", ".join(f"{k.replace('_', ' ').upper()} {100 * v:.2f}"
+                               for k, v in e.items()) for name, e in evaluated.items()) + ".",
+             "", "Each trigger's size (mean over the benign images of the "
              "stamp's change; in brackets as a fraction of the benign images' RMS norm, the "
              "radius rule's unit):", "", "| trigger | L2 | L1 |", "|---|---|---|"]
     lines += [f"| {name} | {t['l2']:.3g} ({t['l2_fraction']:.3f}) | {t['l1']:.3g} "
@@ -191,7 +197,7 @@ def run(*, name: str = "universal-shortcuts-mnist", quick: bool = False, out: Pa
     key = jax.random.PRNGKey(seed + 11)  # the backdoor experiment's defense key
     model = B._Model(cfg["model"], dataset, cfg, x_tr.shape[1:])
     triggers = {a: trigger_size(data.triggers[a], xb) for a in cfg["attacks"]}
-    rows, timings, networks = [], {}, {}
+    rows, timings, networks, evaluated = [], {}, {}, {}
     for attack in (None, *cfg["attacks"]):
         if attack is None:
             params, timings["train-clean"] = model.trained(x_tr, y_tr, seed,
@@ -203,6 +209,10 @@ def run(*, name: str = "universal-shortcuts-mnist", quick: bool = False, out: Pa
                 np.asarray(xp), np.asarray(yp), seed, store=cfg["networks"],
                 poisoning=(attack, cfg["rate"]), record=networks)
         trained = attack or "clean"
+        evaluated[trained] = {"acc": A.accuracy(model.module, params, data.x_te, data.y_te)}
+        for a in cfg["attacks"]:
+            evaluated[trained][f"asr_{a}"] = A.attack_success_rate(
+                model.module, params, data.x_te, data.y_te, B.TARGET, data.triggers[a])
         for r in shortcuts(model.module, params, xb, key, ascent_steps=cfg["ascent_steps"]):
             rows.append({"dataset": dataset, "model": cfg["model"], "network": trained,
                          "poison_rate": None if attack is None else cfg["rate"], **r})
@@ -219,11 +229,12 @@ def run(*, name: str = "universal-shortcuts-mnist", quick: bool = False, out: Pa
                          "fool_level": cfg["fool_level"],
                          **({"networks": {"dir": str(cfg["networks"]), **networks}}
                             if cfg["networks"] else {})},
-               "triggers": triggers, "summary": summary, "rows": rows, "timings": timings,
+               "networks": evaluated, "triggers": triggers, "summary": summary, "rows": rows,
+               "timings": timings,
                "seconds": time.perf_counter() - t_all}
     metrics["environment"] = environment(t_all)
     write_metrics(out, metrics)
-    tables = _tables(rows, triggers, summary, setting, cfg["fool_level"])
+    tables = _tables(rows, evaluated, triggers, summary, setting, cfg["fool_level"])
     (out / "tables.md").write_text(tables)
     _plot(rows, triggers, out, setting, cfg["fool_level"])
     print(tables)

@@ -51,6 +51,8 @@ def test_the_quick_run_measures_every_network_ball_and_radius(tmp_path):
         assert len(r["success"]) == 10 and all(0 <= s <= 1 for s in r["success"])
         assert r["target_success"] == r["success"][backdoor.TARGET]
         assert r["top_success"] == max(r["success"]) == r["success"][r["top_class"]]
+    assert sorted(metrics["networks"]) == ["badnets", "clean"]
+    assert all(0 <= v <= 1 for e in metrics["networks"].values() for v in e.values())
     t = metrics["triggers"]["badnets"]
     assert 0 < t["l1_fraction"] < 1 and 0 < t["l2_fraction"] < 1
     assert len(metrics["summary"]) == 4
