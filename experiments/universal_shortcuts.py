@@ -121,10 +121,18 @@ def summarize(rows: list[dict], fool_level: float) -> list[dict]:
     return out
 
 
+def _measure(key: str) -> str:  # "acc" -> "ACC", "asr_badnets" -> "ASR badnets"
+    return "ACC" if key == "acc" else key.replace("asr_", "ASR ")
+
+
+def _fraction(v) -> str:
+    return "none of the candidates" if v is None else f"{v:g}"
+
+
 def _tables(rows, evaluated, triggers, summary, setting: str, fool_level: float) -> str:
     lines = [f"## {setting}", "", "The networks (test ACC and ASR, %): " + "; ".join(
-        f"{name} " + ", ".join(f"{k.replace('_', ' ').upper()} {100 * v:.2f}"
-                               for k, v in e.items()) for name, e in evaluated.items()) + ".",
+        f"{name} " + ", ".join(f"{_measure(k)} {100 * v:.2f}" for k, v in e.items())
+        for name, e in evaluated.items()) + ".",
              "", "Each trigger's size (mean over the benign images of the "
              "stamp's change; in brackets as a fraction of the benign images' RMS norm, the "
              "radius rule's unit):", "", "| trigger | L2 | L1 |", "|---|---|---|"]
@@ -133,8 +141,8 @@ def _tables(rows, evaluated, triggers, summary, setting: str, fool_level: float)
     lines += ["", f"The smallest candidate fraction at which a perturbation reaches "
               f"{fool_level:g} (the target class {B.TARGET}'s; any class's):", "",
               "| network | ball | target reaches | some class reaches |", "|---|---|---|---|"]
-    lines += [f"| {s['network']} | {s['norm']} | {B._fmt(s['target_reaches'])} | "
-              f"{B._fmt(s['some_class_reaches'])} |" for s in summary]
+    lines += [f"| {s['network']} | {s['norm']} | {_fraction(s['target_reaches'])} | "
+              f"{_fraction(s['some_class_reaches'])} |" for s in summary]
     lines += ["", f"Success toward the target (class {B.TARGET}) and the most successful "
               "class, % of the benign images not predicted as it:", "",
               "| network | ball | fraction | radius | target | top class | top |",
