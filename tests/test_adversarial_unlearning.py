@@ -175,7 +175,7 @@ def test_each_ball_is_weighed_as_a_run_with_it_alone_weighs_it(poisoned, monkeyp
 def test_the_climbing_radius_follows_the_shortcut_the_fixed_one_leaves(poisoned):
     """``radius_schedule="climb"``: each later round re-runs the rule on the current network
     from the last radius up, the targets accumulate, and on the toy's oversized patch five
-    rounds remove what ten fixed ones leave (12% ASR, the sparse test above)."""
+    rounds remove what five fixed ones leave (12% ASR; the sparse test above takes ten)."""
     m, w, xb, _, x_te, y_te = poisoned
     fractions = (0.05, 0.1, 0.2, 0.4, 0.8)
     kw = dict(norm="l1", radius_fractions=fractions, hflip=False, crop=0, steps=100,
