@@ -110,7 +110,8 @@ JUDGED = ("jaxpurify", "nc", "universal")
 #: trigger's size: on CIFAR-10 BadNets at 0.02 of the L1 scale, the patch being 0.021), also
 #: named before it ran, with the same five rounds. ``universal-both-climb-first`` (the first
 #: round's targets only) was named after ``universal-both-climb``'s one-hidden rows, whose
-#: four or five accumulated classes cost 1.7 to 4 pt of ACC, before it ran.
+#: two to four added classes looked like their 1.7 to 4.2 pt ACC cost, before it ran (they
+#: were not the cost: the README).
 UNIVERSAL_VARIANTS = {"universal-targeted": {"norm": "l2"}, "universal-sparse": {"norm": "l1"},
                       "universal-both": {"norm": ("l2", "l1")},
                       "universal-both-each": {"norm": ("l2", "l1"), "ball_weighting": "each"},
