@@ -1359,6 +1359,35 @@ def _plot(rows, path: Path, dataset: str):
     plt.close(fig)
 
 
+def check_setting(cfg: dict, dataset: str) -> None:
+    """Refuse a one-setting experiment's (``backdoor-repeats-*``, ``universal-shortcuts-*``)
+    unknown ``model`` (the one-hidden CNN or the dataset's deep one) or a ``rate`` or
+    ``budget`` outside (0, 1)."""
+    models = ("one-hidden", cfg["deep"])
+    if cfg["model"] not in models:
+        raise ValueError(f"unknown model {cfg['model']!r}; on {dataset} choose from "
+                         f"{list(models)}")
+    if not 0 < cfg["rate"] < 1 or not 0 < cfg["budget"] < 1:
+        raise ValueError(f"rate and budget are fractions of the training set in (0, 1); got "
+                         f"rate={cfg['rate']}, budget={cfg['budget']}")
+
+
+def start_setting(name: str, quick: bool, out, seed: int, options: dict, config, check):
+    """The start every one-setting experiment shares: the dataset its ``name`` ends with,
+    ``config(dataset, quick)`` with ``options`` applied and ``check(cfg, dataset)`` passed,
+    the ``out`` folder made, and the poisoning data (:func:`_poisoning`).
+
+    Returns:
+        ``(dataset, cfg, out, data)``.
+    """
+    dataset = "cifar10" if name.endswith("cifar10") else "mnist"
+    cfg = with_options(config(dataset, quick), options)
+    check(cfg, dataset)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return dataset, cfg, out, _poisoning(dataset, cfg, seed)
+
+
 def check_defense_options(cfg: dict, dataset: str) -> None:
     """Refuse, before anything trains, a configuration naming an unknown defense, variant,
     recipe or ``joint`` layer (the error lists the names there are)."""

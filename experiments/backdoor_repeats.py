@@ -42,7 +42,7 @@ import jax
 import numpy as np
 
 from experiments import backdoor as B
-from experiments._common import environment, pyplot, save_fig, with_options, write_metrics
+from experiments._common import environment, pyplot, save_fig, write_metrics
 from jaxpurify import attacks as A
 
 #: What a later repeat may draw afresh (``vary``).
@@ -65,16 +65,10 @@ def _config(dataset: str, quick: bool) -> dict:
 
 def _check(cfg: dict, dataset: str) -> None:
     B.check_defense_options(cfg, dataset)
-    models = ("one-hidden", cfg["deep"])
-    if cfg["model"] not in models:
-        raise ValueError(f"unknown model {cfg['model']!r}; on {dataset} choose from "
-                         f"{list(models)}")
+    B.check_setting(cfg, dataset)
     if cfg["attack"] not in B.DATA_ATTACKS:
         raise ValueError(f"unknown attack {cfg['attack']!r}; choose from "
                          f"{list(B.DATA_ATTACKS)}")
-    if not 0 < cfg["rate"] < 1 or not 0 < cfg["budget"] < 1:
-        raise ValueError(f"rate and budget are fractions of the training set in (0, 1); got "
-                         f"rate={cfg['rate']}, budget={cfg['budget']}")
     if not isinstance(cfg["repeats"], int) or cfg["repeats"] < 1:
         raise ValueError(f"repeats must be a positive integer (repeat 0 is the backdoor "
                          f"experiment's own draw); got {cfg['repeats']!r}")
@@ -259,12 +253,7 @@ def run(*, name: str = "backdoor-repeats-mnist", quick: bool = False, out: Path,
     (``defenses``, ``nc_variants``, ``jaxpurify_variants``, ``ft_recipes``, ``networks``, ...).
     """
     t_all = time.perf_counter()
-    dataset = "cifar10" if name.endswith("cifar10") else "mnist"
-    cfg = with_options(_config(dataset, quick), options)
-    _check(cfg, dataset)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    data = B._poisoning(dataset, cfg, seed)
+    dataset, cfg, out, data = B.start_setting(name, quick, out, seed, options, _config, _check)
     x_tr, y_tr, x_te, y_te = data.x_tr, data.y_tr, data.x_te, data.y_te
     count = B.benign_count(cfg["budget"], len(x_tr))
     model = B._Model(cfg["model"], dataset, cfg, x_tr.shape[1:])

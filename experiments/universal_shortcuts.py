@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import backdoor as B
-from experiments._common import environment, pyplot, save_fig, with_options, write_metrics
+from experiments._common import environment, pyplot, save_fig, write_metrics
 from jaxpurify import adversarial_unlearning as AU
 from jaxpurify import attacks as A
 from jaxpurify.defenses import network
@@ -59,16 +59,10 @@ def _config(dataset: str, quick: bool) -> dict:
 
 
 def _check(cfg: dict, dataset: str) -> None:
-    models = ("one-hidden", B._config(dataset, False)["deep"])
-    if cfg["model"] not in models:
-        raise ValueError(f"unknown model {cfg['model']!r}; on {dataset} choose from "
-                         f"{list(models)}")
+    B.check_setting(cfg, dataset)
     if isinstance(cfg["attacks"], str) or set(cfg["attacks"]) - set(B.DATA_ATTACKS):
         raise ValueError(f"attacks must be a tuple of {list(B.DATA_ATTACKS)}; got "
                          f"{cfg['attacks']!r}")
-    if not 0 < cfg["rate"] < 1 or not 0 < cfg["budget"] < 1:
-        raise ValueError(f"rate and budget are fractions of the training set in (0, 1); got "
-                         f"rate={cfg['rate']}, budget={cfg['budget']}")
 
 
 def trigger_size(trigger, x) -> dict:
@@ -194,12 +188,7 @@ def run(*, name: str = "universal-shortcuts-mnist", quick: bool = False, out: Pa
     (``networks``, ``train_limit``, ``steps``, ...).
     """
     t_all = time.perf_counter()
-    dataset = "cifar10" if name.endswith("cifar10") else "mnist"
-    cfg = with_options(_config(dataset, quick), options)
-    _check(cfg, dataset)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    data = B._poisoning(dataset, cfg, seed)
+    dataset, cfg, out, data = B.start_setting(name, quick, out, seed, options, _config, _check)
     x_tr, y_tr = data.x_tr, data.y_tr
     xb = jnp.asarray(x_tr[data.order[:B.benign_count(cfg["budget"], len(x_tr))]])
     key = jax.random.PRNGKey(seed + 11)  # the backdoor experiment's defense key

@@ -77,3 +77,12 @@ def test_each_row_is_the_radius_rules_own_measurement():
                                        targets=range(num_classes), steps=5, key=key,
                                        norm="l1", bound=float(xb.max() - xb.min()))
     np.testing.assert_allclose(r["success"], found.fooled)
+
+
+@pytest.mark.parametrize("bad, match", [({"model": "resnet"}, "unknown model"),
+                                        ({"attacks": "badnets"}, "attacks must be a tuple"),
+                                        ({"rate": 1.5}, "fractions of the training set")])
+def test_a_bad_setting_is_refused_before_anything_loads(tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        shortcuts.run(name="universal-shortcuts-mnist", quick=True, out=tmp_path, **bad)
+    assert not (tmp_path / "metrics.json").exists()
