@@ -458,27 +458,30 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
             fractions = radius_fractions if radius_fractions is not None else (
                 SPARSE_RADIUS_FRACTIONS if ball["norm"] == "l1" else RADIUS_FRACTIONS)
             candidates = np.asarray(fractions, np.float64) * benign_scale(x, ball["norm"])
-        chosen, targets, record, _ = _choose(model, deployed, x, candidates, fool_level,
-                                             targeted, ascent_steps, ball, key)
+        chosen, targets, record, *_ = _choose(model, deployed, x, candidates, fool_level,
+                                              targeted, ascent_steps, ball, key)
         record.update(norm=ball["norm"], radius=chosen,
                       **({"bound": ball["bound"]} if ball["norm"] == "l1" else {}))
         plans.append((ball, chosen, targets, record))
         ladders.append(candidates)
     climb = radius_schedule == "climb"
 
-    def perturb(active, current, k):  # every active ball's perturbations toward its targets
-        return [universal_perturbations(model, current, x, [chosen] * len(targets),
-                                        targets=targets, steps=ascent_steps, key=k, **ball)
+    def perturb(active, current, k, known=None):  # each active ball's, toward its targets
+        known = known or {}
+        return [known.get(id(ball)) or universal_perturbations(
+                    model, current, x, [chosen] * len(targets), targets=targets,
+                    steps=ascent_steps, key=k, **ball)
                 for ball, chosen, targets, _ in active]
 
     current, history, schedule, active = deployed, [], [], plans
     for r in range(int(rounds)):
         k_ascent, k_unlearn = jax.random.split(jax.random.fold_in(key, r))
+        known = {}  # a climbing rule's perturbations that are this round's exactly
         if climb and r > 0:  # each ball's rule again, on this network, from its last radius
             active, step = [], []
             for b, ((ball, last, before, record), ladder) in enumerate(zip(plans, ladders,
                                                                            strict=True)):
-                chosen, new, _, reached = _choose(
+                chosen, new, _, reached, found = _choose(
                     model, current, x, ladder[ladder >= last], fool_level, targeted,
                     ascent_steps, ball, k_ascent, check=True,
                     classes=None if retarget or not targeted else before)
@@ -487,6 +490,8 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
                 if reached:  # a ball that sits out keeps its last radius and targets
                     plans[b] = (ball, chosen, targets, record)
                     active.append(plans[b])
+                    if found is not None and found.target.tolist() == targets:  # perturb's call
+                        known[id(ball)] = found
             schedule.append(step)
             if not active:
                 break
@@ -494,7 +499,7 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
             schedule.append([[chosen, targets] for _, chosen, targets, _ in plans])
         weights = (1.0 if ball_weighting == "mean" or len(active) == 1 else
                    ball_weights([len(targets) for _, _, targets, _ in active], mirror))
-        found = perturb(active, current, k_ascent)
+        found = perturb(active, current, k_ascent, known)
         offsets = jnp.concatenate([f.delta for f in found])
         if mirror:
             offsets = jnp.concatenate([offsets, offsets[:, :, ::-1]])
@@ -540,7 +545,8 @@ def ball_weights(counts, mirror: bool) -> np.ndarray:
 def _choose(model, params, x, candidates, fool_level, targeted, ascent_steps, ball, key,
             check: bool = False, classes=None):
     """The radius and the perturbations' targets (``[-1]``: untargeted) the unlearning uses,
-    the rule's record, and whether a perturbation reached ``fool_level`` at that radius.
+    the rule's record, whether a perturbation reached ``fool_level`` at that radius, and the
+    perturbations found there (``None`` for a given radius, which is not measured).
 
     Untargeted: the smallest candidate whose perturbation changes ``fool_level`` of the
     predictions. Targeted: candidates in increasing order, each with one perturbation per
@@ -551,7 +557,7 @@ def _choose(model, params, x, candidates, fool_level, targeted, ascent_steps, ba
     ``classes`` (targeted) asks only of those classes' perturbations, and they are the targets.
     """
     if not targeted and len(candidates) == 1 and not check:  # a given radius: nothing to choose
-        return float(candidates[0]), [-1], {}, True
+        return float(candidates[0]), [-1], {}, True, None
     if not targeted:
         found = universal_perturbations(model, params, x, candidates, steps=ascent_steps,
                                         key=key, **ball)
@@ -559,7 +565,7 @@ def _choose(model, params, x, candidates, fool_level, targeted, ascent_steps, ba
         return (chosen, [-1],
                 {"candidates": [[float(r), float(f)]
                                 for r, f in zip(candidates, found.fooled, strict=True)]},
-                bool(found.fooled.max() >= fool_level))
+                bool(found.fooled.max() >= fool_level), None)
     num_classes = int(jax.eval_shape(network(model).apply, params, x[:1]).shape[-1])
     asked = list(range(num_classes) if classes is None else classes)
     tried = []
@@ -570,11 +576,12 @@ def _choose(model, params, x, candidates, fool_level, targeted, ascent_steps, ba
         if found.fooled.max() >= fool_level:
             break
     if classes is not None:
-        return float(radius), asked, {"candidates": tried}, bool(found.fooled.max() >= fool_level)
+        return (float(radius), asked, {"candidates": tried},
+                bool(found.fooled.max() >= fool_level), found)
     success = found.fooled
     index = anomaly_index(-success)  # a large success is what Neural Cleanse's small mask is
     top = int(np.argmax(success))
     targets = [top] + [int(k) for k in np.argsort(-success) if k != top and index[k] > 2.0]
     chosen = {"targets": targets, "anomaly": index.tolist()}
     return (float(radius), targets, ({"candidates": tried, **chosen} if len(candidates) > 1
-                                     else chosen), bool(success.max() >= fool_level))
+                                     else chosen), bool(success.max() >= fool_level), found)

@@ -210,6 +210,42 @@ def test_the_climbing_radius_follows_the_shortcut_the_fixed_one_leaves(poisoned)
     assert radii == sorted(radii) and radii[-1] > radii[0]
 
 
+def test_a_climbing_rule_s_perturbations_are_reused_only_where_they_are_the_round_s(
+        poisoned, monkeypatch):
+    """A later round's rule asked of exactly the targets it then unlearns (``retarget=False``)
+    has already found that round's perturbations: they are reused, one ascent fewer per ball
+    and round, and the network is the one recomputing them gives, bit for bit."""
+    m, w, xb, *_ = poisoned
+    kw = dict(norm="l1", radius_fractions=(0.05, 0.1, 0.2, 0.4, 0.8), hflip=False, crop=0,
+              steps=100, learning_rate=1e-2, radius_schedule="climb", rounds=3)
+    calls, ascend, choose = [], AU.universal_perturbations, AU._choose
+
+    def counted(*args, **kwargs):
+        calls.append(len(kwargs.get("targets") or []))
+        return ascend(*args, **kwargs)
+
+    def forgetful(*args, **kwargs):  # the rule without its perturbations: perturb recomputes
+        return choose(*args, **kwargs)[:4] + (None,)
+
+    monkeypatch.setattr(AU, "universal_perturbations", counted)
+    reused, info = AU.universal_unlearning(m, w, xb, retarget=False, **kw)
+    d, reusing = info.details, len(calls)
+    climbed = sum(step is not None for step in d["schedule"][1:])
+    assert climbed >= 1  # some later round ran, so something was reused
+    monkeypatch.setattr(AU, "_choose", forgetful)
+    again, _ = AU.universal_unlearning(m, w, xb, retarget=False, **kw)
+    assert len(calls) - reusing == reusing + climbed
+    assert all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(jnp.array_equal, reused, again)))
+    # retarget=True: the rule asks every class, the round only its targets: nothing reused
+    calls.clear()
+    AU.universal_unlearning(m, w, xb, **kw)
+    retargeting = len(calls)
+    monkeypatch.setattr(AU, "_choose", choose)
+    calls.clear()
+    AU.universal_unlearning(m, w, xb, **kw)
+    assert len(calls) == retargeting
+
+
 def test_a_ball_without_a_shortcut_sits_out_and_the_rounds_stop_when_all_do(poisoned,
                                                                             monkeypatch):
     m, w, xb, *_ = poisoned
@@ -229,9 +265,9 @@ def test_a_ball_without_a_shortcut_sits_out_and_the_rounds_stop_when_all_do(pois
         return distill(*args, **kwargs)
 
     def only_l1_finds_one(*args, **kwargs):  # in the later rounds' rules (check=True)
-        radius, targets, record, reached = choose(*args, **kwargs)
+        radius, targets, record, reached, found = choose(*args, **kwargs)
         return radius, targets, record, (args[7]["norm"] == "l1" if kwargs.get("check")
-                                         else reached)
+                                         else reached), found
 
     monkeypatch.setattr(AU, "distill", spy)
     monkeypatch.setattr(AU, "_choose", only_l1_finds_one)
