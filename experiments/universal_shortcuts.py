@@ -77,10 +77,11 @@ def trigger_size(trigger, x) -> dict:
             "l1_fraction": l1 / AU.benign_scale(x, "l1")}
 
 
-def shortcuts(module, params, x, key, *, ascent_steps: int = 50) -> list[dict]:
+def shortcuts(module, params, x, key, *, ascent_steps: int = 50, report=None) -> list[dict]:
     """Per ball and candidate radius, every class's targeted universal perturbation's
     success on ``x`` (the radius rule's measurement, :func:`~jaxpurify.
-    adversarial_unlearning.universal_perturbations` with the same key and steps)."""
+    adversarial_unlearning.universal_perturbations` with the same key and steps);
+    ``report(row)`` is called on each row as it is measured."""
     num_classes = int(jax.eval_shape(network(module).apply, params, x[:1]).shape[-1])
     rows = []
     for norm, fractions in BALLS.items():
@@ -98,6 +99,8 @@ def shortcuts(module, params, x, key, *, ascent_steps: int = 50) -> list[dict]:
                          "target_success": success[B.TARGET],
                          "top_class": int(np.argmax(success)), "top_success": max(success),
                          "seconds": time.perf_counter() - t})
+            if report is not None:
+                report(rows[-1])
     return rows
 
 
@@ -210,12 +213,15 @@ def run(*, name: str = "universal-shortcuts-mnist", quick: bool = False, out: Pa
         for a in cfg["attacks"]:
             evaluated[trained][f"asr_{a}"] = A.attack_success_rate(
                 model.module, params, data.x_te, data.y_te, B.TARGET, data.triggers[a])
-        for r in shortcuts(model.module, params, xb, key, ascent_steps=cfg["ascent_steps"]):
-            rows.append({"dataset": dataset, "model": cfg["model"], "network": trained,
-                         "poison_rate": None if attack is None else cfg["rate"], **r})
+        def report(r, trained=trained):  # each candidate as it is measured (minutes apiece)
             print(f"[{trained}] {r['norm']} {r['fraction']:g}: toward {B.TARGET} "
                   f"{100 * r['target_success']:.1f}%, top class {r['top_class']} "
-                  f"{100 * r['top_success']:.1f}%", flush=True)
+                  f"{100 * r['top_success']:.1f}% ({r['seconds']:.0f} s)", flush=True)
+
+        for r in shortcuts(model.module, params, xb, key, ascent_steps=cfg["ascent_steps"],
+                           report=report):
+            rows.append({"dataset": dataset, "model": cfg["model"], "network": trained,
+                         "poison_rate": None if attack is None else cfg["rate"], **r})
     summary = summarize(rows, cfg["fool_level"])
     setting = (f"{dataset} {cfg['model']}, poison rate {cfg['rate']:g}, "
                f"{len(xb)} benign images")

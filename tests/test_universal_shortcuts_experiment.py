@@ -69,7 +69,10 @@ def test_each_row_is_the_radius_rules_own_measurement():
 
     m, w, xb, *_ = poisoned_one_hidden()
     key = jax.random.PRNGKey(3)
-    rows = shortcuts.shortcuts(m, w, jnp.asarray(xb), key, ascent_steps=5)
+    reported = []
+    rows = shortcuts.shortcuts(m, w, jnp.asarray(xb), key, ascent_steps=5,
+                               report=reported.append)
+    assert reported == rows  # each row reported as it is measured
     r = rows[len(AU.RADIUS_FRACTIONS) + 2]  # the sparse ball's third candidate
     assert r["norm"] == "l1" and r["fraction"] == AU.SPARSE_RADIUS_FRACTIONS[2]
     num_classes = len(r["success"])
