@@ -74,14 +74,17 @@ left among its candidates sits the round out, and the rounds end early when ever
 A ball's targets accumulate (a class once unlearned stays among them at the new radius):
 a round that turned to another class's shortcut alone would give the first one back.
 ``retarget=False`` climbs the first round's targets' radius only, leaving the other classes'
-shortcuts alone. Nothing in either looks at triggered or test images.
+shortcuts alone; its rule then finds exactly the perturbations the round unlearns, and the
+round reuses them. Nothing in either looks at triggered or test images.
 
 Measured (the README): on the one-hidden CNNs the climb reaches the trigger and removes the
 backdoor, at 2.9 to 8.9 pt of ACC. The cost follows the radius, not the added classes: a
 clean network of that kind already has a universal shortcut to the target at the trigger's
 size (``jaxpurify run universal-shortcuts-*``), so unlearning there removes its own
 shortcuts too. On LeNet-5, whose own shortcuts begin about twice as far out, both schedules
-meet the backdoor target.
+meet the backdoor target. On the 10-epoch small VGG (BadNets 10%) the first targets' climb
+went past the patch's size to the top candidates, where the clean VGG's own class-0
+shortcuts move 99-100% of the benign images, and cost 4.3 pt.
 """
 
 from __future__ import annotations
