@@ -470,8 +470,8 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
     climb = radius_schedule == "climb"
 
     def perturb(active, current, k, known=None):  # each active ball's, toward its targets
-        known = known or {}
-        return [known.get(id(ball)) or universal_perturbations(
+        known = known or {}  # id(ball) -> its perturbations, already found by its rule
+        return [known[id(ball)] if id(ball) in known else universal_perturbations(
                     model, current, x, [chosen] * len(targets), targets=targets,
                     steps=ascent_steps, key=k, **ball)
                 for ball, chosen, targets, _ in active]
@@ -484,7 +484,7 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
             active, step = [], []
             for b, ((ball, last, before, record), ladder) in enumerate(zip(plans, ladders,
                                                                            strict=True)):
-                chosen, new, _, reached, found = _choose(
+                chosen, new, _, reached, by_rule = _choose(
                     model, current, x, ladder[ladder >= last], fool_level, targeted,
                     ascent_steps, ball, k_ascent, check=True,
                     classes=None if retarget or not targeted else before)
@@ -493,8 +493,8 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
                 if reached:  # a ball that sits out keeps its last radius and targets
                     plans[b] = (ball, chosen, targets, record)
                     active.append(plans[b])
-                    if found is not None and found.target.tolist() == targets:  # perturb's call
-                        known[id(ball)] = found
+                    if by_rule is not None and by_rule.target.tolist() == targets:
+                        known[id(ball)] = by_rule  # the very call perturb would make
             schedule.append(step)
             if not active:
                 break
@@ -549,7 +549,7 @@ def _choose(model, params, x, candidates, fool_level, targeted, ascent_steps, ba
             check: bool = False, classes=None):
     """The radius and the perturbations' targets (``[-1]``: untargeted) the unlearning uses,
     the rule's record, whether a perturbation reached ``fool_level`` at that radius, and the
-    perturbations found there (``None`` for a given radius, which is not measured).
+    targeted perturbations found there (``None`` from the untargeted rule).
 
     Untargeted: the smallest candidate whose perturbation changes ``fool_level`` of the
     predictions. Targeted: candidates in increasing order, each with one perturbation per
