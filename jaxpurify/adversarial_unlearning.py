@@ -75,7 +75,13 @@ A ball's targets accumulate (a class once unlearned stays among them at the new 
 a round that turned to another class's shortcut alone would give the first one back.
 ``retarget=False`` climbs the first round's targets' radius only, leaving the other classes'
 shortcuts alone; its rule then finds exactly the perturbations the round unlearns, and the
-round reuses them. Nothing in either looks at triggered or test images.
+round reuses them. ``radius_schedule="recheck"`` asks each ball's rule again at its last
+radius only: the rounds go on while the shortcut the unlearning removed (or, with
+``retarget``, another that stands out as far) still moves ``fool_level`` of the benign images
+at that radius, and end when none does. Every round distills toward the deployed, backdoored
+network's logits, and distilling longer than the shortcut needs can teach the backdoor back
+(the README measured it for Neural Cleanse's rounds); ``"recheck"`` stops where the rule
+says the shortcut is gone. Nothing in any schedule looks at triggered or test images.
 
 Measured (the README): on the one-hidden CNNs the climb reaches the trigger and removes the
 backdoor, at 2.9 to 8.9 pt of ACC. The cost follows the radius, not the added classes: a
@@ -115,6 +121,11 @@ SPARSE_RADIUS_FRACTIONS = (0.005, 0.01, 0.02, 0.04, 0.08)
 #: within the box ``|delta| <= bound`` (the benign images' value range), whose corners are
 #: patches: a few pixels changed as far as an image's pixel may change.
 NORMS = ("l2", "l1")
+
+#: How :func:`universal_unlearning`'s later rounds choose their radius: ``"fixed"`` (the first
+#: round's), ``"climb"`` (the rule again, from the last radius up) or ``"recheck"`` (the rule
+#: again at the last radius: the rounds stop when no shortcut reaches ``fool_level`` there).
+RADIUS_SCHEDULES = ("fixed", "climb", "recheck")
 
 #: Fraction of the entries a sparse ascent step moves (its largest gradient entries).
 SPARSE_DENSITY = 0.01
@@ -398,10 +409,14 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
             earlier ones); a ball whose
             perturbations reach ``fool_level`` at none of them sits the round out, and the
             rounds stop when every ball does (module docstring). Needs ``radius=None``.
-        retarget: under ``"climb"``, whether a later round's rule may add targets (the
-            most successful class at its radius, and any that stands out); ``False`` asks
-            only of the first round's targets the smallest radius, from the last up, at
-            which one of their perturbations still reaches ``fool_level``.
+            ``"recheck"``: the same, with the last radius as the only candidate (a given
+            ``radius`` too), so the rounds run while the shortcut still reaches
+            ``fool_level`` there.
+        retarget: under ``"climb"`` or ``"recheck"``, whether a later round's rule may add
+            targets (the most successful class at its radius, and any that stands out);
+            ``False`` asks only of the first round's targets the smallest radius, from the
+            last up (``"recheck"``: the last), at which one of their perturbations still
+            reaches ``fool_level``.
         key: PRNG key of the ascent's and the unlearning's batches (default ``PRNGKey(0)``).
 
     Returns:
@@ -418,7 +433,8 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
         ``ball_weighting`` says how they were weighed, and ``fooled`` and ``fooled_final``
         average over every ball's perturbations. ``rounds`` counts the rounds run; under
         ``"climb"``, ``schedule`` holds per round and ball ``[radius, targets]`` (``None``:
-        the ball sat out) and ``stopped`` whether the rounds ended before ``rounds``.
+        the ball sat out) and ``stopped`` whether the rounds ended before ``rounds``
+        (the same under ``"recheck"``).
 
     Raises:
         ValueError: bad images, ``rounds``, ``fool_level``, ball or radius settings, or what
@@ -440,8 +456,9 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
         raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
     if ball_weighting not in ("mean", "each"):
         raise ValueError(f"ball_weighting must be 'mean' or 'each', got {ball_weighting!r}")
-    if radius_schedule not in ("fixed", "climb"):
-        raise ValueError(f"radius_schedule must be 'fixed' or 'climb', got {radius_schedule!r}")
+    if radius_schedule not in RADIUS_SCHEDULES:
+        raise ValueError(f"radius_schedule must be one of {list(RADIUS_SCHEDULES)}, got "
+                         f"{radius_schedule!r}")
     if radius_schedule == "climb" and radius is not None:
         raise ValueError("radius_schedule='climb' re-runs the radius rule every round; give "
                          "radius=None (and radius_fractions for the candidates)")
@@ -467,7 +484,8 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
                       **({"bound": ball["bound"]} if ball["norm"] == "l1" else {}))
         plans.append((ball, chosen, targets, record))
         ladders.append(candidates)
-    climb = radius_schedule == "climb"
+    climb = radius_schedule != "fixed"  # the rule asked again before every later round
+    upward = radius_schedule == "climb"  # over the candidates from the last radius up
 
     def perturb(active, current, k, known=None):  # each active ball's, toward its targets
         known = known or {}  # id(ball) -> its perturbations, already found by its rule
@@ -480,14 +498,14 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
     for r in range(int(rounds)):
         k_ascent, k_unlearn = jax.random.split(jax.random.fold_in(key, r))
         known = {}  # a climbing rule's perturbations that are this round's exactly
-        if climb and r > 0:  # each ball's rule again, on this network, from its last radius
+        if climb and r > 0:  # each ball's rule again, on this network, at (or from) its last
             active, step = [], []
             for b, ((ball, last, before, record), ladder) in enumerate(zip(plans, ladders,
                                                                            strict=True)):
+                asked = ladder[ladder >= last] if upward else np.asarray([last])
                 chosen, new, _, reached, by_rule = _choose(
-                    model, current, x, ladder[ladder >= last], fool_level, targeted,
-                    ascent_steps, ball, k_ascent, check=True,
-                    classes=None if retarget or not targeted else before)
+                    model, current, x, asked, fool_level, targeted, ascent_steps, ball,
+                    k_ascent, check=True, classes=None if retarget or not targeted else before)
                 targets = before + [t for t in new if t not in before]  # none given back
                 step.append([chosen, targets] if reached else None)
                 if reached:  # a ball that sits out keeps its last radius and targets
@@ -523,7 +541,7 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
     details.update(rounds=len(history), steps=int(steps), fooled=history,
                    fooled_final=float(np.mean(np.concatenate([f.fooled for f in final]))))
     if climb:
-        details.update(radius_schedule="climb", retarget=bool(retarget),
+        details.update(radius_schedule=radius_schedule, retarget=bool(retarget),
                        stopped=len(history) < rounds,
                        schedule=[s if len(plans) > 1 else s[0] for s in schedule])
     return current, DefenseInfo("universal-unlearning", time.perf_counter() - t0, details)

@@ -210,6 +210,48 @@ def test_the_climbing_radius_follows_the_shortcut_the_fixed_one_leaves(poisoned)
     assert radii == sorted(radii) and radii[-1] > radii[0]
 
 
+def test_the_rechecked_radius_runs_the_fixed_rounds_until_the_shortcut_is_gone(poisoned,
+                                                                              monkeypatch):
+    """``radius_schedule="recheck"``: a later round's rule asks only the last radius, and the
+    rounds are the fixed schedule's, bit for bit, up to the first round whose check no longer
+    reaches ``fool_level``; on the toy that is after round 1 (the sits-out test below)."""
+    m, w, xb, *_ = poisoned
+    kw = dict(norm="l1", radius_fractions=(0.05, 0.1, 0.2, 0.4, 0.8), hflip=False, crop=0,
+              steps=100, learning_rate=1e-2, retarget=False)
+    asked, choose = [], AU._choose
+
+    def spy(*args, **kwargs):
+        if kwargs.get("check"):
+            asked.append(np.asarray(args[3]).tolist())
+        return choose(*args, **kwargs)
+
+    monkeypatch.setattr(AU, "_choose", spy)
+    q, info = AU.universal_unlearning(m, w, xb, radius_schedule="recheck", **kw)
+    d = info.details
+    assert d["radius_schedule"] == "recheck" and d["rounds"] == 1 and d["stopped"]
+    assert d["schedule"] == [[d["radius"], d["targets"]], None]
+    assert asked == [[d["radius"]]]  # the last radius only, not the candidates above it
+    fixed, _ = AU.universal_unlearning(m, w, xb, rounds=1, **kw)
+    assert all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(jnp.array_equal, q, fixed)))
+
+    def always_reached(*args, **kwargs):  # a shortcut that never goes away
+        radius, targets, record, reached, found = choose(*args, **kwargs)
+        return radius, targets, record, reached or bool(kwargs.get("check")), found
+
+    monkeypatch.setattr(AU, "_choose", always_reached)
+    q, info = AU.universal_unlearning(m, w, xb, radius_schedule="recheck", rounds=3, **kw)
+    d = info.details
+    assert d["rounds"] == 3 and not d["stopped"]
+    assert d["schedule"] == [[d["radius"], d["targets"]]] * 3
+    fixed, _ = AU.universal_unlearning(m, w, xb, rounds=3, **kw)
+    assert all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(jnp.array_equal, q, fixed)))
+    # a given radius is rechecked as it is (climbing needs the rule's candidates)
+    _, info = AU.universal_unlearning(m, w, xb, radius=d["radius"], radius_schedule="recheck",
+                                      rounds=2, **{k: v for k, v in kw.items()
+                                                   if k != "radius_fractions"})
+    assert info.details["schedule"][1] == [d["radius"], d["targets"]]
+
+
 def test_a_climbing_rule_s_perturbations_are_reused_only_where_they_are_the_round_s(
         poisoned, monkeypatch):
     """A later round's rule asked of exactly the targets it then unlearns (``retarget=False``)
