@@ -845,7 +845,7 @@ def _note(r) -> str:
         parts.append(" and ".join(map(_ball_note, d.get("balls", [d])))
                      + ("; each ball at its own run's weight"
                         if d.get("ball_weighting") == "each" else "")
-                     + (_climb_note(d) if d.get("radius_schedule") == "climb" else "")
+                     + (_climb_note(d) if "schedule" in d else "")
                      + "; per round the perturbation moved "
                      + ", ".join(f"{100 * b:.0f}% -> {100 * a:.0f}%" for b, a in d["fooled"])
                      + " of the benign images; a fresh one at the end "
