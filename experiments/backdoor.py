@@ -1186,13 +1186,10 @@ _VARIANT_WHY = {
     "universal-both-climb-first": "the climbing radius with the first round's targets only "
                                   "(no class added): the trigger's class unlearned up to its "
                                   "size, the other classes' shortcuts left alone",
-    **{f"{name}-recheck": f"{name} with its rounds stopped when the first round's target "
-                          "no longer has a shortcut that reaches 90% at its radius (the rule "
-                          "asked again there, of the current network): every round distills "
-                          "toward the backdoored network's logits, and rounds past the "
-                          "shortcut's removal can teach the trigger back; named after a probe "
-                          "read the test numbers of universal-sparse's first round on the "
-                          "10-epoch small VGG's BadNets 10% network (the README)"
+    **{f"{name}-recheck": f"{name}, stopped when the first round's targets no longer "
+                          "reach 90% at their radius: later rounds distill toward the "
+                          "backdoored logits and can teach the trigger back (named after a "
+                          "probe on the 10-epoch VGG's BadNets; the README)"
        for name in ("universal-targeted", "universal-sparse", "universal-both-each")},
     "universal-sparse": "the same with sparse perturbations (an L1 ball within the pixel "
                         "range, radius from 0.5% of the benign images' L1 norm up): its "
