@@ -488,7 +488,7 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
                       **({"bound": ball["bound"]} if ball["norm"] == "l1" else {}))
         plans.append((ball, chosen, targets, record))
         ladders.append(candidates)
-    climb = radius_schedule != "fixed"  # the rule asked again before every later round
+    asks_again = radius_schedule != "fixed"  # the rule again before every later round
     upward = radius_schedule == "climb"  # over the candidates from the last radius up
 
     def perturb(active, current, k, known=None):  # each active ball's, toward its targets
@@ -501,8 +501,8 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
     current, history, schedule, active = deployed, [], [], plans
     for r in range(int(rounds)):
         k_ascent, k_unlearn = jax.random.split(jax.random.fold_in(key, r))
-        known = {}  # a climbing rule's perturbations that are this round's exactly
-        if climb and r > 0:  # each ball's rule again, on this network, at (or from) its last
+        known = {}  # a later rule's perturbations that are this round's exactly
+        if asks_again and r > 0:  # each ball's rule again, on this network, at (or from) its last
             active, step = [], []
             for b, ((ball, last, before, record), ladder) in enumerate(zip(plans, ladders,
                                                                            strict=True)):
@@ -520,7 +520,7 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
             schedule.append(step)
             if not active:
                 break
-        elif climb:
+        elif asks_again:
             schedule.append([[chosen, targets] for _, chosen, targets, _ in plans])
         weights = (1.0 if ball_weighting == "mean" or len(active) == 1 else
                    ball_weights([len(targets) for _, _, targets, _ in active], mirror))
@@ -544,7 +544,7 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
                 "ball_weighting": ball_weighting})
     details.update(rounds=len(history), steps=int(steps), fooled=history,
                    fooled_final=float(np.mean(np.concatenate([f.fooled for f in final]))))
-    if climb:
+    if asks_again:
         details.update(radius_schedule=radius_schedule, retarget=bool(retarget),
                        stopped=len(history) < rounds,
                        schedule=[s if len(plans) > 1 else s[0] for s in schedule])
