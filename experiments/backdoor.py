@@ -125,10 +125,11 @@ UNIVERSAL_VARIANTS = {"universal-targeted": {"norm": "l2"}, "universal-sparse": 
                                                      "ball_weighting": "each",
                                                      "radius_schedule": "climb",
                                                      "retarget": False}}
+#: The fixed variants that also run as ``{name}-recheck``.
+RECHECKED = ("universal-targeted", "universal-sparse", "universal-both-each")
 UNIVERSAL_VARIANTS.update({f"{name}-recheck": {**UNIVERSAL_VARIANTS[name],
                                                "radius_schedule": "recheck", "retarget": False}
-                           for name in ("universal-targeted", "universal-sparse",
-                                        "universal-both-each")})
+                           for name in RECHECKED})
 
 #: jaxpurify's rows with a benign budget (``--set "jaxpurify_variants=(...)"`` picks a subset;
 #: the data-free ``designed`` row is always measured). The last four apply where
@@ -1190,7 +1191,7 @@ _VARIANT_WHY = {
                           "reach 90% at their radius: later rounds distill toward the "
                           "backdoored logits and can teach the trigger back (named after a "
                           "probe on the 10-epoch VGG's BadNets; the README)"
-       for name in ("universal-targeted", "universal-sparse", "universal-both-each")},
+       for name in RECHECKED},
     "universal-sparse": "the same with sparse perturbations (an L1 ball within the pixel "
                         "range, radius from 0.5% of the benign images' L1 norm up): its "
                         "corners are patches, a patch trigger's kind of shortcut, where an "

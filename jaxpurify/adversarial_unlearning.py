@@ -502,7 +502,7 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
     for r in range(int(rounds)):
         k_ascent, k_unlearn = jax.random.split(jax.random.fold_in(key, r))
         known = {}  # a later rule's perturbations that are this round's exactly
-        if asks_again and r > 0:  # each ball's rule again, on this network, at (or from) its last
+        if asks_again and r > 0:  # the rule again, from (recheck: at) its last radius
             active, step = [], []
             for b, ((ball, last, before, record), ladder) in enumerate(zip(plans, ladders,
                                                                            strict=True)):

@@ -735,14 +735,14 @@ def test_universal_unlearning_runs_end_to_end_and_is_judged(tmp_path):
         step is None or step[1] == ball["targets"]
         for steps in first["schedule"] for step, ball in zip(steps, first["balls"], strict=True))
     assert "(the first round's targets only)" in tables
-    for name in ("universal-targeted", "universal-sparse", "universal-both-each"):
+    for name in backdoor.RECHECKED:
         d = rows[f"{name}-recheck"]["details"]  # its rounds stop when its shortcut is gone
         assert d["radius_schedule"] == "recheck" and not d["retarget"]
-        kept = [steps if "balls" in d else [steps] for steps in d["schedule"]]
-        radii = [[b["radius"] for b in d.get("balls", [d])]] * len(kept)
+        first = [b["radius"] for b in d.get("balls", [d])]  # every round at the first radius
         assert all(step is None or step[0] == radius
-                   for steps, rs in zip(kept, radii, strict=True)
-                   for step, radius in zip(steps, rs, strict=True))
+                   for steps in d["schedule"]
+                   for step, radius in zip(steps if "balls" in d else [steps], first,
+                                           strict=True))
     assert "rule asked again each round at its last radius" in tables
     assert "a fresh one at the end" in tables
     (t,) = metrics["targets"]
