@@ -94,7 +94,9 @@ shortcuts move 99-100% of the benign images, and cost 4.3 pt. There the fixed sp
 gave the backdoor back: round 1 alone left 2.99% ASR, five rounds 13.62%. ``"recheck"``
 stopped after round 1 on every network measured (its first targets never reached 90% again),
 which meets the backdoor target on that VGG (69.82 / 2.99) and costs accuracy the later
-rounds give back on the others (3.8-4.0 pt on the VGG's Blended).
+rounds give back on the others (3.8-4.0 pt on the VGG's Blended). On the VGG's BadNets 5%
+network, which no probe read, it meets the target as well (sparse 70.17 / 3.34, both balls
+70.25 / 3.48).
 """
 
 from __future__ import annotations
