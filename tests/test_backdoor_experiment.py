@@ -738,10 +738,10 @@ def test_universal_unlearning_runs_end_to_end_and_is_judged(tmp_path):
     for name in backdoor.RECHECKED:
         d = rows[f"{name}-recheck"]["details"]  # its rounds stop when its shortcut is gone
         assert d["radius_schedule"] == "recheck" and not d["retarget"]
-        first = [b["radius"] for b in d.get("balls", [d])]  # every round at the first radius
+        radii = [b["radius"] for b in d.get("balls", [d])]  # every round at the first radius
         assert all(step is None or step[0] == radius
                    for steps in d["schedule"]
-                   for step, radius in zip(steps if "balls" in d else [steps], first,
+                   for step, radius in zip(steps if "balls" in d else [steps], radii,
                                            strict=True))
     assert "rule asked again each round at its last radius" in tables
     assert "a fresh one at the end" in tables
