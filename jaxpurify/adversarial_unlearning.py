@@ -99,7 +99,10 @@ network, which no probe read, it meets the target as well (sparse 70.17 / 3.34, 
 70.25 / 3.48), where the five fixed sparse rounds end at 50.17% ASR; on its BadNets 1% network
 the sparse ball meets it (70.92 / 4.80, five fixed rounds 25.46% ASR) and both balls miss on
 ACC (69.47 / 2.04: the L2 radius doubles past the weaker trigger into the clean network's
-own dense shortcuts).
+own dense shortcuts). On the 3-epoch small VGG the same rules take the ASR to 3.6-8.7% but
+cost 4.3-6.8 pt of ACC (sparse recheck, BadNets 5% 57.19 / 3.62, 10% 59.01 / 3.73; L2, Blended
+10% 55.84 / 8.67), where FT and FP cost 9.4-51.3 pt: the same round costs that less-trained
+network three to four and a half times what it costs the 10-epoch one.
 """
 
 from __future__ import annotations
