@@ -101,7 +101,7 @@ the sparse ball meets it (70.92 / 4.80, five fixed rounds 25.46% ASR) and both b
 ACC (69.47 / 2.04: the L2 radius doubles past the weaker trigger into the clean network's
 own dense shortcuts). On the 3-epoch small VGG the same rules take the ASR to 3.6-8.7% but
 cost 4.3-6.8 pt of ACC (sparse recheck, BadNets 5% 57.19 / 3.62, 10% 59.01 / 3.73; L2, Blended
-10% 55.84 / 8.67), where FT and FP cost 9.4-51.3 pt: the same round costs that less-trained
+10% 55.84 / 8.67), where FT and FP cost 9.4-51.3 pt: the same rule costs that less-trained
 network three to four and a half times what it costs the 10-epoch one. A probe unlearning
 class 0's sparse perturbation alone costs 5.70 pt there and 1.75 pt at 10 epochs, and
 class 1's (a class the attack did not touch) costs 16.85 and 12.86 pt: unlearning is cheap
