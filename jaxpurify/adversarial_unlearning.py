@@ -105,7 +105,9 @@ cost 4.3-6.8 pt of ACC (sparse recheck, BadNets 5% 57.19 / 3.62, 10% 59.01 / 3.7
 network three to four and a half times what it costs the 10-epoch one. A probe unlearning
 class 0's sparse perturbation alone costs 5.70 pt there and 1.75 pt at 10 epochs, and
 class 1's (a class the attack did not touch) costs 16.85 and 12.86 pt: unlearning is cheap
-only where the perturbation works through the backdoor alone.
+only where the perturbation works through the backdoor alone. Over five fresh benign draws
+and keys on LeNet-5 (Blended 10% and 5%, BadNets 5%; 600 images), the L2 targeted rule met
+the backdoor target in 15 of 15 draws: ASR 0.40-0.86%, ACC drop at most 0.34 pt.
 """
 
 from __future__ import annotations
