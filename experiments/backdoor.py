@@ -111,11 +111,11 @@ JUDGED = ("jaxpurify", "nc", "universal")
 #: named before it ran, with the same five rounds. ``universal-both-climb-first`` (the first
 #: round's targets only) was named after ``universal-both-climb``'s one-hidden rows, whose
 #: two to four added classes looked like their 1.7 to 4.2 pt ACC cost, before it ran (they
-#: were not the cost: the README). The ``-recheck`` variants (the rounds stop when the
+#: were not the cost: ``docs/backdoors.md``). The ``-recheck`` variants (the rounds stop when the
 #: first round's targets no longer reach the fool level at their radius) were named after a
 #: probe outside the grid read the test ACC and ASR of ``universal-sparse``'s first round on
 #: the 10-epoch VGG's BadNets 10% network (69.82 / 2.99, where its five rounds end at
-#: 69.73 / 13.62: the README), fixed in code before any grid run of them.
+#: 69.73 / 13.62: ``docs/backdoors.md``), fixed in code before any grid run of them.
 UNIVERSAL_VARIANTS = {"universal-targeted": {"norm": "l2"}, "universal-sparse": {"norm": "l1"},
                       "universal-both": {"norm": ("l2", "l1")},
                       "universal-both-each": {"norm": ("l2", "l1"), "ball_weighting": "each"},
@@ -146,8 +146,8 @@ NC_VARIANTS = ("fine-tune", "consistency", "consistency-top", "consistency-round
                "consistency-top-rounds-restart-each")
 
 #: NC variants measured but not judged: chosen after a probe had read their test numbers
-#: (restarted rounds at ``stamp_weighting="each"``, on the one-hidden MNIST CNN; see the
-#: README), so they are reported beside the judged rows and never decide a verdict.
+#: (restarted rounds at ``stamp_weighting="each"``, on the one-hidden MNIST CNN; see
+#: ``docs/backdoors.md``), so they are reported beside the judged rows and never decide a verdict.
 NC_DIAGNOSTICS = ("consistency-rounds-restart-each", "consistency-top-rounds-restart-each")
 
 #: At most this many inversion-and-unlearning rounds in the ``-rounds`` NC variants.

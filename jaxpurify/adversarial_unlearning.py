@@ -80,11 +80,11 @@ radius only: the rounds go on while the shortcut the unlearning removed (or, wit
 ``retarget``, another that stands out as far) still moves ``fool_level`` of the benign images
 at that radius, and end when none does. Every round distills toward the deployed, backdoored
 network's logits, and distilling longer than the shortcut needs can teach the backdoor back
-(the README measured it for Neural Cleanse's rounds); ``"recheck"`` stops where the rule
+(``docs/backdoors.md`` measured it for Neural Cleanse's rounds); ``"recheck"`` stops where the rule
 says the shortcut is gone. Nothing in any schedule looks at triggered or test images.
 
-Measured (the README): on the one-hidden CNNs the climb reaches the trigger and removes the
-backdoor, at 2.9 to 8.9 pt of ACC. The cost follows the radius, not the added classes: a
+Measured (``docs/backdoors.md``): on the one-hidden CNNs the climb reaches the trigger and
+removes the backdoor, at 2.9 to 8.9 pt of ACC. The cost follows the radius, not the added classes: a
 clean network of that kind already has a universal shortcut to the target at the trigger's
 size (``jaxpurify run universal-shortcuts-*``), so unlearning there removes its own
 shortcuts too. On LeNet-5, whose own shortcuts begin about twice as far out, both schedules
@@ -397,8 +397,8 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
         radius_fractions, fool_level: the rule's candidates (one ball only; default
             :data:`RADIUS_FRACTIONS`, :data:`SPARSE_RADIUS_FRACTIONS` for ``"l1"``) and
             level. The default 0.9 was chosen on MNIST LeNet-5 probes (BadNets 10%: at 0.5
-            the targeted L2 unlearning left 9.5% ASR, at 0.9 0.5%; the README), before any
-            CIFAR-10 run.
+            the targeted L2 unlearning left 9.5% ASR, at 0.9 0.5%;
+            ``docs/backdoors.md``), before any CIFAR-10 run.
         rounds: perturbation-and-unlearning rounds (i-BAU's default: 5).
         steps, learning_rate, batch_size: each round's unlearning (Adam, cosine decay from
             ``learning_rate`` over ``steps``; :func:`jaxpurify.defenses.distill`).

@@ -933,7 +933,7 @@ def refit_readout(model, params, x_benign, y_benign, *, init_params, subspace: s
     hidden features, and it costs accuracy when the budget has few labels per readout entry.
     Measured on poisoned MNIST networks, the features do carry the trigger: a readout re-fit
     on *all* clean training labels votes for the target on 24-65% of triggered images, so
-    the low ASR at small budgets comes with an under-fit readout (see the README).
+    the low ASR at small budgets comes with an under-fit readout (see ``docs/backdoors.md``).
 
     With ``subspace="designed"`` (a designed model) the readout stays in ``range(A)``: every
     output unit's ``[beta_c; b_c] = A theta_c`` and only the codes are re-estimated, from

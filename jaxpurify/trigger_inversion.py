@@ -30,11 +30,12 @@ over augmented minibatches ``x`` of the budget, ``S`` the flagged classes' stamp
 mirror images, for networks trained with horizontal flips). The ten logits per image carry
 more than a label, so 500 images hold the clean behaviour where fine-tuning on their labels
 forgets some of it. With ``keep_fraction < 1`` only the largest entries of that fine-tuning
-update are applied (scaled by ``scale``): a sparse edit, in the spirit of the library's
-premise that the contamination lives in few weights. On the README's small-VGG probes the
-largest 5% at full scale kept 2.0-4.5 points more clean accuracy than the dense update at equal
-attack success (BadNets, four shuffles; on Blended about the same); scaled below 1 it gave the
-backdoor back, which nothing in the benign budget showed, so nothing here chooses the settings.
+update are applied (scaled by ``scale``): a sparse edit, in the spirit of the library's premise
+that the contamination lives in few weights. On the small-VGG probes of ``docs/backdoors.md``
+the largest 5% at full scale kept 2.0-4.5 points more clean accuracy than the dense update at
+equal attack success (BadNets, four shuffles; on Blended about the same); scaled below 1 it
+gave the backdoor back, which nothing in the benign budget showed, so nothing here chooses the
+settings.
 
 The defense sees only benign data; the stopping rule of the inversion is its fixed step
 count, and a network with no flagged class is returned unchanged (Neural Cleanse's verdict:
