@@ -84,31 +84,33 @@ network's logits, and distilling longer than the shortcut needs can teach the ba
 says the shortcut is gone. Nothing in any schedule looks at triggered or test images.
 
 Measured (``docs/backdoors.md``): on the one-hidden CNNs the climb reaches the trigger and
-removes the backdoor, at 2.9 to 8.9 pt of ACC. The cost follows the radius, not the added classes: a
-clean network of that kind already has a universal shortcut to the target at the trigger's
-size (``jaxpurify run universal-shortcuts-*``), so unlearning there removes its own
+removes the backdoor, at 2.9 to 8.9 pt of ACC. The cost follows the radius, not the added
+classes: a clean network of that kind already has a universal shortcut to the target at the
+trigger's size (``jaxpurify run universal-shortcuts-*``), so unlearning there removes its own
 shortcuts too. On LeNet-5, whose own shortcuts begin about twice as far out, both schedules
-meet the backdoor target. On the 10-epoch small VGG (BadNets 10%) the first targets' climb
-went past the patch's size to the top candidates, where the clean VGG's own class-0
-shortcuts move 99-100% of the benign images, and cost 4.3 pt. There the fixed sparse rounds
-gave the backdoor back: round 1 alone left 2.99% ASR, five rounds 13.62%. ``"recheck"``
-stopped after round 1 on every network measured (its first targets never reached 90% again),
-which meets the backdoor target on that VGG (69.82 / 2.99) and costs accuracy the later
-rounds give back on the others (3.8-4.0 pt on the VGG's Blended). On the VGG's BadNets 5%
-network, which no probe read, it meets the target as well (sparse 70.17 / 3.34, both balls
-70.25 / 3.48), where the five fixed sparse rounds end at 50.17% ASR; on its BadNets 1% network
-the sparse ball meets it (70.92 / 4.80, five fixed rounds 25.46% ASR) and both balls miss on
-ACC (69.47 / 2.04: the L2 radius doubles past the weaker trigger into the clean network's
-own dense shortcuts). On the 3-epoch small VGG the same rules take the ASR to 3.6-8.7% but
-cost 4.3-6.8 pt of ACC (sparse recheck, BadNets 5% 57.19 / 3.62, 10% 59.01 / 3.73; L2, Blended
-10% 55.84 / 8.67), where FT and FP cost 9.4-51.3 pt: the same rule costs that less-trained
-network three to four and a half times what it costs the 10-epoch one. A probe unlearning
-class 0's sparse perturbation alone costs 5.70 pt there and 1.75 pt at 10 epochs, and
-class 1's (a class the attack did not touch) costs 16.85 and 12.86 pt: unlearning is cheap
-only where the perturbation works through the backdoor alone. Over five fresh benign draws
-and keys on LeNet-5 (Blended 10% and 5%, BadNets 5%; 600 images), the L2 targeted rule met
-the backdoor target in 15 of 15 draws: ASR 0.40-0.86%, ACC drop at most 0.34 pt.
-On the 10-epoch VGG's Blended 5% network the L2 rule misses narrowly (70.23 / 5.19, 2.25 pt).
+meet the backdoor target. On the 10-epoch small VGG (BadNets 10%) the first targets' climb went
+past the patch's size to the top candidates, where the clean VGG's own class-0 shortcuts move
+99-100% of the benign images, and cost 4.3 pt. There the fixed sparse rounds gave the backdoor
+back: round 1 alone left 2.99% ASR, five rounds 13.62%. ``"recheck"`` stopped after round 1 on
+every network measured (its first targets never reached 90% again), which meets the backdoor
+target on that VGG (69.82 / 2.99) and costs accuracy the later rounds give back on the others
+(3.8-4.0 pt on the VGG's Blended). On the VGG's BadNets 5% network, which no probe read, it
+meets the target as well (sparse 70.17 / 3.34, both balls 70.25 / 3.48), where the five fixed
+sparse rounds end at 50.17% ASR; on its BadNets 1% network the sparse ball meets it (70.92 /
+4.80, five fixed rounds 25.46% ASR) and both balls miss on ACC (69.47 / 2.04: the L2 radius
+doubles past the weaker trigger into the clean network's own dense shortcuts). On the 3-epoch
+small VGG the same rules take the ASR to 3.6-8.7% but cost 4.3-6.8 pt of ACC (sparse recheck,
+BadNets 5% 57.19 / 3.62, 10% 59.01 / 3.73; L2, Blended 10% 55.84 / 8.67), where FT and FP cost
+9.4-51.3 pt: the same rule costs that less-trained network three to four and a half times what
+it costs the 10-epoch one. A probe unlearning class 0's sparse perturbation alone costs 5.70 pt
+there and 1.75 pt at 10 epochs, and class 1's (a class the attack did not touch) costs 16.85
+and 12.86 pt: unlearning is cheap only where the perturbation works through the backdoor alone.
+Over five fresh benign draws and keys on each LeNet-5 setting where the attack took (BadNets
+1%, 5%, 10%, Blended 5%, 10%; 600 images), the L2 targeted rule met the backdoor target in 25
+of 25 draws: ASR 0.34-1.22%, ACC drop at most 0.34 pt. On the 10-epoch VGG's Blended 5% network
+the L2 rule misses narrowly (70.23 / 5.19, 2.25 pt); on its Blended 1% network, where the
+attack took weakly (14.88% ASR), no class stands out at radius 5.52, the radius doubles into
+the network's own shortcuts, and it misses on ACC (69.33 / 3.44, 3.04 pt).
 """
 
 from __future__ import annotations
