@@ -608,9 +608,14 @@ def _neural_cleanse(model: _Model, params, xb, yb, key, measured) -> None:
 
 
 def _augmentation(model: _Model) -> dict:
-    """The unlearning's augmentations, following the model's training: flips for the small
+    """The unlearning's augmentations for the model's training (:func:`_augmentation_for`)."""
+    return _augmentation_for(model.name, model.dataset)
+
+
+def _augmentation_for(name: str, dataset: str) -> dict:
+    """The unlearning's augmentations, following a model's training: flips for the small
     VGG, shifts by 4 pixels on CIFAR-10 and 2 on MNIST."""
-    return {"hflip": model.name == "small-vgg", "crop": 4 if model.dataset == "cifar10" else 2}
+    return {"hflip": name == "small-vgg", "crop": 4 if dataset == "cifar10" else 2}
 
 
 def _no_later_unlearning(result) -> bool:

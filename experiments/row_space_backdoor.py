@@ -10,7 +10,11 @@ trained in a designed parameterization) never has that: 60 benign images already
 patches. Here the CNN has one patch per image (a filter of ``28*28+1 = 785`` entries on
 MNIST, ``32*32*3+1 = 3073`` on CIFAR-10: the same model class with ``patch_size`` the image)
 and is trained plainly by SGD with momentum from a seeded init ``w_0``, which the defender
-knows (the row-space source's assumption).
+knows (the row-space source's assumption). ``--set patch=14`` (MNIST; 16 on CIFAR-10) trains
+the theorem's own model instead, four non-overlapping patches per image, by the same SGD: its
+rows carry ``model`` ``one-hidden-4patch``. There the benign patches span every filter
+direction from 49 images on, so only the principal projection applies, and every patch
+position's weights also see the other three quadrants' pixels at that position.
 
 Grid: BadNets and Blended (the backdoor experiment's triggers and target), poison rates
 1/5/10 %, benign budgets 0.1/1/5 % of the training set (nested draws of clean training images,
@@ -21,7 +25,9 @@ redundancy, and ``benign-principal`` (the projection onto only the leading princ
 directions of the benign patches, rank chosen on benign accuracy,
 :func:`jaxpurify.defenses.principal_projection`), run at every budget; ``ft``, ``fp`` and
 ``anp`` (the backdoor experiment's recipes; ``--set "ft_recipes=('backdoorbench',)"`` adds FT
-rows with BackdoorBench's recipe, judged like FT, and ``fp_recipes`` the same for FP). Writes
+rows with BackdoorBench's recipe, judged like FT, and ``fp_recipes`` the same for FP); and, when
+``defenses`` names ``universal``, the backdoor experiment's universal unlearning (judged; its
+variants by ``universal_variants``, default ``universal-targeted``). Writes
 ``metrics.json`` (``rows`` with ``dataset, model, attack, poison_rate, defense, budget, acc,
 asr, seconds``; ``targets``: the data-poisoning verdict at the 1 % budget, judged as in the
 backdoor experiment; ``setup.trigger_outside_benign_span``: per trigger and budget, the share
@@ -37,14 +43,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from experiments._common import environment, with_options, write_metrics
 from jaxpurify import attacks as A
 from jaxpurify import defenses as D
 
 TARGET = 0
-MODEL = "one-hidden-1patch"
+#: The defenses this experiment runs (the backdoor experiment's, less Neural Cleanse).
+ROW_SPACE_DEFENSES = ("jaxpurify", "ft", "fp", "anp", "universal")
 #: The judged jaxpurify variants and why each may fail (the verdict's reason).
 REASONS = {
     "benign-row-space": "L1 recovery onto w_0 + span(benign patches): the rest of the clean "
@@ -64,6 +70,7 @@ def _config(dataset: str, quick: bool) -> dict:
            "batch_size": 128, "attacks": ("badnets", "blended"), "rates": (0.01, 0.05, 0.1),
            "budgets": (0.001, 0.01, 0.05), "defenses": ("jaxpurify", "ft", "fp", "anp"),
            "variants": tuple(REASONS), "ft_recipes": (), "fp_recipes": (),
+           "universal_variants": ("universal-targeted",), "patch": None,
            "anp_iterations": 2000, "max_iters": 5000, "train_limit": None, "test_limit": None}
     if quick:
         cfg.update(train_limit=4000, test_limit=1000, steps=300, attacks=("badnets",),
@@ -102,18 +109,27 @@ def trigger_outside_span(model, triggers: dict, x_benign, x_probe, *,
     return shares
 
 
+def model_name(patches_per_image: int) -> str:
+    """The ``model`` the rows carry: ``one-hidden-1patch`` (the filter sees the whole image),
+    ``one-hidden-4patch`` (the theorem's non-overlapping patches, trained by SGD)."""
+    return f"one-hidden-{patches_per_image}patch"
+
+
 def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Path,
         seed: int = 0, **options) -> dict:
     """Run the experiment; see the module docstring. Returns the metrics.
 
     ``options`` override entries of the configuration (``rates``, ``budgets``, ``defenses``,
-    ``variants`` (the jaxpurify variants, default all of :data:`REASONS`), ``steps``,
+    ``variants`` (the jaxpurify variants, default all of :data:`REASONS`),
+    ``universal_variants``, ``patch`` (the patch side, default the image's), ``steps``,
     ``max_iters``, ...).
     """
     from tqdm.auto import tqdm
 
     from experiments.backdoor import (
-        DEFENSES,
+        _VARIANT_WHY,
+        UNIVERSAL_VARIANTS,
+        _augmentation_for,
         _details,
         _plot,
         _poisoning,
@@ -122,6 +138,7 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
         principal_details,
         recipe_runs,
     )
+    from jaxpurify import adversarial_unlearning as AU
     from jaxpurify.models import OneHiddenLayerCNN
     from jaxpurify.training import fit, sgd
 
@@ -131,20 +148,31 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
     if set(cfg["variants"]) - set(REASONS):
         raise ValueError(f"unknown jaxpurify variants {sorted(set(cfg['variants']) - set(REASONS))}"
                          f"; choose from {list(REASONS)}")
-    if set(cfg["defenses"]) - set(DEFENSES):
-        raise ValueError(f"unknown defenses {sorted(set(cfg['defenses']) - set(DEFENSES))}; "
-                         f"choose from {list(DEFENSES)}")
+    if set(cfg["defenses"]) - set(ROW_SPACE_DEFENSES):
+        unknown = sorted(set(cfg["defenses"]) - set(ROW_SPACE_DEFENSES))
+        raise ValueError(f"unknown defenses {unknown}; choose from {list(ROW_SPACE_DEFENSES)}")
+    universal = cfg["universal_variants"] if "universal" in cfg["defenses"] else ()
+    if set(universal) - set(UNIVERSAL_VARIANTS):
+        raise ValueError(f"unknown universal variants "
+                         f"{sorted(set(universal) - set(UNIVERSAL_VARIANTS))}; choose from "
+                         f"{list(UNIVERSAL_VARIANTS)}")
+    reasons = {**REASONS, **{v: _VARIANT_WHY[v] for v in universal}}
     recipes = recipe_runs(cfg, dataset)  # an unknown recipe fails before any training
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-
     data = _poisoning(dataset, cfg, seed)
     x_tr, y_tr, x_te, y_te = data.x_tr, data.y_tr, data.x_te, data.y_te
     triggers, order, n = data.triggers, data.order, len(x_tr)
-    model = OneHiddenLayerCNN(cfg["filters"], tuple(x_tr.shape[1:3]), num_classes=10,
-                              pool="mean")
+    height, width, channels = x_tr.shape[1:]
+    patch = cfg["patch"] or height
+    if height % patch or width % patch:
+        raise ValueError(f"patch={patch} does not tile the {height}x{width} images; choose a "
+                         f"divisor of both (the image's side gives one patch per image)")
+    per_image = (height // patch) * (width // patch)  # patches per image
+    model_id = model_name(per_image)
+    model = OneHiddenLayerCNN(cfg["filters"], (patch, patch), num_classes=10, pool="mean")
     w0 = model.init(jax.random.PRNGKey(seed), jnp.zeros((1,) + x_tr.shape[1:]))["params"]
-    filter_len = int(np.prod(x_tr.shape[1:])) + 1
+    filter_len = patch * patch * channels + 1
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
 
     def train(x, y):
         p, _ = fit(model, w0, jnp.asarray(x), jnp.asarray(y),
@@ -170,7 +198,7 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
     # every budget (the reason a trigger survives the projection or not)
     probe, outside = x_tr[order[-256:]], {attack: {} for attack in triggers}
     for budget in cfg["budgets"]:
-        if (k := max(1, int(round(budget * n)))) + 1 < filter_len:
+        if per_image * (k := max(1, int(round(budget * n)))) + 1 < filter_len:
             shares = trigger_outside_span(model, triggers, x_tr[order[:k]], probe)
             for attack, share in shares.items():
                 outside[attack][str(budget)] = share
@@ -182,7 +210,7 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
         t = time.perf_counter()
         xp, yp = data.poison(attack, rate)
         w_bd = train(xp, yp)
-        base = {"dataset": dataset, "model": MODEL, "attack": attack, "poison_rate": rate}
+        base = {"dataset": dataset, "model": model_id, "attack": attack, "poison_rate": rate}
         acc, asr = evaluate(w_bd, attack)
         rs = [{**base, "defense": "none", "variant": None, "budget": 0.0, "n_benign": 0,
                "acc": acc, "asr": asr, "seconds": time.perf_counter() - t, "details": {}}]
@@ -199,12 +227,12 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
                            "details": {**({} if info is None else _details(info)), **extra}})
 
             if "jaxpurify" in cfg["defenses"]:
-                rank = f"{min(len(xb), filter_len)}/{filter_len}"
+                rank = f"{min(per_image * len(xb), filter_len)}/{filter_len}"
                 for robust, variant in ((True, "benign-row-space"),
                                         (False, "benign-projection")):
                     if variant not in cfg["variants"]:
                         continue
-                    if len(xb) + 1 >= filter_len:  # the benign patches span every direction
+                    if per_image * len(xb) + 1 >= filter_len:  # they span every direction
                         add("jaxpurify", variant, None, None, benign_patch_rank=rank)
                         continue
                     q, info = D.row_space_defense(model, w_bd, xb, init_params=w0,
@@ -225,6 +253,11 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
                 add(defense, None, *fn(model, w_bd, xb, yb, key=key))
             for defense, name, fn, kw in recipes:  # other published recipes (judged)
                 add(defense, name, *fn(model, w_bd, xb, yb, key=key, **kw))
+            for variant in universal:
+                add("universal", variant,
+                    *AU.universal_unlearning(model, w_bd, xb, key=key,
+                                             **UNIVERSAL_VARIANTS[variant],
+                                             **_augmentation_for(model_id, dataset)))
             bar.update()
         for r in rs:
             bar.write(f"[{attack} {100 * rate:g}%] {r['defense']:9s} {r['variant'] or '':17s} "
@@ -233,13 +266,14 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
                          f"{100 * r['acc']:.2f}% ASR {100 * r['asr']:.2f}%")
                       + f" ({r['seconds']:.1f} s)")
         rows += rs
-        targets += _poisoning_targets(MODEL, attack, rate, rs,
-                                      clean_asr=clean[f"asr_{attack}"], reasons=REASONS)
+        targets += _poisoning_targets(model_id, attack, rate, rs,
+                                      clean_asr=clean[f"asr_{attack}"], reasons=reasons)
     bar.close()
     metrics = {
         "experiment": name, "dataset": dataset, "quick": quick, "seed": seed,
         "setup": {"train_size": n, "test_size": int(len(y_te)), "target": TARGET,
-                  "filter_entries": filter_len, "trigger_outside_benign_span": outside,
+                  "filter_entries": filter_len, "patches_per_image": per_image,
+                  "trigger_outside_benign_span": outside,
                   "model_config": {k: (list(v) if isinstance(v, tuple) else v)
                                    for k, v in cfg.items()}},
         "clean": clean, "rows": rows, "targets": targets,

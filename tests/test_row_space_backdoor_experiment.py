@@ -116,3 +116,50 @@ def test_unknown_variants_are_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown FP recipe 'bogus'"):
         row_space.run(quick=True, out=tmp_path / "never", fp_recipes=("bogus",))
     assert not (tmp_path / "never").exists()
+
+
+@pytest.fixture(scope="module")
+def four_patches(tmp_path_factory):
+    """The theorem's own model, four 14x14 patches per MNIST image, on a small draw."""
+    out = tmp_path_factory.mktemp("backdoor-row-space-mnist-4patch")
+    try:
+        return row_space.run(name="backdoor-row-space-mnist", quick=True, out=out, patch=14,
+                             train_limit=1000, test_limit=500, steps=100,
+                             budgets=(0.01, 0.1), defenses=("jaxpurify", "universal"),
+                             variants=("benign-projection", "benign-principal"))
+    except DataNotFoundError as err:  # pragma: no cover - CI has the data
+        pytest.skip(f"MNIST not available: {err}")
+
+
+def test_four_patches_per_image_name_the_model_and_count_patches(four_patches):
+    """With ``patch=14`` every filter has 14*14 + 1 entries and each image gives four
+    patches, so 10 benign images (1% of 1000) leave the span 40/197 and 100 fill it."""
+    metrics = four_patches
+    assert metrics["setup"]["filter_entries"] == 197
+    assert metrics["setup"]["patches_per_image"] == 4
+    assert {r["model"] for r in metrics["rows"]} == {"one-hidden-4patch"}
+    jp = {(r["variant"], r["budget"]): r for r in metrics["rows"] if r["defense"] == "jaxpurify"}
+    assert jp[("benign-projection", 0.01)]["details"]["benign_patch_rank"] == "40/197"
+    assert jp[("benign-projection", 0.01)]["acc"] is not None
+    assert jp[("benign-projection", 0.1)]["acc"] is None  # 400 patches span all 197
+    assert jp[("benign-principal", 0.1)]["acc"] is not None
+
+
+def test_the_universal_unlearning_is_run_and_judged(four_patches):
+    rows = [r for r in four_patches["rows"] if r["defense"] == "universal"]
+    assert {(r["variant"], r["budget"]) for r in rows} == {
+        ("universal-targeted", 0.01), ("universal-targeted", 0.1)}
+    assert all(0 <= r["asr"] <= 1 and r["details"] for r in rows)
+    (target,) = four_patches["targets"]
+    assert "universal/universal-targeted: ASR" in target["reason"]
+
+
+def test_bad_patches_and_defenses_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="does not tile the 28x28 images"):
+        row_space.run(quick=True, out=tmp_path / "never", patch=12)
+    with pytest.raises(ValueError, match=r"unknown defenses \['nc'\]"):
+        row_space.run(quick=True, out=tmp_path / "never", defenses=("ft", "nc"))
+    with pytest.raises(ValueError, match="unknown universal variants"):
+        row_space.run(quick=True, out=tmp_path / "never", defenses=("universal",),
+                      universal_variants=("universal-typo",))
+    assert not (tmp_path / "never").exists()
