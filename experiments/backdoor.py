@@ -420,11 +420,15 @@ def _details(info: D.DefenseInfo) -> dict:
 def principal_details(info: D.DefenseInfo) -> dict:
     """What a ``benign-principal`` row records of :func:`jaxpurify.defenses.principal_projection`:
     the rank kept, how it was chosen (folds, whether any rank met the rule, its held-out
-    benign ACC) and the share of the filter updates removed."""
+    benign ACC, and every candidate rank's beside the undefended network's on the budget, so
+    a row shows how close the choice was) and the share of the filter updates removed."""
     d = info.details
     return {"principal_rank": d["rank"], "principal_folds": d["folds"],
             "principal_qualified": d["qualified"],
             "principal_held_out_acc": d["benign_acc"][d["ranks"].index(d["rank"])],
+            "principal_candidates": dict(zip(map(str, d["ranks"]), d["benign_acc"],
+                                             strict=True)),
+            "principal_undefended_acc": d["benign_acc_undefended"],
             "removed_energy": d["removed_energy"]}
 
 

@@ -66,6 +66,14 @@ def test_the_principal_projection_applies_where_the_span_is_full(quick):
     at = {(r["defense"], r["variant"], r["budget"]): r for r in metrics["rows"]}
     none, principal = at[("none", None, 0.0)], at[("jaxpurify", "benign-principal", 0.5)]
     assert principal["details"]["principal_rank"] < 785
+    # every candidate's held-out benign ACC is kept; the chosen rank is the smallest within
+    # 1 pt of the undefended network's on the budget
+    d = principal["details"]
+    candidates = {int(r): a for r, a in d["principal_candidates"].items()}
+    assert candidates[d["principal_rank"]] == d["principal_held_out_acc"]
+    assert d["principal_held_out_acc"] >= d["principal_undefended_acc"] - 0.01
+    assert all(a < d["principal_undefended_acc"] - 0.01
+               for r, a in candidates.items() if r < d["principal_rank"])
     assert 0.5 < principal["details"]["trigger_outside_kept"] <= 1  # BadNets: its corner
     assert principal["asr"] < 0.05 and principal["acc"] > none["acc"] - 0.02
     assert at[("jaxpurify", "benign-principal", 0.01)]["acc"] is not None
