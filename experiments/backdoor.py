@@ -1413,15 +1413,20 @@ def start_setting(name: str, quick: bool, out, seed: int, options: dict, config,
     return dataset, cfg, out, _poisoning(dataset, cfg, seed)
 
 
+def refuse_unknown(cfg: dict, checks) -> None:
+    """Refuse a configuration whose ``cfg[key]`` names something not in ``known``, for each
+    ``(key, known, label)`` of ``checks``; the error calls them ``label`` and lists ``known``."""
+    for key, known, label in checks:
+        if unknown := sorted(set(cfg[key]) - set(known)):
+            raise ValueError(f"unknown {label} {unknown}; choose from {list(known)}")
+
+
 def check_defense_options(cfg: dict, dataset: str) -> None:
     """Refuse, before anything trains, a configuration naming an unknown defense, variant,
     recipe or ``joint`` layer (the error lists the names there are)."""
-    for key, known in (("defenses", DEFENSES), ("jaxpurify_variants", JAXPURIFY_VARIANTS),
-                       ("nc_variants", NC_VARIANTS),
-                       ("universal_variants", UNIVERSAL_VARIANTS)):
-        if set(cfg[key]) - set(known):
-            raise ValueError(f"unknown {key} {sorted(set(cfg[key]) - set(known))}; "
-                             f"choose from {list(known)}")
+    refuse_unknown(cfg, [(key, known, key) for key, known in (
+        ("defenses", DEFENSES), ("jaxpurify_variants", JAXPURIFY_VARIANTS),
+        ("nc_variants", NC_VARIANTS), ("universal_variants", UNIVERSAL_VARIANTS))])
     recipe_runs(cfg, dataset)
     unknown = set(cfg["joint"]) - {*_layer_names("one-hidden"), *_layer_names(cfg["deep"])}
     if unknown:

@@ -137,6 +137,7 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
         _write_tables,
         principal_details,
         recipe_runs,
+        refuse_unknown,
     )
     from jaxpurify import adversarial_unlearning as AU
     from jaxpurify.models import OneHiddenLayerCNN
@@ -145,17 +146,10 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
     t_all = time.perf_counter()
     dataset = "cifar10" if name.endswith("cifar10") else "mnist"
     cfg = with_options(_config(dataset, quick), options)
-    if set(cfg["variants"]) - set(REASONS):
-        raise ValueError(f"unknown jaxpurify variants {sorted(set(cfg['variants']) - set(REASONS))}"
-                         f"; choose from {list(REASONS)}")
-    if set(cfg["defenses"]) - set(ROW_SPACE_DEFENSES):
-        unknown = sorted(set(cfg["defenses"]) - set(ROW_SPACE_DEFENSES))
-        raise ValueError(f"unknown defenses {unknown}; choose from {list(ROW_SPACE_DEFENSES)}")
+    refuse_unknown(cfg, (("variants", REASONS, "jaxpurify variants"),
+                         ("defenses", ROW_SPACE_DEFENSES, "defenses"),
+                         ("universal_variants", UNIVERSAL_VARIANTS, "universal variants")))
     universal = cfg["universal_variants"] if "universal" in cfg["defenses"] else ()
-    if set(universal) - set(UNIVERSAL_VARIANTS):
-        raise ValueError(f"unknown universal variants "
-                         f"{sorted(set(universal) - set(UNIVERSAL_VARIANTS))}; choose from "
-                         f"{list(UNIVERSAL_VARIANTS)}")
     reasons = {**REASONS, **{v: _VARIANT_WHY[v] for v in universal}}
     recipes = recipe_runs(cfg, dataset)  # an unknown recipe fails before any training
     data = _poisoning(dataset, cfg, seed)
