@@ -279,7 +279,7 @@ def backdoor_targets(runs: list[tuple[str, dict]]) -> list[str]:
 def repeat_verdicts(runs: list[tuple[str, dict]], link) -> list[str]:
     """The repeats runs (``backdoor-repeats-*``: a ``verdicts`` entry) as one table: per
     setting, in how many repeats the verdict judged on that repeat alone is met, whether
-    the backdoor experiment's own draw (repeat 0) meets it, and the judged row that meets
+    the grid experiment's own draw (repeat 0) meets it, and the judged row that meets
     it most often (ties: mean ACC drop within 2 pt, then the lowest mean ASR)."""
     out = []
     for name, m in runs:
@@ -294,7 +294,9 @@ def repeat_verdicts(runs: list[tuple[str, dict]], link) -> list[str]:
         best = min(judged, key=lambda s: (-s.get("met", s["small_enough"]),
                                           s["acc_drop_mean"] >= 0.02, s["asr_mean"]))
         counted = v.get("met", v["small_enough"])
-        out.append([m.get("dataset", "?"), cfg.get("model", "?"), cfg.get("attack", "?"),
+        model = next((r["model"] for r in m.get("rows", ()) if "model" in r),
+                     cfg.get("model", "?"))  # row-space runs name it by their patches
+        out.append([m.get("dataset", "?"), model, cfg.get("attack", "?"),
                     f"{100 * cfg.get('rate', 0):g}%", ", ".join(cfg.get("vary", [])) or "none",
                     f"{counted} of {v['repeats']}"
                     + ("" if "met" in v else " (ASR and ACC only: no FT or FP ran)"),
@@ -306,11 +308,12 @@ def repeat_verdicts(runs: list[tuple[str, dict]], link) -> list[str]:
     if not out:
         return []
     return ["", "**Over fresh draws** (`backdoor-repeats-*`, a diagnostic): the same setting "
-            "re-defended on fresh benign images and keys, repeat 0 being the backdoor "
-            "experiment's own draw; *met in* counts the repeats whose verdict, judged on that "
-            "repeat alone, is met; the last columns are the judged row that meets it most "
-            "often (ties: mean ACC drop under 2 pt, then the lowest mean ASR), its mean ACC "
-            "drop and its ASR (mean ± standard deviation [min, max], %).", "",
+            "re-defended on fresh benign images and keys, repeat 0 being the grid "
+            "experiment's own draw (`backdoor-*` or `backdoor-row-space-*`); *met in* counts "
+            "the repeats whose verdict, judged on that repeat alone, is met; the last columns "
+            "are the judged row that meets it most often (ties: mean ACC drop under 2 pt, "
+            "then the lowest mean ASR), its mean ACC drop and its ASR (mean ± standard "
+            "deviation [min, max], %).", "",
             *_table(["dataset", "model", "attack", "poison", "drawn afresh", "met in",
                      "repeat 0", "judged row", "ACC drop (pt)", "ASR", "run"], sorted(out))]
 

@@ -1392,6 +1392,11 @@ def check_setting(cfg: dict, dataset: str) -> None:
     if cfg["model"] not in models:
         raise ValueError(f"unknown model {cfg['model']!r}; on {dataset} choose from "
                          f"{list(models)}")
+    check_fractions(cfg)
+
+
+def check_fractions(cfg: dict) -> None:
+    """Refuse a one-setting experiment's ``rate`` or ``budget`` outside (0, 1)."""
     if not 0 < cfg["rate"] < 1 or not 0 < cfg["budget"] < 1:
         raise ValueError(f"rate and budget are fractions of the training set in (0, 1); got "
                          f"rate={cfg['rate']}, budget={cfg['budget']}")

@@ -16,6 +16,14 @@ experiment stored it):
   training images (a seeded permutation of the images outside the weight-edit attacker's;
   never the test set), and ``"key"``, another key (``fold_in(key, r)``).
 
+``backdoor-repeats-row-space-mnist|cifar10`` does the same for the row-space experiment
+(:mod:`experiments.row_space_backdoor`): its one-hidden CNN trained by SGD from a known init
+(``--set patch=14``, 16 on CIFAR-10: four patches per image), its defenses (the jaxpurify
+variants ``benign-row-space``, ``benign-projection``, ``benign-principal``; FT, FP, ANP; the
+universal unlearning with ``defenses`` naming ``universal``) and its verdict's judged
+variants. Repeat 0 is that experiment's draw and key; a fresh benign draw never takes its
+probe images (the last ``PROBE_IMAGES`` = 256 of the seeded order, the attacker's above).
+
 For each defense row it reports the mean, standard deviation, min and max of ACC and ASR over
 the repeats, in how many the row has ASR < 5% with an ACC drop < 2 pt
 (:func:`experiments.backdoor.small_enough`), and, for jaxpurify's and NC's rows when FT or FP
@@ -36,12 +44,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Collection
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import numpy as np
 
 from experiments import backdoor as B
+from experiments import row_space_backdoor as R
 from experiments._common import environment, pyplot, save_fig, write_metrics
 from jaxpurify import attacks as A
 
@@ -63,18 +74,39 @@ def _config(dataset: str, quick: bool) -> dict:
     return cfg
 
 
-def _check(cfg: dict, dataset: str) -> None:
-    B.check_defense_options(cfg, dataset)
-    B.check_setting(cfg, dataset)
+def _row_space_config(dataset: str, quick: bool) -> dict:
+    """The row-space experiment's configuration (:mod:`experiments.row_space_backdoor`: the
+    one-hidden CNN trained by SGD from a known init, ``patch`` for four patches per image),
+    one setting instead of its grid, its jaxpurify variants, FT and FP as the defenses."""
+    cfg = {k: v for k, v in R._config(dataset, quick).items()
+           if k not in ("attacks", "rates", "budgets")}
+    cfg.update(attack="badnets", rate=0.1, budget=0.01, repeats=3 if quick else 5,
+               vary=VARIABLES, defenses=("jaxpurify", "ft", "fp"))
+    return cfg
+
+
+def _check_repeats(cfg: dict) -> None:
     if cfg["attack"] not in B.DATA_ATTACKS:
         raise ValueError(f"unknown attack {cfg['attack']!r}; choose from "
                          f"{list(B.DATA_ATTACKS)}")
     if not isinstance(cfg["repeats"], int) or cfg["repeats"] < 1:
-        raise ValueError(f"repeats must be a positive integer (repeat 0 is the backdoor "
+        raise ValueError(f"repeats must be a positive integer (repeat 0 is the grid "
                          f"experiment's own draw); got {cfg['repeats']!r}")
     if isinstance(cfg["vary"], str) or set(cfg["vary"]) - set(VARIABLES):
         raise ValueError(f"vary must be a tuple of {list(VARIABLES)} (empty: every repeat "
                          f"the same, a determinism check); got {cfg['vary']!r}")
+
+
+def _check(cfg: dict, dataset: str) -> None:
+    B.check_defense_options(cfg, dataset)
+    B.check_setting(cfg, dataset)
+    _check_repeats(cfg)
+
+
+def _row_space_check(cfg: dict, dataset: str) -> None:
+    R.check_config(cfg, dataset)
+    B.check_fractions(cfg)
+    _check_repeats(cfg)
 
 
 def draws(order: np.ndarray, count: int, edit_images: int, seed: int, repeat: int,
@@ -104,23 +136,24 @@ def _against_baselines(r) -> bool:
     return r["defense"] in B.JUDGED and r["budget"] > 0
 
 
-def _judged(r) -> bool:
-    """A row the backdoor experiment's verdict judges (not NC's diagnostics nor its
-    ``fine-tune``)."""
-    return _against_baselines(r) and r["variant"] in B._VARIANT_WHY
+def _judged(r, judged: Collection[str]) -> bool:
+    """A row the grid experiment's verdict judges: its variant is one of ``judged`` (the
+    backdoor experiment's: not NC's diagnostics nor its ``fine-tune``)."""
+    return _against_baselines(r) and r["variant"] in judged
 
 
-def judge_repeats(rows: list[dict]) -> None:
+def judge_repeats(rows: list[dict], judged: Collection[str] = B._VARIANT_WHY) -> None:
     """Mark each defended row (in place) with ``small_enough`` (ASR < 5%, ACC drop < 2 pt
-    from its repeat's undefended row), ``judged`` (a row the verdict judges) and, for a
-    jaxpurify or NC row where FT or FP rows (published recipes) share its repeat,
-    ``not_beaten`` (none of them better on both ACC and ASR)."""
+    from its repeat's undefended row), ``judged`` (a row the verdict judges: its variant is
+    one of ``judged``, by default the backdoor experiment's) and, for a jaxpurify, NC or
+    universal row where FT or FP rows (published recipes) share its repeat, ``not_beaten``
+    (none of them better on both ACC and ASR)."""
     none = next(r for r in rows if r["defense"] == "none")
     for r in rows:
         if r["defense"] == "none" or r["acc"] is None:
             continue
         r["small_enough"] = B.small_enough(r, none)
-        r["judged"] = _judged(r)
+        r["judged"] = _judged(r, judged)
         base = [b for b in rows if b["repeat"] == r["repeat"] and b["defense"] in ("ft", "fp")
                 and b["acc"] is not None and B._published(b)]
         if _against_baselines(r) and base:
@@ -153,19 +186,20 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def verdicts(rows: list[dict]) -> dict:
-    """What the backdoor experiment's verdict would say on each repeat alone: ``judged``
-    (the judged rows measured), the counts of repeats where some judged row is
-    ``small_enough`` and, where every judged row was judged against FT or FP, ``met`` (also
-    ``not_beaten``), ``repeats_met`` (those repeats, or the ``small_enough`` ones where no FT
-    or FP ran) and ``repeats``: how many there were."""
-    judged = [r for r in rows if r["budget"] > 0 and r["acc"] is not None and _judged(r)]
-    small = sorted({r["repeat"] for r in judged if r["small_enough"]})
-    out = {"judged": sorted({_name(r["defense"], r["variant"]) for r in judged}),
+def verdicts(rows: list[dict], judged: Collection[str] = B._VARIANT_WHY) -> dict:
+    """What the grid experiment's verdict would say on each repeat alone: ``judged`` (the
+    judged rows measured: the variants ``judged`` names), the counts of repeats where some
+    judged row is ``small_enough`` and, where every judged row was judged against FT or FP,
+    ``met`` (also ``not_beaten``), ``repeats_met`` (those repeats, or the ``small_enough``
+    ones where no FT or FP ran) and ``repeats``: how many there were."""
+    measured = [r for r in rows if r["budget"] > 0 and r["acc"] is not None
+                and _judged(r, judged)]
+    small = sorted({r["repeat"] for r in measured if r["small_enough"]})
+    out = {"judged": sorted({_name(r["defense"], r["variant"]) for r in measured}),
            "repeats": len({r["repeat"] for r in rows}), "small_enough": len(small),
            "repeats_met": small}
-    if judged and all("not_beaten" in r for r in judged):
-        out["repeats_met"] = sorted({r["repeat"] for r in judged
+    if measured and all("not_beaten" in r for r in measured):
+        out["repeats_met"] = sorted({r["repeat"] for r in measured
                                      if r["small_enough"] and r["not_beaten"]})
         out["met"] = len(out["repeats_met"])
     return out
@@ -244,18 +278,33 @@ def _plot(rows, none, out: Path, setting: str) -> Path:
     return save_fig(fig, out, "repeats.png")
 
 
-def run(*, name: str = "backdoor-repeats-mnist", quick: bool = False, out: Path,
-        seed: int = 0, **options) -> dict:
-    """Run the repeats; see the module docstring. Returns the metrics.
+#: What a name holding this runs on: the row-space experiment's networks, not the backdoor
+#: experiment's (``backdoor-repeats-row-space-mnist``).
+ROW_SPACE = "row-space"
 
-    ``options`` override the configuration: ``model``, ``attack``, ``rate``, ``budget``,
-    ``repeats``, ``vary`` and the backdoor experiment's defense and training settings
-    (``defenses``, ``nc_variants``, ``jaxpurify_variants``, ``ft_recipes``, ``networks``, ...).
+
+class _Setting(NamedTuple):
+    """One setting's poisoned network, ready to be defended on any benign draw.
+
+    Attributes:
+        defend: ``defend(idx, key) -> rows``, the defenses on the training images ``idx``
+            with the PRNG key ``key``: rows with ``model`` and the defense's fields, the
+            undefended one (``seconds``: the training's) and any data-free ones with
+            ``budget`` 0 (kept from repeat 0 only).
+        held_out: images at the end of the seeded order no fresh draw takes.
+        judged: the variants the grid experiment's verdict judges.
+        setup: what ``metrics["setup"]`` adds for this source.
     """
-    t_all = time.perf_counter()
-    dataset, cfg, out, data = B.start_setting(name, quick, out, seed, options, _config, _check)
+
+    defend: Callable
+    held_out: int
+    judged: Collection[str]
+    setup: dict
+
+
+def _backdoor_setting(cfg: dict, dataset: str, data, seed: int) -> _Setting:
+    """The backdoor experiment's designed network (trained, or loaded from ``networks``)."""
     x_tr, y_tr, x_te, y_te = data.x_tr, data.y_tr, data.x_te, data.y_te
-    count = B.benign_count(cfg["budget"], len(x_tr))
     model = B._Model(cfg["model"], dataset, cfg, x_tr.shape[1:])
     trigger = data.triggers[cfg["attack"]]
 
@@ -269,34 +318,90 @@ def run(*, name: str = "backdoor-repeats-mnist", quick: bool = False, out: Path,
     params, t_train = model.trained(np.asarray(xp), np.asarray(yp), seed,
                                     store=cfg["networks"],
                                     poisoning=(cfg["attack"], cfg["rate"]), record=networks)
-    rows = []
-    for repeat in range(cfg["repeats"]):
-        idx, key = draws(data.order, count, cfg["edit_images"], seed, repeat, cfg["vary"])
-        fresh = {v: bool(repeat) and v in cfg["vary"] for v in VARIABLES}
-        rs = B._defend(model, params, lambda _budget, idx=idx: (x_tr[idx], y_tr[idx]),
+
+    def defend(idx, key):
+        rs = B._defend(model, params, lambda _budget: (x_tr[idx], y_tr[idx]),
                        (cfg["budget"],), evaluate, key, init_params=init_plain,
                        row_space=True)
         for r in rs:
             r.pop("_params", None)
-            if r["budget"] == 0 and repeat:  # undefended and data-free: the same every time
-                continue
+            r["model"] = cfg["model"]
             if r["defense"] == "none":
                 r["seconds"] = t_train
-            rows.append({"dataset": dataset, "model": cfg["model"], "attack": cfg["attack"],
+        return rs
+
+    setup = {"networks": {"dir": str(cfg["networks"]), **networks}} if cfg["networks"] else {}
+    return _Setting(defend, cfg["edit_images"], B._VARIANT_WHY, setup)
+
+
+def _row_space_setting(cfg: dict, dataset: str, data, seed: int) -> _Setting:
+    """The row-space experiment's one-hidden CNN, trained by SGD from its known init."""
+    x_tr, y_tr, x_te, y_te = data.x_tr, data.y_tr, data.x_te, data.y_te
+    net = R.network(cfg, x_tr.shape[1:], seed)
+    trigger = data.triggers[cfg["attack"]]
+
+    def evaluate(q):
+        return (A.accuracy(net.model, q, x_te, y_te),
+                A.attack_success_rate(net.model, q, x_te, y_te, R.TARGET, trigger))
+
+    t = time.perf_counter()
+    xp, yp = data.poison(cfg["attack"], cfg["rate"])
+    params = net.train(xp, yp)
+    acc, asr = evaluate(params)
+    none = {"model": net.name, "defense": "none", "variant": None, "budget": 0.0,
+            "n_benign": 0, "acc": acc, "asr": asr, "seconds": time.perf_counter() - t,
+            "details": {}}
+    probe = x_tr[data.order[-R.PROBE_IMAGES:]]
+
+    def defend(idx, key):
+        return [none] + [{"model": net.name, **r} for r in R.defend(
+            net, cfg, dataset, params, x_tr[idx], y_tr[idx], budget=cfg["budget"],
+            attack=cfg["attack"], trigger=trigger, probe=probe, evaluate=evaluate, key=key)]
+
+    setup = {"source": ROW_SPACE, "filter_entries": net.filter_entries,
+             "patches_per_image": net.patches_per_image}
+    return _Setting(defend, R.PROBE_IMAGES, R.reasons_for(cfg), setup)
+
+
+def run(*, name: str = "backdoor-repeats-mnist", quick: bool = False, out: Path,
+        seed: int = 0, **options) -> dict:
+    """Run the repeats; see the module docstring. Returns the metrics.
+
+    ``options`` override the configuration: ``model``, ``attack``, ``rate``, ``budget``,
+    ``repeats``, ``vary`` and the backdoor experiment's defense and training settings
+    (``defenses``, ``nc_variants``, ``jaxpurify_variants``, ``ft_recipes``, ``networks``, ...);
+    with ``row-space`` in ``name``, the row-space experiment's (``patch``, ``variants``,
+    ``universal_variants``, ``steps``, ...) instead of ``model`` and the backdoor ones.
+    """
+    t_all = time.perf_counter()
+    row_space = ROW_SPACE in name
+    config, check = (_row_space_config, _row_space_check) if row_space else (_config, _check)
+    dataset, cfg, out, data = B.start_setting(name, quick, out, seed, options, config, check)
+    count = B.benign_count(cfg["budget"], len(data.x_tr))
+    setting = (_row_space_setting if row_space else _backdoor_setting)(cfg, dataset, data,
+                                                                      seed)
+    rows = []
+    for repeat in range(cfg["repeats"]):
+        idx, key = draws(data.order, count, setting.held_out, seed, repeat, cfg["vary"])
+        fresh = {v: bool(repeat) and v in cfg["vary"] for v in VARIABLES}
+        for r in setting.defend(idx, key):
+            if r["budget"] == 0 and repeat:  # undefended and data-free: the same every time
+                continue
+            rows.append({"dataset": dataset, "model": r["model"], "attack": cfg["attack"],
                          "poison_rate": cfg["rate"], "k": None, "repeat": repeat,
                          "benign_draw": f"fresh {repeat}" if fresh["benign"] else "grid",
-                         "key_draw": f"fresh {repeat}" if fresh["key"] else "grid", **r})
+                         "key_draw": f"fresh {repeat}" if fresh["key"] else "grid",
+                         **{k: v for k, v in r.items() if k != "model"}})
         done = [r for r in rows if r["repeat"] == repeat and r["budget"] > 0]
         print(f"[repeat {repeat + 1}/{cfg['repeats']}] " + "; ".join(
             f"{_name(r['defense'], r['variant'])} {B._fmt(r['acc'])} / {B._fmt(r['asr'])}"
             for r in done), flush=True)
     metrics = {
         "experiment": name, "dataset": dataset, "quick": quick, "seed": seed,
-        "setup": {"train_size": int(len(x_tr)), "test_size": int(len(y_te)),
+        "setup": {"train_size": int(len(data.x_tr)), "test_size": int(len(data.y_te)),
                   "target": B.TARGET, "n_benign": count,
                   "config": {k: v for k, v in cfg.items() if k not in B.NOT_MODEL_CONFIG},
-                  **({"networks": {"dir": str(cfg["networks"]), **networks}}
-                     if cfg["networks"] else {})},
+                  **setting.setup},
         "rows": rows}
     _judge_and_write(out, metrics)
     metrics.update(seconds=time.perf_counter() - t_all, environment=environment(t_all))
@@ -312,13 +417,15 @@ def _judge_and_write(out: Path, metrics: dict) -> None:
     for r in rows:  # judged afresh
         for mark in ("small_enough", "judged", "not_beaten"):
             r.pop(mark, None)
-    judge_repeats(rows)
-    metrics["summary"] = summarize(rows)
-    metrics["verdicts"] = verdicts(rows)
     setup, cfg = metrics["setup"], metrics["setup"]["config"]
-    setting = (f"{metrics['dataset']} {cfg['model']} {cfg['attack']} {100 * cfg['rate']:g}%, "
-               f"{100 * cfg['budget']:g}% budget ({setup['n_benign']} images)")
+    judged = R.reasons_for(cfg) if setup.get("source") == ROW_SPACE else B._VARIANT_WHY
+    judge_repeats(rows, judged)
+    metrics["summary"] = summarize(rows)
+    metrics["verdicts"] = verdicts(rows, judged)
     none = next(r for r in rows if r["defense"] == "none")
+    setting = (f"{metrics['dataset']} {none['model']} {cfg['attack']} "
+               f"{100 * cfg['rate']:g}%, {100 * cfg['budget']:g}% budget "
+               f"({setup['n_benign']} images)")
     (out / "tables.md").write_text(
         _tables(rows, metrics["summary"], metrics["verdicts"], none, setting))
     _plot(rows, none, out, setting)

@@ -39,16 +39,26 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from experiments import backdoor as B
 from experiments._common import environment, with_options, write_metrics
+from jaxpurify import adversarial_unlearning as AU
 from jaxpurify import attacks as A
 from jaxpurify import defenses as D
+from jaxpurify.models import OneHiddenLayerCNN
 
 TARGET = 0
+#: The probe images (the last of the seeded order, never in a benign draw) the trigger's share
+#: outside the benign directions is measured on.
+PROBE_IMAGES = 256
+#: Each dataset's image side: a ``patch`` must divide it.
+IMAGE_SIDE = {"mnist": 28, "cifar10": 32}
 #: The defenses this experiment runs (the backdoor experiment's, less Neural Cleanse).
 ROW_SPACE_DEFENSES = ("jaxpurify", "ft", "fp", "anp", "universal")
 #: The judged jaxpurify variants and why each may fail (the verdict's reason).
@@ -115,6 +125,136 @@ def model_name(patches_per_image: int) -> str:
     return f"one-hidden-{patches_per_image}patch"
 
 
+def check_config(cfg: dict, dataset: str) -> None:
+    """Refuse, before any data is loaded or folder made, a configuration naming an unknown
+    jaxpurify variant, defense, universal variant or FT/FP recipe, or a ``patch`` that does
+    not tile the dataset's images (the error lists what there is)."""
+    B.refuse_unknown(cfg, (("variants", REASONS, "jaxpurify variants"),
+                           ("defenses", ROW_SPACE_DEFENSES, "defenses"),
+                           ("universal_variants", B.UNIVERSAL_VARIANTS, "universal variants")))
+    B.recipe_runs(cfg, dataset)
+    side = IMAGE_SIDE[dataset]
+    if side % (cfg["patch"] or side):
+        raise ValueError(f"patch={cfg['patch']} does not tile the {side}x{side} images; choose "
+                         f"a divisor of {side} (the image's side gives one patch per image)")
+
+
+def reasons_for(cfg: dict) -> dict:
+    """The judged variants of a configuration and why each may fail: the jaxpurify variants'
+    :data:`REASONS` and the universal unlearning's (when ``defenses`` names ``universal``)."""
+    return {**REASONS, **{v: B._VARIANT_WHY[v] for v in universal_variants(cfg)}}
+
+
+def universal_variants(cfg: dict) -> tuple:
+    """The universal unlearning variants a configuration runs (none unless ``defenses``
+    names ``universal``)."""
+    return tuple(cfg["universal_variants"]) if "universal" in cfg["defenses"] else ()
+
+
+class RowSpaceNetwork(NamedTuple):
+    """The one-hidden CNN of this experiment, its known init and how it is trained.
+
+    Attributes:
+        model: the :class:`~jaxpurify.models.OneHiddenLayerCNN` (``patch`` x ``patch``
+            patches, mean pooling).
+        init_params: ``w_0``, the seeded init training starts from (the defender knows it).
+        name: the rows' ``model`` (:func:`model_name`).
+        patches_per_image: non-overlapping patches per image.
+        filter_entries: entries of one augmented filter, ``patch * patch * channels + 1``.
+        train: ``train(x, y) -> params``, SGD with momentum from ``init_params``.
+    """
+
+    model: OneHiddenLayerCNN
+    init_params: dict
+    name: str
+    patches_per_image: int
+    filter_entries: int
+    train: Callable
+
+
+def network(cfg: dict, image_shape: tuple, seed: int) -> RowSpaceNetwork:
+    """The configuration's CNN for images of ``image_shape`` (height, width, channels),
+    initialized from ``PRNGKey(seed)`` and trained from there with ``PRNGKey(seed + 1)``."""
+    from jaxpurify.training import fit, sgd
+
+    height, width, channels = image_shape
+    patch = cfg["patch"] or height
+    model = OneHiddenLayerCNN(cfg["filters"], (patch, patch), num_classes=10, pool="mean")
+    w0 = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *image_shape)))["params"]
+    per_image = (height // patch) * (width // patch)
+
+    def train(x, y):
+        p, _ = fit(model, w0, jnp.asarray(x), jnp.asarray(y),
+                   optimizer=sgd(cfg["learning_rate"], momentum=cfg["momentum"]),
+                   steps=cfg["steps"], loss="cross_entropy", batch_size=cfg["batch_size"],
+                   key=jax.random.PRNGKey(seed + 1))
+        return jax.block_until_ready(p)
+
+    return RowSpaceNetwork(model, w0, model_name(per_image), per_image,
+                           patch * patch * channels + 1, train)
+
+
+def defend(net: RowSpaceNetwork, cfg: dict, dataset: str, params, xb, yb, *, budget: float,
+           attack: str, trigger, probe, evaluate, key) -> list[dict]:
+    """Every defense of ``cfg`` at one benign draw ``(xb, yb)``: one row each (``defense,
+    variant, budget, n_benign, acc, asr, seconds, details``; ``acc`` and ``asr`` ``None``
+    where a variant does not apply).
+
+    Args:
+        net: the network (:func:`network`); ``params`` its poisoned weights.
+        budget: the benign draw's share of the training set (the rows' ``budget``).
+        attack, trigger: the attack and its trigger (``trigger_outside_kept``, a diagnostic).
+        probe: clean training images outside every benign draw, for that diagnostic.
+        evaluate: ``evaluate(params) -> (acc, asr)`` on the test set.
+        key: the defenses' PRNG key.
+    """
+    model, filter_len, per_image = net.model, net.filter_entries, net.patches_per_image
+    rows = []
+
+    def add(defense, variant, q, info, **extra):
+        acc, asr = (None, None) if q is None else evaluate(q)
+        rows.append({"defense": defense, "variant": variant, "budget": budget,
+                     "n_benign": int(len(xb)), "acc": acc, "asr": asr,
+                     "seconds": 0.0 if info is None else info.seconds,
+                     "details": {**({} if info is None else B._details(info)), **extra}})
+
+    if "jaxpurify" in cfg["defenses"]:
+        rank = f"{min(per_image * len(xb), filter_len)}/{filter_len}"
+        for robust, variant in ((True, "benign-row-space"), (False, "benign-projection")):
+            if variant not in cfg["variants"]:
+                continue
+            if per_image * len(xb) + 1 >= filter_len:  # they span every direction
+                add("jaxpurify", variant, None, None, benign_patch_rank=rank)
+                continue
+            q, info = D.row_space_defense(model, params, xb, init_params=net.init_params,
+                                          robust=robust, max_iters=cfg["max_iters"])
+            extra = {k: info.details[k] for k in ("removed_energy", "fraction")
+                     if k in info.details}
+            if "fraction" in extra:
+                extra["removed_fraction"] = extra.pop("fraction")
+            add("jaxpurify", variant, q, info, benign_patch_rank=rank, **extra)
+        if "benign-principal" in cfg["variants"]:  # applies at every budget
+            q, info = D.principal_projection(model, params, xb, yb,
+                                             init_params=net.init_params)
+            outside_kept = trigger_outside_span(model, {attack: trigger}, xb, probe,
+                                                rank=info.details["rank"])[attack]
+            add("jaxpurify", "benign-principal", q, info, benign_patch_rank=rank,
+                **B.principal_details(info), trigger_outside_kept=outside_kept)
+    baselines = {"ft": D.fine_tune, "fp": D.fine_prune,
+                 "anp": functools.partial(D.anp, iterations=cfg["anp_iterations"])}
+    for defense, fn in baselines.items():
+        if defense in cfg["defenses"]:
+            add(defense, None, *fn(model, params, xb, yb, key=key))
+    for defense, name, fn, kw in B.recipe_runs(cfg, dataset):  # other published recipes
+        add(defense, name, *fn(model, params, xb, yb, key=key, **kw))
+    for variant in universal_variants(cfg):
+        add("universal", variant,
+            *AU.universal_unlearning(model, params, xb, key=key,
+                                     **B.UNIVERSAL_VARIANTS[variant],
+                                     **B._augmentation_for(net.name, dataset)))
+    return rows
+
+
 def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Path,
         seed: int = 0, **options) -> dict:
     """Run the experiment; see the module docstring. Returns the metrics.
@@ -126,74 +266,35 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
     """
     from tqdm.auto import tqdm
 
-    from experiments.backdoor import (
-        _VARIANT_WHY,
-        UNIVERSAL_VARIANTS,
-        _augmentation_for,
-        _details,
-        _plot,
-        _poisoning,
-        _poisoning_targets,
-        _write_tables,
-        principal_details,
-        recipe_runs,
-        refuse_unknown,
-    )
-    from jaxpurify import adversarial_unlearning as AU
-    from jaxpurify.models import OneHiddenLayerCNN
-    from jaxpurify.training import fit, sgd
-
     t_all = time.perf_counter()
     dataset = "cifar10" if name.endswith("cifar10") else "mnist"
     cfg = with_options(_config(dataset, quick), options)
-    refuse_unknown(cfg, (("variants", REASONS, "jaxpurify variants"),
-                         ("defenses", ROW_SPACE_DEFENSES, "defenses"),
-                         ("universal_variants", UNIVERSAL_VARIANTS, "universal variants")))
-    universal = cfg["universal_variants"] if "universal" in cfg["defenses"] else ()
-    reasons = {**REASONS, **{v: _VARIANT_WHY[v] for v in universal}}
-    recipes = recipe_runs(cfg, dataset)  # an unknown recipe fails before any training
-    data = _poisoning(dataset, cfg, seed)
+    check_config(cfg, dataset)  # an unknown name or a bad patch fails before anything runs
+    reasons = reasons_for(cfg)
+    data = B._poisoning(dataset, cfg, seed)
     x_tr, y_tr, x_te, y_te = data.x_tr, data.y_tr, data.x_te, data.y_te
     triggers, order, n = data.triggers, data.order, len(x_tr)
-    height, width, channels = x_tr.shape[1:]
-    patch = cfg["patch"] or height
-    if height % patch or width % patch:
-        raise ValueError(f"patch={patch} does not tile the {height}x{width} images; choose a "
-                         f"divisor of both (the image's side gives one patch per image)")
-    per_image = (height // patch) * (width // patch)  # patches per image
-    model_id = model_name(per_image)
-    model = OneHiddenLayerCNN(cfg["filters"], (patch, patch), num_classes=10, pool="mean")
-    w0 = model.init(jax.random.PRNGKey(seed), jnp.zeros((1,) + x_tr.shape[1:]))["params"]
-    filter_len = patch * patch * channels + 1
+    net = network(cfg, x_tr.shape[1:], seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    def train(x, y):
-        p, _ = fit(model, w0, jnp.asarray(x), jnp.asarray(y),
-                   optimizer=sgd(cfg["learning_rate"], momentum=cfg["momentum"]),
-                   steps=cfg["steps"], loss="cross_entropy", batch_size=cfg["batch_size"],
-                   key=jax.random.PRNGKey(seed + 1))
-        return jax.block_until_ready(p)
-
     def evaluate(p, attack):
-        return (A.accuracy(model, p, x_te, y_te),
-                A.attack_success_rate(model, p, x_te, y_te, TARGET, triggers[attack]))
+        return (A.accuracy(net.model, p, x_te, y_te),
+                A.attack_success_rate(net.model, p, x_te, y_te, TARGET, triggers[attack]))
 
     t = time.perf_counter()
-    w_clean = train(x_tr, y_tr)
+    w_clean = net.train(x_tr, y_tr)
     clean = {"seconds": time.perf_counter() - t}
     clean["acc"], clean["asr_badnets"] = evaluate(w_clean, "badnets")
     clean["asr_blended"] = evaluate(w_clean, "blended")[1]
 
-    baselines = {"ft": D.fine_tune, "fp": D.fine_prune,
-                 "anp": functools.partial(D.anp, iterations=cfg["anp_iterations"])}
-    baselines = {k: v for k, v in baselines.items() if k in cfg["defenses"]}
     # the triggers' shares outside each budget's benign span, on training images outside
     # every budget (the reason a trigger survives the projection or not)
-    probe, outside = x_tr[order[-256:]], {attack: {} for attack in triggers}
+    probe, outside = x_tr[order[-PROBE_IMAGES:]], {attack: {} for attack in triggers}
     for budget in cfg["budgets"]:
-        if per_image * (k := max(1, int(round(budget * n)))) + 1 < filter_len:
-            shares = trigger_outside_span(model, triggers, x_tr[order[:k]], probe)
+        k = B.benign_count(budget, n)
+        if net.patches_per_image * k + 1 < net.filter_entries:
+            shares = trigger_outside_span(net.model, triggers, x_tr[order[:k]], probe)
             for attack, share in shares.items():
                 outside[attack][str(budget)] = share
     key = jax.random.PRNGKey(seed + 11)
@@ -203,55 +304,17 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
     for attack, rate in settings:
         t = time.perf_counter()
         xp, yp = data.poison(attack, rate)
-        w_bd = train(xp, yp)
-        base = {"dataset": dataset, "model": model_id, "attack": attack, "poison_rate": rate}
+        w_bd = net.train(xp, yp)
+        base = {"dataset": dataset, "model": net.name, "attack": attack, "poison_rate": rate}
         acc, asr = evaluate(w_bd, attack)
         rs = [{**base, "defense": "none", "variant": None, "budget": 0.0, "n_benign": 0,
                "acc": acc, "asr": asr, "seconds": time.perf_counter() - t, "details": {}}]
         for budget in cfg["budgets"]:
-            idx = order[: max(1, int(round(budget * n)))]
-            xb, yb = x_tr[idx], y_tr[idx]
-
-            def add(defense, variant, q, info, xb=xb, budget=budget, attack=attack, rs=rs,
-                    base=base, **extra):
-                acc, asr = (None, None) if q is None else evaluate(q, attack)
-                rs.append({**base, "defense": defense, "variant": variant, "budget": budget,
-                           "n_benign": int(len(xb)), "acc": acc, "asr": asr,
-                           "seconds": 0.0 if info is None else info.seconds,
-                           "details": {**({} if info is None else _details(info)), **extra}})
-
-            if "jaxpurify" in cfg["defenses"]:
-                rank = f"{min(per_image * len(xb), filter_len)}/{filter_len}"
-                for robust, variant in ((True, "benign-row-space"),
-                                        (False, "benign-projection")):
-                    if variant not in cfg["variants"]:
-                        continue
-                    if per_image * len(xb) + 1 >= filter_len:  # they span every direction
-                        add("jaxpurify", variant, None, None, benign_patch_rank=rank)
-                        continue
-                    q, info = D.row_space_defense(model, w_bd, xb, init_params=w0,
-                                                  robust=robust, max_iters=cfg["max_iters"])
-                    extra = {k: info.details[k] for k in ("removed_energy", "fraction")
-                             if k in info.details}
-                    if "fraction" in extra:
-                        extra["removed_fraction"] = extra.pop("fraction")
-                    add("jaxpurify", variant, q, info, benign_patch_rank=rank, **extra)
-                if "benign-principal" in cfg["variants"]:  # applies at every budget
-                    q, info = D.principal_projection(model, w_bd, xb, yb, init_params=w0)
-                    r = info.details["rank"]
-                    outside_kept = trigger_outside_span(model, {attack: triggers[attack]}, xb,
-                                                        probe, rank=r)[attack]
-                    add("jaxpurify", "benign-principal", q, info, benign_patch_rank=rank,
-                        **principal_details(info), trigger_outside_kept=outside_kept)
-            for defense, fn in baselines.items():
-                add(defense, None, *fn(model, w_bd, xb, yb, key=key))
-            for defense, name, fn, kw in recipes:  # other published recipes (judged)
-                add(defense, name, *fn(model, w_bd, xb, yb, key=key, **kw))
-            for variant in universal:
-                add("universal", variant,
-                    *AU.universal_unlearning(model, w_bd, xb, key=key,
-                                             **UNIVERSAL_VARIANTS[variant],
-                                             **_augmentation_for(model_id, dataset)))
+            idx = order[:B.benign_count(budget, n)]
+            rs += [{**base, **r} for r in defend(
+                net, cfg, dataset, w_bd, x_tr[idx], y_tr[idx], budget=budget, attack=attack,
+                trigger=triggers[attack], probe=probe,
+                evaluate=functools.partial(evaluate, attack=attack), key=key)]
             bar.update()
         for r in rs:
             bar.write(f"[{attack} {100 * rate:g}%] {r['defense']:9s} {r['variant'] or '':17s} "
@@ -260,13 +323,14 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
                          f"{100 * r['acc']:.2f}% ASR {100 * r['asr']:.2f}%")
                       + f" ({r['seconds']:.1f} s)")
         rows += rs
-        targets += _poisoning_targets(model_id, attack, rate, rs,
-                                      clean_asr=clean[f"asr_{attack}"], reasons=reasons)
+        targets += B._poisoning_targets(net.name, attack, rate, rs,
+                                        clean_asr=clean[f"asr_{attack}"], reasons=reasons)
     bar.close()
     metrics = {
         "experiment": name, "dataset": dataset, "quick": quick, "seed": seed,
         "setup": {"train_size": n, "test_size": int(len(y_te)), "target": TARGET,
-                  "filter_entries": filter_len, "patches_per_image": per_image,
+                  "filter_entries": net.filter_entries,
+                  "patches_per_image": net.patches_per_image,
                   "trigger_outside_benign_span": outside,
                   "model_config": {k: (list(v) if isinstance(v, tuple) else v)
                                    for k, v in cfg.items()}},
@@ -275,8 +339,8 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
     }
     metrics["environment"] = environment(t_all)
     write_metrics(out, metrics)
-    tables = _write_tables(out, rows, targets, dataset)
-    _plot(rows, out / "backdoor.png", dataset)
+    tables = B._write_tables(out, rows, targets, dataset)
+    B._plot(rows, out / "backdoor.png", dataset)
     print()
     print(tables)
     for attack, shares in outside.items():

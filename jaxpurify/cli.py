@@ -33,6 +33,8 @@ EXPERIMENTS = {
     "backdoor-row-space-cifar10": "experiments.row_space_backdoor",
     "backdoor-repeats-mnist": "experiments.backdoor_repeats",
     "backdoor-repeats-cifar10": "experiments.backdoor_repeats",
+    "backdoor-repeats-row-space-mnist": "experiments.backdoor_repeats",
+    "backdoor-repeats-row-space-cifar10": "experiments.backdoor_repeats",
     "universal-shortcuts-mnist": "experiments.universal_shortcuts",
     "universal-shortcuts-cifar10": "experiments.universal_shortcuts",
 }

@@ -9,6 +9,7 @@ import pytest
 
 backdoor = pytest.importorskip("experiments.backdoor")
 repeats = pytest.importorskip("experiments.backdoor_repeats")
+row_space = pytest.importorskip("experiments.row_space_backdoor")
 
 TINY = dict(quick=True, train_limit=2000, test_limit=500)
 
@@ -132,3 +133,63 @@ def test_repeats_end_to_end_repeat_zero_equals_the_backdoor_experiment(tmp_path)
     ft = [(r["acc"], r["asr"]) for r in same["rows"] if r["defense"] == "ft"]
     assert ft == [numbers(grid["rows"])[("ft", None)]] * 2
     assert same["summary"][0]["acc_std"] == 0.0
+
+
+#: The row-space experiment's four-patch CNN on a small draw (1000 images, 100 SGD steps).
+ROW_SPACE = dict(name="backdoor-repeats-row-space-mnist", quick=True, patch=14,
+                 train_limit=1000, test_limit=500, steps=100)
+
+
+@pytest.mark.parametrize("option, match", [
+    ({"patch": 12}, "does not tile the 28x28 images"),
+    ({"defenses": ("ft", "nc")}, r"unknown defenses \['nc'\]"),
+    ({"variants": ("benign-typo",)}, "unknown jaxpurify variants"),
+    ({"attack": "weight-edit"}, "unknown attack"),
+    ({"budget": 1.5}, "fractions of the training set"),
+    ({"vary": ("bogus",)}, "vary must be a tuple"),
+])
+def test_bad_row_space_settings_are_refused_before_anything_runs(tmp_path, option, match):
+    with pytest.raises(ValueError, match=match):
+        repeats.run(out=tmp_path / "never", **{**ROW_SPACE, **option})
+    assert not (tmp_path / "never").exists()
+
+
+def test_row_space_repeat_zero_equals_the_row_space_experiment(tmp_path):
+    """The row-space source: repeat 0 is the row-space experiment's draw (the same rows,
+    bit for bit), fresh draws avoid its probe images, and its verdict judges the
+    row-space variants and the universal unlearning, not the backdoor experiment's set."""
+    kw = dict(ROW_SPACE, attack="blended", rate=0.1, budget=0.01,
+              defenses=("jaxpurify", "ft", "universal"),
+              variants=("benign-projection", "benign-principal"))
+    grid = row_space.run(out=tmp_path / "grid", **{
+        **{k: v for k, v in kw.items() if k not in ("attack", "rate", "budget")},
+        "name": "backdoor-row-space-mnist", "attacks": ("blended",), "rates": (0.1,),
+        "budgets": (0.01,)})
+    m = repeats.run(out=tmp_path / "rep", repeats=2, **kw)
+    assert m["setup"]["source"] == "row-space" and m["setup"]["patches_per_image"] == 4
+    assert {r["model"] for r in m["rows"]} == {"one-hidden-4patch"}
+
+    def numbers(rows, **match):
+        return {(r["defense"], r["variant"]): (r["acc"], r["asr"]) for r in rows
+                if all(r.get(k) == v for k, v in match.items())}
+
+    assert numbers(m["rows"], repeat=0) == numbers(grid["rows"])
+    assert [r["repeat"] for r in m["rows"] if r["budget"] == 0] == [0]
+    fresh = [r for r in m["rows"] if r["repeat"] == 1]
+    assert {r["benign_draw"] for r in fresh} == {"fresh 1"}
+    assert numbers(fresh) != numbers(m["rows"], repeat=0)
+    # the benign-row-space and -projection rows are judged here (not in the backdoor
+    # experiment), so is the universal unlearning; FT is what they are judged against
+    assert m["verdicts"]["judged"] == ["jaxpurify benign-principal",
+                                       "jaxpurify benign-projection",
+                                       "universal universal-targeted"]
+    assert "met" in m["verdicts"]
+    order = np.asarray(jax.random.permutation(jax.random.PRNGKey(7), 1000))
+    idx, _ = repeats.draws(order, 10, row_space.PROBE_IMAGES, 0, 1, ("benign", "key"))
+    assert not set(idx.tolist()) & set(order[-row_space.PROBE_IMAGES:].tolist())  # no probe
+    # re-judged from the stored rows (the source read back from setup): the same verdicts
+    stored = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    again = repeats.rejudge(tmp_path / "rep")
+    for field in ("rows", "summary", "verdicts"):
+        assert again[field] == stored[field]
+    assert "one-hidden-4patch blended 10%" in (tmp_path / "rep" / "tables.md").read_text()

@@ -112,3 +112,9 @@ def test_repeat_verdicts_tabulate_the_repeats_runs_beside_the_glance():
     assert "(ASR and ACC only: no FT or FP ran)" in report.repeat_verdicts(
         [("rep", no_baselines)], str)[-1]
     assert report.repeat_verdicts([("grid", {"targets": []})], str) == []
+    # a row-space run's config names no model: the rows' (by their patches) is shown
+    row_space = {**m, "setup": {"config": {k: v for k, v in m["setup"]["config"].items()
+                                           if k != "model"}},
+                 "rows": [{"model": "one-hidden-4patch", "defense": "none"}]}
+    assert "| mnist | one-hidden-4patch | badnets |" in report.repeat_verdicts(
+        [("rep", row_space)], str)[-1]
