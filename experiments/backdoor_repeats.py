@@ -32,7 +32,7 @@ run too, in how many no FT or FP row of the same repeat beats it on both
 on that repeat alone, is met. A diagnostic, not a verdict: the backdoor
 experiment's verdicts keep its own draw, and this run writes no ``targets``.
 
-Writes ``metrics.json`` (``rows``: the backdoor experiment's rows with ``repeat``,
+Writes ``metrics.json`` (``rows``: the grid experiment's rows with ``repeat``,
 ``benign_draw`` and ``key_draw``; ``summary``: one entry per defense row; ``verdicts``: in
 how many repeats some judged row meets the target, :func:`verdicts`), ``tables.md``
 and ``repeats.png`` (ASR against ACC drop, one point per repeat, the target's box shaded).
@@ -109,20 +109,21 @@ def _row_space_check(cfg: dict, dataset: str) -> None:
     _check_repeats(cfg)
 
 
-def draws(order: np.ndarray, count: int, edit_images: int, seed: int, repeat: int,
+def draws(order: np.ndarray, count: int, held_out: int, seed: int, repeat: int,
           vary) -> tuple[np.ndarray, jax.Array]:
     """Repeat ``repeat``'s benign indices and defense key.
 
-    Repeat 0, and every repeat for what ``vary`` leaves out, takes the backdoor experiment's:
+    Repeat 0, and every repeat for what ``vary`` leaves out, takes the grid experiment's:
     the first ``count`` indices of ``order`` and ``PRNGKey(seed + 11)``. A fresh benign draw
     is ``count`` indices of a permutation (keyed by ``seed`` and ``repeat``) of
-    ``order[:-edit_images]``, the images the weight-edit attacker does not hold; a fresh key
-    is ``fold_in(PRNGKey(seed + 11), repeat)``.
+    ``order[:-held_out]``, never the last ``held_out`` images (the weight-edit attacker's in
+    the backdoor experiment, the probe in the row-space one); a fresh key is
+    ``fold_in(PRNGKey(seed + 11), repeat)``.
     """
     key = jax.random.PRNGKey(seed + 11)
     idx = order[:count]
     if repeat and "benign" in vary:
-        pool = order[:len(order) - edit_images]
+        pool = order[:len(order) - held_out]
         pick = jax.random.permutation(jax.random.fold_in(jax.random.PRNGKey(seed + 7), repeat),
                                       len(pool))
         idx = pool[np.asarray(pick)[:count]]
@@ -232,7 +233,7 @@ def _tables(rows, summary, verdict, none, setting: str) -> str:
                      f"{cells[1]} | {100 * s['acc_drop_mean']:.2f} | "
                      f"{s['small_enough']} of {s['n']} | {met} |")
     lines += ["", "Every repeat (ACC / ASR in %; draws: the benign images and the key, "
-              "`grid` where they are the backdoor experiment's):", "",
+              "`grid` where they are the grid experiment's):", "",
               "| repeat | benign | key | defense | ACC / ASR | ACC drop (pt) | seconds |",
               "|---|---|---|---|---|---|---|"]
     for r in rows:
