@@ -28,6 +28,9 @@ triggers' sizes; ``summary``: per network and ball the smallest fraction at whic
 target's and any class's success reaches ``fool_level``), ``tables.md`` and
 ``shortcuts.png``. ``--set networks=DIR`` loads the networks the backdoor experiment
 stored there; ``--set "model='lenet5'"`` (or ``'small-vgg'``) measures the deep model.
+``universal-shortcuts-row-space-mnist|cifar10`` measures the row-space experiment's networks
+instead (:mod:`experiments.row_space_backdoor`: the one-hidden CNN trained by SGD from its
+known init; ``--set patch=14``, 16 on CIFAR-10, for four patches per image), trained again.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import backdoor as B
+from experiments import row_space_backdoor as R
 from experiments._common import environment, pyplot, save_fig, write_metrics
 from jaxpurify import adversarial_unlearning as AU
 from jaxpurify import attacks as A
@@ -58,11 +62,61 @@ def _config(dataset: str, quick: bool) -> dict:
     return cfg
 
 
-def _check(cfg: dict, dataset: str) -> None:
-    B.check_setting(cfg, dataset)
+def _row_space_config(dataset: str, quick: bool) -> dict:
+    """The row-space experiment's configuration (its SGD-trained one-hidden CNN; ``patch``
+    for four patches per image), one rate and budget instead of its grid."""
+    cfg = {k: v for k, v in R._config(dataset, quick).items() if k not in ("rates", "budgets")}
+    cfg.update(rate=0.1, budget=0.01, ascent_steps=50, fool_level=0.9)
+    return cfg
+
+
+def _check_attacks(cfg: dict) -> None:
     if isinstance(cfg["attacks"], str) or set(cfg["attacks"]) - set(B.DATA_ATTACKS):
         raise ValueError(f"attacks must be a tuple of {list(B.DATA_ATTACKS)}; got "
                          f"{cfg['attacks']!r}")
+
+
+def _check(cfg: dict, dataset: str) -> None:
+    B.check_setting(cfg, dataset)
+    _check_attacks(cfg)
+
+
+def _row_space_check(cfg: dict, dataset: str) -> None:
+    R.check_config(cfg, dataset)
+    B.check_fractions(cfg)
+    _check_attacks(cfg)
+
+
+def _backdoor_networks(cfg: dict, dataset: str, data, seed: int):
+    """The backdoor experiment's network (trained, or loaded from ``networks``): its module,
+    name, ``train(attack) -> (params, seconds)`` (``attack`` None: the clean network) and
+    what the setup records."""
+    model = B._Model(cfg["model"], dataset, cfg, data.x_tr.shape[1:])
+    networks = {"dir": str(cfg["networks"])}  # what each train() loaded or trained, added
+
+    def train(attack):
+        if attack is None:
+            return model.trained(data.x_tr, data.y_tr, seed, store=cfg["networks"],
+                                 record=networks)
+        xp, yp = data.poison(attack, cfg["rate"])
+        return model.trained(np.asarray(xp), np.asarray(yp), seed, store=cfg["networks"],
+                             poisoning=(attack, cfg["rate"]), record=networks)
+
+    return model.module, cfg["model"], train, {"networks": networks} if cfg["networks"] else {}
+
+
+def _row_space_networks(cfg: dict, dataset: str, data, seed: int):
+    """The row-space experiment's one-hidden CNN trained by SGD from its known init (the
+    same as :func:`_backdoor_networks` returns)."""
+    net = R.network(cfg, data.x_tr.shape[1:], seed)
+
+    def train(attack):
+        x, y = (data.x_tr, data.y_tr) if attack is None else data.poison(attack, cfg["rate"])
+        t = time.perf_counter()
+        return net.train(x, y), time.perf_counter() - t
+
+    return net.model, net.name, train, {"source": "row-space",
+                                        "patches_per_image": net.patches_per_image}
 
 
 def trigger_size(trigger, x) -> dict:
@@ -188,50 +242,45 @@ def run(*, name: str = "universal-shortcuts-mnist", quick: bool = False, out: Pa
 
     ``options`` override the configuration: ``model``, ``attacks``, ``rate``, ``budget``,
     ``ascent_steps``, ``fool_level`` and the backdoor experiment's training settings
-    (``networks``, ``train_limit``, ``steps``, ...).
+    (``networks``, ``train_limit``, ``steps``, ...); with ``row-space`` in ``name`` the
+    row-space experiment's (``patch``, ``steps``, ...) instead of ``model`` and those.
     """
     t_all = time.perf_counter()
-    dataset, cfg, out, data = B.start_setting(name, quick, out, seed, options, _config, _check)
-    x_tr, y_tr = data.x_tr, data.y_tr
+    row_space = "row-space" in name
+    config, check = (_row_space_config, _row_space_check) if row_space else (_config, _check)
+    dataset, cfg, out, data = B.start_setting(name, quick, out, seed, options, config, check)
+    x_tr = data.x_tr
     xb = jnp.asarray(x_tr[data.order[:B.benign_count(cfg["budget"], len(x_tr))]])
     key = jax.random.PRNGKey(seed + 11)  # the backdoor experiment's defense key
-    model = B._Model(cfg["model"], dataset, cfg, x_tr.shape[1:])
+    module, model_name, train, source = (_row_space_networks if row_space
+                                         else _backdoor_networks)(cfg, dataset, data, seed)
     triggers = {a: trigger_size(data.triggers[a], xb) for a in cfg["attacks"]}
-    rows, timings, networks, evaluated = [], {}, {}, {}
+    rows, timings, evaluated = [], {}, {}
     for attack in (None, *cfg["attacks"]):
-        if attack is None:
-            params, timings["train-clean"] = model.trained(x_tr, y_tr, seed,
-                                                           store=cfg["networks"],
-                                                           record=networks)
-        else:
-            xp, yp = data.poison(attack, cfg["rate"])
-            params, timings[f"train-{attack}"] = model.trained(
-                np.asarray(xp), np.asarray(yp), seed, store=cfg["networks"],
-                poisoning=(attack, cfg["rate"]), record=networks)
         trained = attack or "clean"
-        evaluated[trained] = {"acc": A.accuracy(model.module, params, data.x_te, data.y_te)}
+        params, timings[f"train-{trained}"] = train(attack)
+        evaluated[trained] = {"acc": A.accuracy(module, params, data.x_te, data.y_te)}
         for a in cfg["attacks"]:
             evaluated[trained][f"asr_{a}"] = A.attack_success_rate(
-                model.module, params, data.x_te, data.y_te, B.TARGET, data.triggers[a])
+                module, params, data.x_te, data.y_te, B.TARGET, data.triggers[a])
+
         def report(r, trained=trained):  # each candidate as it is measured (minutes apiece)
             print(f"[{trained}] {r['norm']} {r['fraction']:g}: toward {B.TARGET} "
                   f"{100 * r['target_success']:.1f}%, top class {r['top_class']} "
                   f"{100 * r['top_success']:.1f}% ({r['seconds']:.0f} s)", flush=True)
 
-        for r in shortcuts(model.module, params, xb, key, ascent_steps=cfg["ascent_steps"],
+        for r in shortcuts(module, params, xb, key, ascent_steps=cfg["ascent_steps"],
                            report=report):
-            rows.append({"dataset": dataset, "model": cfg["model"], "network": trained,
+            rows.append({"dataset": dataset, "model": model_name, "network": trained,
                          "poison_rate": None if attack is None else cfg["rate"], **r})
     summary = summarize(rows, cfg["fool_level"])
-    setting = (f"{dataset} {cfg['model']}, poison rate {cfg['rate']:g}, "
+    setting = (f"{dataset} {model_name}, poison rate {cfg['rate']:g}, "
                f"{len(xb)} benign images")
     metrics = {"experiment": name, "dataset": dataset, "quick": quick, "seed": seed,
-               "setup": {"model": cfg["model"], "attacks": list(cfg["attacks"]),
+               "setup": {"model": model_name, "attacks": list(cfg["attacks"]),
                          "rate": cfg["rate"], "budget": cfg["budget"], "n_benign": len(xb),
                          "target": B.TARGET, "ascent_steps": cfg["ascent_steps"],
-                         "fool_level": cfg["fool_level"],
-                         **({"networks": {"dir": str(cfg["networks"]), **networks}}
-                            if cfg["networks"] else {})},
+                         "fool_level": cfg["fool_level"], **source},
                "networks": evaluated, "triggers": triggers, "summary": summary, "rows": rows,
                "timings": timings,
                "seconds": time.perf_counter() - t_all}

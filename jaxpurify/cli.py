@@ -37,6 +37,8 @@ EXPERIMENTS = {
     "backdoor-repeats-row-space-cifar10": "experiments.backdoor_repeats",
     "universal-shortcuts-mnist": "experiments.universal_shortcuts",
     "universal-shortcuts-cifar10": "experiments.universal_shortcuts",
+    "universal-shortcuts-row-space-mnist": "experiments.universal_shortcuts",
+    "universal-shortcuts-row-space-cifar10": "experiments.universal_shortcuts",
 }
 
 #: ``purify --subspace`` choices (see :mod:`jaxpurify.subspaces`).

@@ -89,3 +89,27 @@ def test_a_bad_setting_is_refused_before_anything_loads(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
         shortcuts.run(name="universal-shortcuts-mnist", quick=True, out=tmp_path, **bad)
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_the_row_space_source_measures_the_row_space_experiments_networks(tmp_path):
+    """``universal-shortcuts-row-space-*`` trains the row-space experiment's SGD networks
+    (here four patches per image): the same networks that experiment measures, to the digit."""
+    from experiments import row_space_backdoor
+
+    small = dict(quick=True, patch=14, train_limit=1000, test_limit=500, steps=100)
+    metrics = shortcuts.run(name="universal-shortcuts-row-space-mnist", out=tmp_path / "s",
+                            ascent_steps=5, attacks=("badnets",), **small)
+    assert metrics["setup"]["model"] == "one-hidden-4patch"
+    assert metrics["setup"]["source"] == "row-space"
+    assert {r["model"] for r in metrics["rows"]} == {"one-hidden-4patch"}
+    assert len(metrics["rows"]) == 2 * (len(AU.RADIUS_FRACTIONS) + len(AU.SPARSE_RADIUS_FRACTIONS))
+    grid = row_space_backdoor.run(name="backdoor-row-space-mnist", out=tmp_path / "g",
+                                  defenses=("ft",), rates=(0.1,), budgets=(0.01,), **small)
+    none = next(r for r in grid["rows"] if r["defense"] == "none")
+    assert metrics["networks"]["badnets"] == {"acc": none["acc"], "asr_badnets": none["asr"]}
+    assert metrics["networks"]["clean"] == {"acc": grid["clean"]["acc"],
+                                            "asr_badnets": grid["clean"]["asr_badnets"]}
+    with pytest.raises(ValueError, match="does not tile the 28x28 images"):
+        shortcuts.run(name="universal-shortcuts-row-space-mnist", out=tmp_path / "never",
+                      **{**small, "patch": 12})
+    assert not (tmp_path / "never").exists()
