@@ -36,7 +36,9 @@ known init; ``--set patch=14``, 16 on CIFAR-10, for four patches per image), tra
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -87,10 +89,25 @@ def _row_space_check(cfg: dict, dataset: str) -> None:
     _check_attacks(cfg)
 
 
-def _backdoor_networks(cfg: dict, dataset: str, data, seed: int):
-    """The backdoor experiment's network (trained, or loaded from ``networks``): its module,
-    name, ``train(attack) -> (params, seconds)`` (``attack`` None: the clean network) and
-    what the setup records."""
+class _Networks(NamedTuple):
+    """Where the measured networks come from.
+
+    Attributes:
+        module: the model (every network is this model with other params).
+        name: the rows' ``model``.
+        train: ``train(attack) -> (params, seconds)``: the network poisoned by ``attack`` at
+            the configuration's rate, or the clean one for ``attack`` None.
+        setup: what ``metrics["setup"]`` adds for this source.
+    """
+
+    module: object
+    name: str
+    train: Callable
+    setup: dict
+
+
+def _backdoor_networks(cfg: dict, dataset: str, data, seed: int) -> _Networks:
+    """The backdoor experiment's networks (trained, or loaded from ``networks``)."""
     model = B._Model(cfg["model"], dataset, cfg, data.x_tr.shape[1:])
     networks = {"dir": str(cfg["networks"])}  # what each train() loaded or trained, added
 
@@ -102,12 +119,12 @@ def _backdoor_networks(cfg: dict, dataset: str, data, seed: int):
         return model.trained(np.asarray(xp), np.asarray(yp), seed, store=cfg["networks"],
                              poisoning=(attack, cfg["rate"]), record=networks)
 
-    return model.module, cfg["model"], train, {"networks": networks} if cfg["networks"] else {}
+    return _Networks(model.module, cfg["model"], train,
+                     {"networks": networks} if cfg["networks"] else {})
 
 
-def _row_space_networks(cfg: dict, dataset: str, data, seed: int):
-    """The row-space experiment's one-hidden CNN trained by SGD from its known init (the
-    same as :func:`_backdoor_networks` returns)."""
+def _row_space_networks(cfg: dict, dataset: str, data, seed: int) -> _Networks:
+    """The row-space experiment's one-hidden CNN, trained by SGD from its known init."""
     net = R.network(cfg, data.x_tr.shape[1:], seed)
 
     def train(attack):
@@ -115,8 +132,8 @@ def _row_space_networks(cfg: dict, dataset: str, data, seed: int):
         t = time.perf_counter()
         return net.train(x, y), time.perf_counter() - t
 
-    return net.model, net.name, train, {"source": "row-space",
-                                        "patches_per_image": net.patches_per_image}
+    return _Networks(net.model, net.name, train,
+                     {"source": "row-space", "patches_per_image": net.patches_per_image})
 
 
 def trigger_size(trigger, x) -> dict:
@@ -252,13 +269,13 @@ def run(*, name: str = "universal-shortcuts-mnist", quick: bool = False, out: Pa
     x_tr = data.x_tr
     xb = jnp.asarray(x_tr[data.order[:B.benign_count(cfg["budget"], len(x_tr))]])
     key = jax.random.PRNGKey(seed + 11)  # the backdoor experiment's defense key
-    module, model_name, train, source = (_row_space_networks if row_space
-                                         else _backdoor_networks)(cfg, dataset, data, seed)
+    nets = (_row_space_networks if row_space else _backdoor_networks)(cfg, dataset, data, seed)
+    module, model_name = nets.module, nets.name
     triggers = {a: trigger_size(data.triggers[a], xb) for a in cfg["attacks"]}
     rows, timings, evaluated = [], {}, {}
     for attack in (None, *cfg["attacks"]):
         trained = attack or "clean"
-        params, timings[f"train-{trained}"] = train(attack)
+        params, timings[f"train-{trained}"] = nets.train(attack)
         evaluated[trained] = {"acc": A.accuracy(module, params, data.x_te, data.y_te)}
         for a in cfg["attacks"]:
             evaluated[trained][f"asr_{a}"] = A.attack_success_rate(
@@ -280,7 +297,7 @@ def run(*, name: str = "universal-shortcuts-mnist", quick: bool = False, out: Pa
                "setup": {"model": model_name, "attacks": list(cfg["attacks"]),
                          "rate": cfg["rate"], "budget": cfg["budget"], "n_benign": len(xb),
                          "target": B.TARGET, "ascent_steps": cfg["ascent_steps"],
-                         "fool_level": cfg["fool_level"], **source},
+                         "fool_level": cfg["fool_level"], **nets.setup},
                "networks": evaluated, "triggers": triggers, "summary": summary, "rows": rows,
                "timings": timings,
                "seconds": time.perf_counter() - t_all}
