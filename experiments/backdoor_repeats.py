@@ -293,13 +293,12 @@ class _Setting(NamedTuple):
             undefended one (``seconds``: the training's) and any data-free ones with
             ``budget`` 0 (kept from repeat 0 only).
         held_out: images at the end of the seeded order no fresh draw takes.
-        judged: the variants the grid experiment's verdict judges.
-        setup: what ``metrics["setup"]`` adds for this source.
+        setup: what ``metrics["setup"]`` adds for this source (its ``source`` decides
+            which variants the verdict judges, :func:`_judged_variants`).
     """
 
     defend: Callable
     held_out: int
-    judged: Collection[str]
     setup: dict
 
 
@@ -332,7 +331,7 @@ def _backdoor_setting(cfg: dict, dataset: str, data, seed: int) -> _Setting:
         return rs
 
     setup = {"networks": {"dir": str(cfg["networks"]), **networks}} if cfg["networks"] else {}
-    return _Setting(defend, cfg["edit_images"], B._VARIANT_WHY, setup)
+    return _Setting(defend, cfg["edit_images"], setup)
 
 
 def _row_space_setting(cfg: dict, dataset: str, data, seed: int) -> _Setting:
@@ -361,7 +360,7 @@ def _row_space_setting(cfg: dict, dataset: str, data, seed: int) -> _Setting:
 
     setup = {"source": ROW_SPACE, "filter_entries": net.filter_entries,
              "patches_per_image": net.patches_per_image}
-    return _Setting(defend, R.PROBE_IMAGES, R.reasons_for(cfg), setup)
+    return _Setting(defend, R.PROBE_IMAGES, setup)
 
 
 def run(*, name: str = "backdoor-repeats-mnist", quick: bool = False, out: Path,
@@ -411,6 +410,15 @@ def run(*, name: str = "backdoor-repeats-mnist", quick: bool = False, out: Path,
     return metrics
 
 
+def _judged_variants(setup: dict) -> Collection[str]:
+    """The variants the grid experiment's verdict judges, for a run's ``setup``: the
+    row-space experiment's (:func:`experiments.row_space_backdoor.reasons_for` its
+    configuration) or the backdoor experiment's."""
+    if setup.get("source") == ROW_SPACE:
+        return R.reasons_for(setup["config"])
+    return B._VARIANT_WHY
+
+
 def _judge_and_write(out: Path, metrics: dict) -> None:
     """Judge ``metrics["rows"]`` (in place: the rows' marks, ``summary``, ``verdicts``) and
     write ``tables.md`` and ``repeats.png``."""
@@ -418,8 +426,8 @@ def _judge_and_write(out: Path, metrics: dict) -> None:
     for r in rows:  # judged afresh
         for mark in ("small_enough", "judged", "not_beaten"):
             r.pop(mark, None)
-    setup, cfg = metrics["setup"], metrics["setup"]["config"]
-    judged = R.reasons_for(cfg) if setup.get("source") == ROW_SPACE else B._VARIANT_WHY
+    setup = metrics["setup"]
+    cfg, judged = setup["config"], _judged_variants(setup)
     judge_repeats(rows, judged)
     metrics["summary"] = summarize(rows)
     metrics["verdicts"] = verdicts(rows, judged)
