@@ -104,8 +104,7 @@ def _check(cfg: dict, dataset: str) -> None:
 
 
 def _row_space_check(cfg: dict, dataset: str) -> None:
-    R.check_config(cfg, dataset)
-    B.check_fractions(cfg)
+    R.check_setting(cfg, dataset)
     _check_repeats(cfg)
 
 
@@ -279,11 +278,6 @@ def _plot(rows, none, out: Path, setting: str) -> Path:
     return save_fig(fig, out, "repeats.png")
 
 
-#: What a name holding this runs on: the row-space experiment's networks, not the backdoor
-#: experiment's (``backdoor-repeats-row-space-mnist``).
-ROW_SPACE = "row-space"
-
-
 class _Setting(NamedTuple):
     """One setting's poisoned network, ready to be defended on any benign draw.
 
@@ -358,7 +352,7 @@ def _row_space_setting(cfg: dict, dataset: str, data, seed: int) -> _Setting:
             net, cfg, dataset, params, x_tr[idx], y_tr[idx], budget=cfg["budget"],
             attack=cfg["attack"], trigger=trigger, probe=probe, evaluate=evaluate, key=key)]
 
-    setup = {"source": ROW_SPACE, "filter_entries": net.filter_entries,
+    setup = {"source": R.SOURCE, "filter_entries": net.filter_entries,
              "patches_per_image": net.patches_per_image}
     return _Setting(defend, R.PROBE_IMAGES, setup)
 
@@ -374,7 +368,7 @@ def run(*, name: str = "backdoor-repeats-mnist", quick: bool = False, out: Path,
     ``universal_variants``, ``steps``, ...) instead of ``model`` and the backdoor ones.
     """
     t_all = time.perf_counter()
-    row_space = ROW_SPACE in name
+    row_space = R.SOURCE in name
     config, check = (_row_space_config, _row_space_check) if row_space else (_config, _check)
     dataset, cfg, out, data = B.start_setting(name, quick, out, seed, options, config, check)
     count = B.benign_count(cfg["budget"], len(data.x_tr))
@@ -414,7 +408,7 @@ def _judged_variants(setup: dict) -> Collection[str]:
     """The variants the grid experiment's verdict judges, for a run's ``setup``: the
     row-space experiment's (:func:`experiments.row_space_backdoor.reasons_for` its
     configuration) or the backdoor experiment's."""
-    if setup.get("source") == ROW_SPACE:
+    if setup.get("source") == R.SOURCE:
         return R.reasons_for(setup["config"])
     return B._VARIANT_WHY
 

@@ -57,6 +57,9 @@ TARGET = 0
 #: The probe images (the last of the seeded order, never in a benign draw) the trigger's share
 #: outside the benign directions is measured on.
 PROBE_IMAGES = 256
+#: What an experiment name holds when it runs on this experiment's networks
+#: (``backdoor-repeats-row-space-mnist``), and the ``setup.source`` its metrics record.
+SOURCE = "row-space"
 #: Each dataset's image side: a ``patch`` must divide it.
 IMAGE_SIDE = {"mnist": 28, "cifar10": 32}
 #: The defenses this experiment runs (the backdoor experiment's, less Neural Cleanse).
@@ -137,6 +140,14 @@ def check_config(cfg: dict, dataset: str) -> None:
     if side % (cfg["patch"] or side):
         raise ValueError(f"patch={cfg['patch']} does not tile the {side}x{side} images; choose "
                          f"a divisor of {side} (the image's side gives one patch per image)")
+
+
+def check_setting(cfg: dict, dataset: str) -> None:
+    """:func:`check_config` for a one-setting experiment on these networks
+    (``backdoor-repeats-row-space-*``, ``universal-shortcuts-row-space-*``), whose ``rate``
+    and ``budget`` must also be fractions in (0, 1)."""
+    check_config(cfg, dataset)
+    B.check_fractions(cfg)
 
 
 def reasons_for(cfg: dict) -> dict:

@@ -84,8 +84,7 @@ def _check(cfg: dict, dataset: str) -> None:
 
 
 def _row_space_check(cfg: dict, dataset: str) -> None:
-    R.check_config(cfg, dataset)
-    B.check_fractions(cfg)
+    R.check_setting(cfg, dataset)
     _check_attacks(cfg)
 
 
@@ -133,7 +132,7 @@ def _row_space_networks(cfg: dict, dataset: str, data, seed: int) -> _Networks:
         return net.train(x, y), time.perf_counter() - t
 
     return _Networks(net.model, net.name, train,
-                     {"source": "row-space", "patches_per_image": net.patches_per_image})
+                     {"source": R.SOURCE, "patches_per_image": net.patches_per_image})
 
 
 def trigger_size(trigger, x) -> dict:
@@ -263,7 +262,7 @@ def run(*, name: str = "universal-shortcuts-mnist", quick: bool = False, out: Pa
     row-space experiment's (``patch``, ``steps``, ...) instead of ``model`` and those.
     """
     t_all = time.perf_counter()
-    row_space = "row-space" in name
+    row_space = R.SOURCE in name
     config, check = (_row_space_config, _row_space_check) if row_space else (_config, _check)
     dataset, cfg, out, data = B.start_setting(name, quick, out, seed, options, config, check)
     x_tr = data.x_tr
