@@ -21,6 +21,12 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import NamedTuple
+
+#: The page, and its section, that gives the measured reason for every missed backdoor
+#: verdict (linked from the glance; ``tests/test_docs.py`` keeps it complete).
+REASONS = Path(__file__).resolve().parents[1] / "docs" / "backdoors.md"
+REASONS_ANCHOR = "every-missed-verdict-and-its-reason"
 
 START = "<!-- results:start -->"
 END = "<!-- results:end -->"
@@ -212,18 +218,46 @@ def _why_missed(t: dict) -> str:
     return "missed: " + ("; ".join(parts) or "see the run")
 
 
-def backdoor_targets(runs: list[tuple[str, dict]]) -> list[str]:
-    """Every backdoor run's verdicts in two tables, data poisoning then weight edits.
+class Verdicts(NamedTuple):
+    """The backdoor runs' verdicts as the glance tables count them.
 
-    ``runs`` holds ``(name, metrics)`` pairs; a verdict is an entry of ``metrics["targets"]``
-    with ``poison_rate`` (data poisoning: the best judged defense at the 1% budget against
-    the undefended network) or ``k`` (a weight edit: recovery without data against the clean
-    network). A verdict that several runs hold (a merged run and its source) is one row
-    naming every run; each run links to its section, where the reasons are.
+    Attributes:
+        data: data-poisoning rows, ``(sort key, cells) -> runs holding it``; a verdict that
+            several runs hold (a merged run and its source) is one row. ``cells[-1]`` is
+            ``"met"`` or says which part of the target is missed.
+        edits: weight edits, ``(dataset, model, clean cell, run) -> {k: cell}``; a cell ends
+            in ``"met"`` or ``"**missed**"``.
+        ks: every edit count ``k`` seen.
+    """
+
+    data: dict
+    edits: dict
+    ks: set
+
+    def missed_runs(self) -> set[str]:
+        """The runs holding at least one missed verdict of either kind."""
+        return ({n for (_, cells), names in self.data.items() if cells[-1] != "met"
+                 for n in names}
+                | {run for (*_, run), row in self.edits.items()
+                   if any(not c.endswith(" met") for c in row.values())})
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """``{"data": (met, total), "edits": (met, total)}``."""
+        cells = [c for row in self.edits.values() for c in row.values()]
+        return {"data": (sum(cells[-1] == "met" for (_, cells) in self.data), len(self.data)),
+                "edits": (sum(c.endswith(" met") for c in cells), len(cells))}
+
+
+def collect_verdicts(runs: list[tuple[str, dict]]) -> Verdicts:
+    """Every verdict of ``runs`` (``(name, metrics)`` pairs).
+
+    A verdict is an entry of ``metrics["targets"]`` with ``poison_rate`` (data poisoning: the
+    best judged defense at the 1% budget against the undefended network) or ``k`` (a weight
+    edit: recovery without data against the clean network).
     """
     order = {"badnets": 0, "blended": 1}
-    data: dict[tuple, list] = {}   # row cells (without runs) -> runs holding it
-    edits: dict[tuple, dict] = {}  # (dataset, model, clean cell, run) -> {k: cell}
+    data: dict[tuple, list] = {}
+    edits: dict[tuple, dict] = {}
     ks: set[int] = set()
     for name, m in runs:
         dataset = m.get("dataset") or m.get("experiment", "?").rsplit("-", 1)[-1]
@@ -243,6 +277,15 @@ def backdoor_targets(runs: list[tuple[str, dict]]) -> list[str]:
                 edits.setdefault((dataset, t["model"], clean, name), {})[t["k"]] = (
                     f"{100 * t['acc']:.2f} / {100 * t['asr']:.2f} "
                     + ("met" if t["met"] else "**missed**"))
+    return Verdicts(data, edits, ks)
+
+
+def backdoor_targets(runs: list[tuple[str, dict]], reasons: str | None = None) -> list[str]:
+    """Every backdoor run's verdicts (:func:`collect_verdicts`) in two tables, data poisoning
+    then weight edits; each run links to its section. ``reasons``: a link to the page that
+    gives the measured reason for every miss (:data:`REASONS`), when there is one."""
+    verdicts = collect_verdicts(runs)
+    data, edits, ks = verdicts
     if not data and not edits:
         return []
 
@@ -250,11 +293,13 @@ def backdoor_targets(runs: list[tuple[str, dict]]) -> list[str]:
         return ", ".join(f"[{n}](#{n})" for n in names)
 
     lines = ["### Backdoor targets at a glance", "",
-             "Every verdict of the backdoor runs below (ACC / ASR in %); the reasons are in "
-             "each run's Targets list."]
+             "Every verdict of the backdoor runs below (ACC / ASR in %); which part of its "
+             "target a verdict misses is in its row and in its run's Targets list"
+             + (f", and why, as measured, in [{REASONS.parent.name}/{REASONS.name}]({reasons})."
+                if reasons else ".")]
     if data:
-        met = sum(cells[-1] == "met" for (_, cells) in data)
-        lines += ["", f"**Data poisoning** ({met} of {len(data)} met): ASR below 5% with an "
+        met, total = verdicts.counts()["data"]
+        lines += ["", f"**Data poisoning** ({met} of {total} met): ASR below 5% with an "
                   "ACC drop below 2 pt at the 1% budget, and neither FT nor FP better on both; "
                   "each row is the judged defense (jaxpurify's variants, NC's consistency, the "
                   "universal unlearning) the verdict picked: one that meets it, else the "
@@ -264,10 +309,9 @@ def backdoor_targets(runs: list[tuple[str, dict]]) -> list[str]:
                         [[*cells, link(names)] for (_, cells), names in sorted(data.items())])
     lines += repeat_verdicts(runs, link)
     if edits:
-        cells = [c for row in edits.values() for c in row.values()]
-        met = sum(c.endswith(" met") for c in cells)
+        met, total = verdicts.counts()["edits"]
         ks_sorted = sorted(ks)
-        lines += ["", f"**Weight edits** ({met} of {len(cells)} met): recovery without data "
+        lines += ["", f"**Weight edits** ({met} of {total} met): recovery without data "
                   "brings ASR back to the clean network's (+1 pt) and ACC within 0.1 pt of it; "
                   "each cell is the recovered network.", ""]
         lines += _table(["dataset", "model", "clean", *[f"k = {k}" for k in ks_sorted], "run"],
@@ -369,7 +413,9 @@ def render(runs_dir: Path, readme_dir: Path) -> str:
             metrics[run_dir] = json.loads((run_dir / "metrics.json").read_text())
         except (OSError, ValueError):
             pass  # render_run reads it again and the error is reported in its place
-    lines += backdoor_targets([(d.name, m) for d, m in metrics.items()])
+    reasons = (Path(os.path.relpath(REASONS, readme_dir)).as_posix() + "#" + REASONS_ANCHOR
+               if REASONS.is_file() else None)
+    lines += backdoor_targets([(d.name, m) for d, m in metrics.items()], reasons)
     for run_dir in runs:
         try:
             lines += render_run(run_dir, readme_dir, metrics.get(run_dir))
