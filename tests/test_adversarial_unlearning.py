@@ -252,6 +252,48 @@ def test_the_rechecked_radius_runs_the_fixed_rounds_until_the_shortcut_is_gone(p
     assert info.details["schedule"][1] == [d["radius"], d["targets"]]
 
 
+def test_until_fooled_distills_in_passes_until_the_found_shortcut_is_unlearned(poisoned,
+                                                                              monkeypatch):
+    """``until_fooled``: each round distills its perturbations in passes of ``steps``, every
+    pass from where the last ended and with its own key, until they move at most the level
+    of the benign images or ``max_passes`` ran; where one pass reaches the level the network
+    is the one-pass round's, bit for bit."""
+    m, w, xb, *_ = poisoned
+    kw = dict(norm="l1", radius_fractions=(0.05, 0.1, 0.2, 0.4, 0.8), hflip=False, crop=0,
+              steps=20, learning_rate=1e-2, rounds=2)
+    one, one_info = AU.universal_unlearning(m, w, xb, **kw)
+    calls, distill = [], AU.distill
+
+    def spy(model, params, *args, key, **kwargs):
+        out = distill(model, params, *args, key=key, **kwargs)
+        calls.append((params, out[0], key))
+        return out
+
+    monkeypatch.setattr(AU, "distill", spy)
+    # a level every round reaches in one pass: the one-pass rounds exactly
+    q, info = AU.universal_unlearning(m, w, xb, until_fooled=0.999, **kw)
+    d = info.details
+    assert d["passes"] == [1, 1] and d["until_fooled"] == 0.999 and len(calls) == 2
+    assert all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(jnp.array_equal, q, one)))
+    assert d["fooled"] == one_info.details["fooled"]
+    # passes too short to reach the level: max_passes per round, each continuing the last
+    calls.clear()
+    short = {**kw, "steps": 5, "learning_rate": 3e-3}
+    q, info = AU.universal_unlearning(m, w, xb, until_fooled=0.0, max_passes=3, **short)
+    d = info.details
+    assert d["passes"] == [3, 3] and len(calls) == 6 and min(f for _, f in d["fooled"]) > 0
+    first = calls[:d["passes"][0]]
+    for (_, out, _), (start, _, _) in itertools.pairwise(first):
+        assert all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(jnp.array_equal, out,
+                                                                    start)))
+    k_unlearn = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(0), 0))[1]
+    assert [np.asarray(k).tolist() for *_, k in first] == [
+        np.asarray(k_unlearn if p == 0 else jax.random.fold_in(k_unlearn, p)).tolist()
+        for p in range(len(first))]
+    assert all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(jnp.array_equal, q,
+                                                                calls[-1][1])))
+
+
 def test_a_climbing_rule_s_perturbations_are_reused_only_where_they_are_the_round_s(
         poisoned, monkeypatch):
     """A later round's rule asked of exactly the targets it then unlearns (``retarget=False``)
@@ -392,6 +434,11 @@ def test_arguments_are_checked(poisoned):
         AU.universal_unlearning(m, w, xb, norm=("l2", "l1"), ball_weighting="sum")
     with pytest.raises(ValueError, match="radius_schedule"):
         AU.universal_unlearning(m, w, xb, radius_schedule="grow")
+    for level in (1.0, -0.1, np.nan):
+        with pytest.raises(ValueError, match="until_fooled"):
+            AU.universal_unlearning(m, w, xb, until_fooled=level)
+    with pytest.raises(ValueError, match="max_passes"):
+        AU.universal_unlearning(m, w, xb, until_fooled=0.1, max_passes=0)
     with pytest.raises(ValueError, match="radius=None"):
         AU.universal_unlearning(m, w, xb, radius=1.0, radius_schedule="climb")
     with pytest.raises(ValueError, match="one ball"):

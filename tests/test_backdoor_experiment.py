@@ -744,6 +744,13 @@ def test_universal_unlearning_runs_end_to_end_and_is_judged(tmp_path):
                    for step, radius in zip(steps if "balls" in d else [steps], radii,
                                            strict=True))
     assert "rule asked again each round at its last radius" in tables
+    for name in backdoor.UNLEARNED:  # each round distilled until its shortcut is unlearned
+        d, rechecked = (rows[f"{name}-unlearned"]["details"], rows[name]["details"])
+        assert d["until_fooled"] == backdoor.UNTIL_FOOLED and len(d["passes"]) == d["rounds"]
+        assert all(after <= backdoor.UNTIL_FOOLED or passes == 10
+                   for (_, after), passes in zip(d["fooled"], d["passes"], strict=True))
+        assert d["fooled"][0][0] == rechecked["fooled"][0][0]  # round 1 unlearns the same
+    assert "(distilled until at most 5%: " in tables
     assert "a fresh one at the end" in tables
     (t,) = metrics["targets"]
     assert t["defense"] == "universal" and "universal/universal-" in t["reason"]
