@@ -133,8 +133,9 @@ UNIVERSAL_VARIANTS.update({f"{name}-recheck": {**UNIVERSAL_VARIANTS[name],
 #: The level the ``-unlearned`` variants distill each round's perturbations down to: the
 #: issue's 5% ASR line, asked of the found perturbations on the benign images (the share they
 #: still move). Named in stop 55, after stop 54's probes had read the test ASR of longer
-#: unlearning on four BadNets 10% networks (more steps helped the SGD-trained MNIST CNNs and
-#: hurt LeNet-5 and the designed MNIST CNN), and fixed in code before any grid run of it.
+#: unlearning on five BadNets 10% networks (more steps helped the SGD-trained MNIST CNNs, hurt
+#: LeNet-5 and the designed MNIST CNN, and did nothing on the four-patch CIFAR-10 CNN), and
+#: fixed in code before any grid run of it.
 UNTIL_FOOLED = 0.05
 #: The recheck variants that also run as ``{name}-unlearned``: each round distills until its
 #: perturbations move at most :data:`UNTIL_FOOLED` of the benign images (at most ten passes of
