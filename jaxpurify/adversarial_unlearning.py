@@ -567,13 +567,12 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
         offsets = jnp.concatenate([f.delta for f in found])
         if mirror:
             offsets = jnp.concatenate([offsets, offsets[:, :, ::-1]])
-        zeros = jnp.zeros(offsets.shape[:3] + (1,), x.dtype)
+        stamps = (jnp.zeros(offsets.shape[:3] + (1,), x.dtype), jnp.zeros_like(offsets),
+                  offsets)  # no mask, no pattern: the perturbations added
         for p in range(1 if until_fooled is None else int(max_passes)):
             current, _ = distill(model, current, x, teacher=deployed, steps=steps,
                                  learning_rate=learning_rate, batch_size=batch_size,
-                                 hflip=hflip, crop=crop,
-                                 stamps=(zeros, jnp.zeros_like(offsets), offsets),
-                                 stamp_weight=weights,
+                                 hflip=hflip, crop=crop, stamps=stamps, stamp_weight=weights,
                                  key=k_unlearn if p == 0 else jax.random.fold_in(k_unlearn, p))
             labels = _predictions(apply, current, x)
             after = float(np.mean(np.concatenate(

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_readme import anchor
+
 report = pytest.importorskip("experiments._report")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,8 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _reasons_section() -> str:
     text = report.REASONS.read_text()
-    headings = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-"): h
-                for h in re.findall(r"^## (.+)$", text, re.M)}
+    headings = {anchor(h): h for h in re.findall(r"^## (.+)$", text, re.M)}
     assert report.REASONS_ANCHOR in headings, "the reasons section is gone or renamed"
     start = text.index("## " + headings[report.REASONS_ANCHOR])
     end = text.find("\n## ", start + 3)

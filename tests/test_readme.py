@@ -28,10 +28,13 @@ def test_backdoor_example_runs_and_restores_the_clean_network(capsys):
         assert set(ns[name]) == set(ns["w_clean"])
 
 
+def anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
 def _anchors(page: Path) -> set[str]:
-    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
-    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
-            for heading in re.findall(r"^#+ (.+)$", page.read_text(), re.M)}
+    return {anchor(heading) for heading in re.findall(r"^#+ (.+)$", page.read_text(), re.M)}
 
 
 def test_relative_links_point_at_files_and_headings_that_exist():
