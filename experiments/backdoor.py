@@ -16,7 +16,9 @@ recovery in the designed subspace; with data, plus fine-tuning of the codes; and
 also ``benign-principal`` on the one-hidden CNN and ``benign-layer-principal`` on the deep
 models, the updates projected onto the leading principal directions of the benign patches,
 layer by layer on the deep models: :func:`jaxpurify.defenses.layer_principal_projection`,
-and ``benign-layer-principal+ft``, that projection followed by the FT recipe),
+and ``benign-layer-principal+ft``, that projection followed by the FT recipe, and
+``benign-principal+universal`` and ``benign-layer-principal+universal``, each projection
+followed by the universal unlearning :data:`THEN_UNLEARNED` toward the projected network),
 ``ft`` (fine-tuning), ``fp`` (fine-pruning), ``anp`` (adversarial neuron pruning: the
 reference's mask threshold 0.2, and variant ``benign-stop``, the same mask pruned as deep as
 benign accuracy allows) and ``nc`` (Neural Cleanse, :mod:`jaxpurify.trigger_inversion`: one
@@ -145,12 +147,23 @@ UNIVERSAL_VARIANTS.update({f"{name}-unlearned": {**UNIVERSAL_VARIANTS[name],
                                                  "until_fooled": UNTIL_FOOLED}
                            for name in UNLEARNED})
 
+#: The universal unlearning the ``+universal`` jaxpurify rows run after their projection: both
+#: balls (the defender does not know the trigger's kind), rounds while the first round's
+#: targets still reach the fool level, each distilled until they are unlearned. It starts from
+#: the projected network and distills toward *its* logits, so the passes can teach back only
+#: what the projection left, not the deployed network's backdoor. Named in stop 56 from stop
+#: 55's finding that distilling toward the backdoored network gives Blended back on the
+#: four-patch MNIST CNN (the projection there leaves 31-95% of it), fixed in code before any
+#: run of it.
+THEN_UNLEARNED = "universal-both-each-recheck-unlearned"
+
 #: jaxpurify's rows with a benign budget (``--set "jaxpurify_variants=(...)"`` picks a subset;
-#: the data-free ``designed`` row is always measured). The last four apply where
+#: the data-free ``designed`` row is always measured). The last six apply where
 #: :func:`_defend` says.
 JAXPURIFY_VARIANTS = ("designed+code-ft", "benign-readout", "designed-readout",
-                      "benign-row-space", "benign-principal", "benign-layer-principal",
-                      "benign-layer-principal+ft")
+                      "benign-row-space", "benign-principal", "benign-principal+universal",
+                      "benign-layer-principal", "benign-layer-principal+ft",
+                      "benign-layer-principal+universal")
 
 #: Neural Cleanse's rows (``--set "nc_variants=(...)"`` picks a subset); see
 #: :func:`_neural_cleanse`.
@@ -460,7 +473,8 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
     patches' leading principal directions, :func:`jaxpurify.defenses.principal_projection`),
     and for the deep models ``benign-layer-principal``
     (:func:`jaxpurify.defenses.layer_principal_projection`) and ``benign-layer-principal+ft``
-    (the same followed by the FT recipe, which the share's held-out score includes); with
+    (the same followed by the FT recipe, which the share's held-out score includes); the
+    ``+universal`` variants follow either projection with :func:`unlearned_after`; with
     ``probe = (x, trigger)`` their rows record :func:`layer_trigger_outside` at the kept
     directions.
     """
@@ -538,25 +552,44 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
             rows.append({"defense": "jaxpurify", "variant": "benign-row-space",
                          "budget": budget, "n_benign": int(len(xb)), "acc": acc, "asr": asr,
                          "seconds": secs, "details": det})
-        if row_space and model.name == "one-hidden" and wanted("benign-principal"):
+        if row_space and model.name == "one-hidden" and (
+                wanted("benign-principal") or wanted("benign-principal+universal")):
             # the leading principal directions apply at every budget
             q, info = D.principal_projection(m, params, xb, yb, init_params=init_params)
-            measured("jaxpurify", "benign-principal", q, info)
-            rows[-1]["details"].update(principal_details(info))
+            if wanted("benign-principal"):
+                measured("jaxpurify", "benign-principal", q, info)
+                rows[-1]["details"].update(principal_details(info))
+            if wanted("benign-principal+universal"):
+                measured("jaxpurify", "benign-principal+universal",
+                         *unlearned_after(m, q, info, xb, key=key,
+                                          augmentation=_augmentation(model)))
+                rows[-1]["details"].update(principal_details(info))
         if row_space and model.name != "one-hidden":
-            # the projection alone, and followed by the FT recipe (scored that way held out)
-            refine = functools.partial(_fine_tuned, m, key=key)
-            for variant, kw in (("benign-layer-principal", {}),
-                                ("benign-layer-principal+ft", {"refine": refine})):
-                if not wanted(variant):
-                    continue
-                q, info = D.layer_principal_projection(m, params, xb, yb,
-                                                       init_params=init_params, **kw)
+            # the projection alone, followed by the FT recipe (scored that way held out), and
+            # followed by the universal unlearning
+
+            def layer_principal(variant, q, info, projection, xb=xb):
                 measured("jaxpurify", variant, q, info)
-                rows[-1]["details"].update(layer_principal_details(info))
+                rows[-1]["details"].update(layer_principal_details(projection))
                 if probe is not None:
                     rows[-1]["details"]["trigger_outside_kept_layers"] = layer_trigger_outside(
-                        m, params, xb, *probe, info.details["ranks"])
+                        m, params, xb, *probe, projection.details["ranks"])
+
+            refine = functools.partial(_fine_tuned, m, key=key)
+            projected = None
+            for variant, kw in (("benign-layer-principal", {}),
+                                ("benign-layer-principal+ft", {"refine": refine})):
+                if wanted(variant):
+                    q, info = D.layer_principal_projection(m, params, xb, yb,
+                                                           init_params=init_params, **kw)
+                    layer_principal(variant, q, info, info)
+                    projected = projected if kw else (q, info)
+            if wanted("benign-layer-principal+universal"):
+                q, info = projected or D.layer_principal_projection(m, params, xb, yb,
+                                                                    init_params=init_params)
+                layer_principal("benign-layer-principal+universal",
+                                *unlearned_after(m, q, info, xb, key=key,
+                                                 augmentation=_augmentation(model)), info)
     return rows
 
 
@@ -624,6 +657,28 @@ def _neural_cleanse(model: _Model, params, xb, yb, key, measured) -> None:
                                              **calls[source])
         q, info = done[source]
         measured("nc", variant, q, info, seconds=t_inv + info.seconds)
+
+
+def unlearned_after(model, projected, projection: D.DefenseInfo, x_benign, *, key,
+                    augmentation: dict) -> tuple:
+    """A ``+universal`` row: the universal unlearning :data:`THEN_UNLEARNED` of a network a
+    projection already returned, from it and toward its logits (the unlearning's teacher is
+    the network it starts from, :func:`jaxpurify.adversarial_unlearning.universal_unlearning`).
+
+    Args:
+        model: the model (:func:`jaxpurify.defenses.network`).
+        projected, projection: the projection's ``(params, DefenseInfo)``.
+        x_benign: the benign budget the projection used (the unlearning's images).
+        key: the unlearning's PRNG key.
+        augmentation: the unlearning's ``hflip`` and ``crop`` (:func:`_augmentation_for`).
+
+    Returns:
+        ``(params, DefenseInfo)``: ``seconds`` both steps', ``details`` the unlearning's.
+    """
+    q, info = AU.universal_unlearning(model, projected, x_benign, key=key,
+                                      **UNIVERSAL_VARIANTS[THEN_UNLEARNED], **augmentation)
+    return q, D.DefenseInfo(f"{projection.name}+universal", projection.seconds + info.seconds,
+                            info.details)
 
 
 def _augmentation(model: _Model) -> dict:
@@ -866,19 +921,9 @@ def _note(r) -> str:
                      + "; seconds include the trigger inversion"
                      + ("; diagnostic (not judged)" if r.get("variant") in NC_DIAGNOSTICS
                         else ""))
-    if r["defense"] == "universal":
-        parts.append(" and ".join(map(_ball_note, d.get("balls", [d])))
-                     + ("; each ball at its own run's weight"
-                        if d.get("ball_weighting") == "each" else "")
-                     + (_climb_note(d) if "schedule" in d else "")
-                     + "; per round the perturbation moved "
-                     + ", ".join(f"{100 * b:.0f}% -> {100 * a:.0f}%" for b, a in d["fooled"])
-                     + " of the benign images"
-                     + (" (distilled until at most {:g}%: {} passes)".format(
-                         100 * d["until_fooled"], ", ".join(map(str, d["passes"])))
-                        if "passes" in d else "")
-                     + "; a fresh one at the end "
-                     + f"{100 * d['fooled_final']:.0f}%")
+    unlearning = _unlearning_note(d) if "fooled" in d else None  # alone or after a projection
+    if unlearning and r["defense"] == "universal":
+        parts.append(unlearning)
     if "benign_patch_rank" in d:
         parts.append(f"benign patch rank {d['benign_patch_rank']}"
                      + ("" if r["acc"] is not None else
@@ -917,7 +962,25 @@ def _note(r) -> str:
                      f"corruption, certified={d.get('certified')}")
     if "edited" in d:
         parts.append(f"edited {d['edited']}")
+    if unlearning and r["defense"] != "universal":
+        parts.append(f"then universal unlearning: {unlearning}")
     return "; ".join(parts)
+
+
+def _unlearning_note(d: dict) -> str:
+    """What a row's universal unlearning did: balls, schedule, the share of the benign images
+    each round's perturbations moved before and after it, and a fresh one's at the end."""
+    return (" and ".join(map(_ball_note, d.get("balls", [d])))
+            + ("; each ball at its own run's weight" if d.get("ball_weighting") == "each" else "")
+            + (_climb_note(d) if "schedule" in d else "")
+            + "; per round the perturbation moved "
+            + ", ".join(f"{100 * b:.0f}% -> {100 * a:.0f}%" for b, a in d["fooled"])
+            + " of the benign images"
+            + (" (distilled until at most {:g}%: {} passes)".format(
+                100 * d["until_fooled"], ", ".join(map(str, d["passes"])))
+               if "passes" in d else "")
+            + "; a fresh one at the end "
+            + f"{100 * d['fooled_final']:.0f}%")
 
 
 def _write_tables(out: Path, rows, targets, dataset: str) -> str:
@@ -1172,6 +1235,14 @@ _VARIANT_WHY = {
                                  "fine-tuning restores accuracy a smaller share costs, but "
                                  "the rule still keeps every direction benign images excite "
                                  "strongly",
+    "benign-principal+universal": "the principal projection, then the universal unlearning "
+                                  f"{THEN_UNLEARNED} from the projected network and toward its "
+                                  "logits: the unlearning can teach back only what the "
+                                  "projection left, and its cost comes on top of the "
+                                  "projection's",
+    "benign-layer-principal+universal": "the layer projection, then the universal unlearning "
+                                        f"{THEN_UNLEARNED} from the projected network and "
+                                        "toward its logits",
     "consistency": "Neural Cleanse's reversed triggers of the classes its anomaly index flags "
                    "(above 2), unlearned without labels: the stamped benign images pulled "
                    "to the deployed network's logits on the clean ones, the clean logits "
@@ -1374,7 +1445,8 @@ def _plot(rows, path: Path, dataset: str):
                "designed-readout": "D",
                "benign-row-space": "s", "benign-projection": "D", "benign-stop": "v",
                "benign-principal": "P", "benign-layer-principal": "*",
-               "benign-layer-principal+ft": "D", "fine-tune": "<", "consistency": ">",
+               "benign-layer-principal+ft": "D", "benign-principal+universal": "$P$",
+               "benign-layer-principal+universal": "$*$", "fine-tune": "<", "consistency": ">",
                "consistency-top": "h", "consistency-rounds": "p",
                "consistency-top-rounds": "H", "consistency-rounds-restart": "8",
                "consistency-top-rounds-restart": "d", "consistency-rounds-restart-each": "X",

@@ -23,7 +23,10 @@ recovery, :func:`jaxpurify.defenses.row_space_defense`) and ``benign-projection`
 orthogonal projection onto the same span, ``robust=False``), run where the benign patches leave
 redundancy, and ``benign-principal`` (the projection onto only the leading principal
 directions of the benign patches, rank chosen on benign accuracy,
-:func:`jaxpurify.defenses.principal_projection`), run at every budget; ``ft``, ``fp`` and
+:func:`jaxpurify.defenses.principal_projection`), run at every budget, and with ``--set
+"variants=(...)"`` naming it ``benign-principal+universal`` (that projection, then the
+backdoor experiment's universal unlearning ``THEN_UNLEARNED`` from the projected network and
+toward its logits, :func:`experiments.backdoor.unlearned_after`); ``ft``, ``fp`` and
 ``anp`` (the backdoor experiment's recipes; ``--set "ft_recipes=('backdoorbench',)"`` adds FT
 rows with BackdoorBench's recipe, judged like FT, and ``fp_recipes`` the same for FP); and, when
 ``defenses`` names ``universal``, the backdoor experiment's universal unlearning (judged; its
@@ -75,14 +78,18 @@ REASONS = {
     "benign-principal": "projection onto the benign patches' leading principal directions "
                         "(rank chosen on benign ACC): removes what benign images vary little "
                         "along, the trigger's share there and the clean updates' alike",
+    "benign-principal+universal": B._VARIANT_WHY["benign-principal+universal"],
 }
+#: The variants a run measures unless ``--set "variants=(...)"`` says otherwise: the
+#: projections (``benign-principal+universal`` adds a universal unlearning per budget).
+DEFAULT_VARIANTS = ("benign-row-space", "benign-projection", "benign-principal")
 
 
 def _config(dataset: str, quick: bool) -> dict:
     cfg = {"filters": 64, "steps": 4000, "learning_rate": 0.05, "momentum": 0.9,
            "batch_size": 128, "attacks": ("badnets", "blended"), "rates": (0.01, 0.05, 0.1),
            "budgets": (0.001, 0.01, 0.05), "defenses": ("jaxpurify", "ft", "fp", "anp"),
-           "variants": tuple(REASONS), "ft_recipes": (), "fp_recipes": (),
+           "variants": DEFAULT_VARIANTS, "ft_recipes": (), "fp_recipes": (),
            "universal_variants": ("universal-targeted",), "patch": None,
            "anp_iterations": 2000, "max_iters": 5000, "train_limit": None, "test_limit": None}
     if quick:
@@ -244,13 +251,21 @@ def defend(net: RowSpaceNetwork, cfg: dict, dataset: str, params, xb, yb, *, bud
             if "fraction" in extra:
                 extra["removed_fraction"] = extra.pop("fraction")
             add("jaxpurify", variant, q, info, benign_patch_rank=rank, **extra)
-        if "benign-principal" in cfg["variants"]:  # applies at every budget
+        principal = {"benign-principal", "benign-principal+universal"} & set(cfg["variants"])
+        if principal:  # applies at every budget
             q, info = D.principal_projection(model, params, xb, yb,
                                              init_params=net.init_params)
             outside_kept = trigger_outside_span(model, {attack: trigger}, xb, probe,
                                                 rank=info.details["rank"])[attack]
-            add("jaxpurify", "benign-principal", q, info, benign_patch_rank=rank,
-                **B.principal_details(info), trigger_outside_kept=outside_kept)
+            kept = {"benign_patch_rank": rank, **B.principal_details(info),
+                    "trigger_outside_kept": outside_kept}
+            if "benign-principal" in principal:
+                add("jaxpurify", "benign-principal", q, info, **kept)
+            if "benign-principal+universal" in principal:
+                add("jaxpurify", "benign-principal+universal",
+                    *B.unlearned_after(model, q, info, xb, key=key,
+                                       augmentation=B._augmentation_for(net.name, dataset)),
+                    **kept)
     baselines = {"ft": D.fine_tune, "fp": D.fine_prune,
                  "anp": functools.partial(D.anp, iterations=cfg["anp_iterations"])}
     for defense, fn in baselines.items():
@@ -271,7 +286,8 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
     """Run the experiment; see the module docstring. Returns the metrics.
 
     ``options`` override entries of the configuration (``rates``, ``budgets``, ``defenses``,
-    ``variants`` (the jaxpurify variants, default all of :data:`REASONS`),
+    ``variants`` (the jaxpurify variants, any of :data:`REASONS`; default
+    :data:`DEFAULT_VARIANTS`),
     ``universal_variants``, ``patch`` (the patch side, default the image's), ``steps``,
     ``max_iters``, ...).
     """

@@ -801,3 +801,44 @@ def test_tables_list_each_setting_by_budget_where_merged_runs_appended_theirs():
     assert body == [["| 10%", "none", "", "0"], ["| 10%", "ft", "", "0.001"],
                     ["| 10%", "fp", "", "0.01"], ["| 10%", "ft", "", "0.05"],
                     ["| 1%", "none", "", "0"], ["| 1%", "ft", "", "0.05"]]
+
+
+def test_a_projection_then_unlearned_row_starts_from_the_projection_and_distills_toward_it(
+        monkeypatch):
+    """``unlearned_after`` is :data:`THEN_UNLEARNED`'s universal unlearning of the projected
+    network (the teacher the network it starts from), not of the deployed one; its seconds
+    add the projection's, and its note puts the unlearning after what the projection kept."""
+    import jax
+    import numpy as np
+
+    from jaxpurify import adversarial_unlearning as AU
+    from jaxpurify import defenses as D
+    from tests.backdoor_helpers import poisoned_one_hidden
+
+    m, w, xb, yb, *_ = poisoned_one_hidden()
+    init = m.init(jax.random.PRNGKey(0), xb[:1])["params"]
+    projected, projection = D.principal_projection(m, w, xb, yb, init_params=init)
+    settings = {**backdoor.UNIVERSAL_VARIANTS[backdoor.THEN_UNLEARNED], "rounds": 2,
+                "steps": 20, "ascent_steps": 10, "max_passes": 2}
+    # a short schedule: the wiring, not the unlearning, is under test
+    monkeypatch.setitem(backdoor.UNIVERSAL_VARIANTS, backdoor.THEN_UNLEARNED, settings)
+    q, info = backdoor.unlearned_after(m, projected, projection, xb, key=jax.random.PRNGKey(3),
+                                       augmentation={"hflip": False, "crop": 1})
+    kw = {**settings, "hflip": False, "crop": 1, "key": jax.random.PRNGKey(3)}
+    direct, alone = AU.universal_unlearning(m, projected, xb, **kw)
+    deployed, _ = AU.universal_unlearning(m, w, xb, **kw)
+    leaves = jax.tree_util.tree_leaves
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(q), leaves(direct), strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(leaves(q), leaves(deployed),
+                                                        strict=True))
+    assert info.name == f"{projection.name}+universal"
+    assert info.seconds > projection.seconds
+    assert info.details == alone.details
+    row = {**_poison_row("jaxpurify", 0.9, 0.03, "benign-principal+universal"),
+           "details": {**backdoor._details(info), **backdoor.principal_details(projection)}}
+    note = backdoor._note(row)
+    assert note.index("principal directions kept") < note.index("then universal unlearning: L2")
+    assert "(distilled until at most 5%: " in note
+    alone_row = {**_poison_row("universal", 0.9, 0.03, backdoor.THEN_UNLEARNED),
+                 "details": backdoor._details(alone)}
+    assert backdoor._note(alone_row).startswith("L2 radius")

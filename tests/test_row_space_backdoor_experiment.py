@@ -134,7 +134,8 @@ def four_patches(tmp_path_factory):
         return row_space.run(name="backdoor-row-space-mnist", quick=True, out=out, patch=14,
                              train_limit=1000, test_limit=500, steps=100,
                              budgets=(0.01, 0.1), defenses=("jaxpurify", "universal"),
-                             variants=("benign-projection", "benign-principal"))
+                             variants=("benign-projection", "benign-principal",
+                                       "benign-principal+universal"))
     except DataNotFoundError as err:  # pragma: no cover - CI has the data
         pytest.skip(f"MNIST not available: {err}")
 
@@ -160,6 +161,23 @@ def test_the_universal_unlearning_is_run_and_judged(four_patches):
     assert all(0 <= r["asr"] <= 1 and r["details"] for r in rows)
     (target,) = four_patches["targets"]
     assert "universal/universal-targeted: ASR" in target["reason"]
+
+
+def test_the_projection_then_unlearned_row_keeps_the_projections_rank_and_is_judged(
+        four_patches):
+    """``benign-principal+universal`` unlearns the very projection the ``benign-principal``
+    row measured (same rank, same trigger share outside it) and is judged like it."""
+    rows = {(r["variant"], r["budget"]): r for r in four_patches["rows"]
+            if r["defense"] == "jaxpurify"}
+    for budget in (0.01, 0.1):
+        alone, then = rows[("benign-principal", budget)], rows[("benign-principal+universal",
+                                                                   budget)]
+        for key in ("principal_rank", "trigger_outside_kept", "removed_energy"):
+            assert then["details"][key] == alone["details"][key]
+        assert 1 <= len(then["details"]["passes"]) and then["details"]["until_fooled"] == 0.05
+        assert then["seconds"] > alone["seconds"] and 0 <= then["asr"] <= 1
+    (target,) = four_patches["targets"]
+    assert "benign-principal+universal: ASR" in target["reason"]
 
 
 def test_bad_patches_and_defenses_are_refused(tmp_path):
