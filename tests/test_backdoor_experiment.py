@@ -842,3 +842,49 @@ def test_a_projection_then_unlearned_row_starts_from_the_projection_and_distills
     alone_row = {**_poison_row("universal", 0.9, 0.03, backdoor.THEN_UNLEARNED),
                  "details": backdoor._details(alone)}
     assert backdoor._note(alone_row).startswith("L2 radius")
+
+
+@pytest.mark.parametrize("variants, projections", [
+    (("benign-layer-principal+universal",), [False]),
+    (("benign-layer-principal", "benign-layer-principal+universal"), [False]),
+    (("benign-layer-principal+ft", "benign-layer-principal+universal"), [True, False]),
+])
+def test_a_deep_models_unlearned_row_starts_from_the_plain_layer_projection(
+        monkeypatch, variants, projections):
+    """On a deep model ``benign-layer-principal+universal`` unlearns the projection without
+    the FT refinement, reusing the ``benign-layer-principal`` row's when that ran (one
+    projection per budget), and its row records what that projection kept."""
+    from types import SimpleNamespace
+
+    from jaxpurify import adversarial_unlearning as AU
+    from jaxpurify import defenses as D
+
+    calls, starts = [], []
+
+    def project(module, params, x, y, *, init_params, refine=None):
+        calls.append(refine is not None)
+        return f"projected{'+ft' if refine else ''}", D.DefenseInfo("layer-principal", 1.0, {
+            "energy": 0.9, "energies": [0.9, 1.0], "ranks": {"fc1": 3}, "dims": {"fc1": 7},
+            "folds": 5, "benign_acc": [0.8, 0.9], "benign_acc_undefended": 0.9,
+            "qualified": True, "removed_energy": 0.5, "refined": refine is not None})
+
+    def unlearn(module, params, x, **kw):
+        starts.append(params)
+        return "unlearned", D.DefenseInfo("universal-unlearning", 2.0, {
+            "fooled": [[0.9, 0.01]], "fooled_final": 0.2, "passes": [2], "until_fooled": 0.05,
+            "norm": "l2", "radius": 1.0})
+
+    monkeypatch.setattr(D, "jaxpurify_defense",  # the data-free row, always measured
+                        lambda module, params: (params, D.DefenseInfo("jaxpurify", 0.0, {})))
+    monkeypatch.setattr(D, "layer_principal_projection", project)
+    monkeypatch.setattr(AU, "universal_unlearning", unlearn)
+    cfg = {"defenses": ("jaxpurify",), "jaxpurify_variants": variants, "anp_iterations": 1,
+           "ft_learning_rates": (), "ft_recipes": (), "fp_recipes": ()}
+    model = SimpleNamespace(name="lenet5", dataset="mnist", cfg=cfg, module=None)
+    rows = backdoor._defend(model, "deployed", lambda _b: ("x", "y"), (0.01,),
+                            lambda q: (0.9, 0.01), key=None, init_params=None, row_space=True)
+    assert calls == projections and starts == ["projected"]
+    (then,) = [r for r in rows if r["variant"] == "benign-layer-principal+universal"]
+    assert then["seconds"] == 3.0 and then["details"]["passes"] == [2]
+    assert then["details"]["layer_principal_ranks"] == {"fc1": 3}
+    assert not then["details"]["refined"]
