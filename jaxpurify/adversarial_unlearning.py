@@ -91,6 +91,11 @@ this network needs. Stop 54's probes found 100 steps too few on the SGD-trained 
 where the found perturbation is the trigger itself, and enough on LeNet-5 and the designed
 MNIST CNN, where longer distillation gave the backdoor back.
 
+The teacher is whatever network the unlearning starts from. Started from a subspace
+projection of the deployed network (:func:`jaxpurify.defenses.principal_projection`), the
+rounds distill toward the projected network's logits and cannot teach back what the projection
+removed: the experiments' ``benign-principal+universal`` rows (``docs/backdoors.md``).
+
 Measured (``docs/backdoors.md``): on the one-hidden CNNs the climb reaches the trigger and
 removes the backdoor, at 2.9 to 8.9 pt of ACC. The cost follows the radius, not the added
 classes: a clean network of that kind already has a universal shortcut to the target at the
