@@ -556,14 +556,13 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
                 wanted("benign-principal") or wanted("benign-principal+universal")):
             # the leading principal directions apply at every budget
             q, info = D.principal_projection(m, params, xb, yb, init_params=init_params)
-            if wanted("benign-principal"):
-                measured("jaxpurify", "benign-principal", q, info)
-                rows[-1]["details"].update(principal_details(info))
-            if wanted("benign-principal+universal"):
-                measured("jaxpurify", "benign-principal+universal",
-                         *unlearned_after(m, q, info, xb, key=key,
-                                          augmentation=_augmentation(model)))
-                rows[-1]["details"].update(principal_details(info))
+            for variant in ("benign-principal", "benign-principal+universal"):
+                if wanted(variant):  # the second unlearns this projection, not another one
+                    measured("jaxpurify", variant, *(
+                        (q, info) if variant == "benign-principal" else
+                        unlearned_after(m, q, info, xb, key=key,
+                                        augmentation=_augmentation(model))))
+                    rows[-1]["details"].update(principal_details(info))
         if row_space and model.name != "one-hidden":
             # the projection alone, followed by the FT recipe (scored that way held out), and
             # followed by the universal unlearning
@@ -583,7 +582,8 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
                     q, info = D.layer_principal_projection(m, params, xb, yb,
                                                            init_params=init_params, **kw)
                     layer_principal(variant, q, info, info)
-                    projected = projected if kw else (q, info)
+                    if not kw:  # the plain projection, which the +universal row unlearns
+                        projected = (q, info)
             if wanted("benign-layer-principal+universal"):
                 q, info = projected or D.layer_principal_projection(m, params, xb, yb,
                                                                     init_params=init_params)

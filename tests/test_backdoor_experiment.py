@@ -888,3 +888,43 @@ def test_a_deep_models_unlearned_row_starts_from_the_plain_layer_projection(
     assert then["seconds"] == 3.0 and then["details"]["passes"] == [2]
     assert then["details"]["layer_principal_ranks"] == {"fc1": 3}
     assert not then["details"]["refined"]
+
+
+def test_a_one_hidden_unlearned_row_unlearns_the_principal_rows_projection(monkeypatch):
+    """On the one-hidden CNN both principal rows share one projection per budget: the
+    ``+universal`` row starts its unlearning from it and records what it kept."""
+    from types import SimpleNamespace
+
+    from jaxpurify import adversarial_unlearning as AU
+    from jaxpurify import defenses as D
+
+    calls, starts = [], []
+
+    def project(module, params, x, y, *, init_params):
+        calls.append(params)
+        return "projected", D.DefenseInfo("principal", 1.0, {
+            "rank": 64, "ranks": [32, 64], "folds": 5, "benign_acc": [0.8, 0.9],
+            "benign_acc_undefended": 0.9, "qualified": True, "removed_energy": 0.5})
+
+    def unlearn(module, params, x, **kw):
+        starts.append(params)
+        return "unlearned", D.DefenseInfo("universal-unlearning", 2.0, {
+            "fooled": [[0.9, 0.01]], "fooled_final": 0.2, "passes": [2], "until_fooled": 0.05,
+            "norm": "l2", "radius": 1.0})
+
+    monkeypatch.setattr(D, "jaxpurify_defense",
+                        lambda module, params: (params, D.DefenseInfo("jaxpurify", 0.0, {})))
+    monkeypatch.setattr(D, "principal_projection", project)
+    monkeypatch.setattr(AU, "universal_unlearning", unlearn)
+    cfg = {"defenses": ("jaxpurify",), "anp_iterations": 1, "ft_learning_rates": (),
+           "ft_recipes": (), "fp_recipes": (),
+           "jaxpurify_variants": ("benign-principal", "benign-principal+universal")}
+    model = SimpleNamespace(name="one-hidden", dataset="mnist", cfg=cfg, module=None)
+    rows = backdoor._defend(model, "deployed", lambda _b: ("x", "y"), (0.01,),
+                            lambda q: (0.9, 0.01), key=None, init_params=None, row_space=True)
+    assert calls == ["deployed"] and starts == ["projected"]
+    alone, then = (next(r for r in rows if r["variant"] == v)
+                   for v in ("benign-principal", "benign-principal+universal"))
+    assert alone["seconds"] == 1.0 and then["seconds"] == 3.0
+    assert alone["details"]["principal_rank"] == then["details"]["principal_rank"] == 64
+    assert then["details"]["passes"] == [2] and "passes" not in alone["details"]
