@@ -91,7 +91,8 @@ this network needs. Stop 54's probes found 100 steps too few on the SGD-trained 
 where the found perturbation is the trigger itself, and enough on LeNet-5 and the designed
 MNIST CNN, where longer distillation gave the backdoor back.
 
-The teacher is whatever network the unlearning starts from. Started from a subspace
+The teacher is the network the unlearning starts from, unless ``teacher=`` names another
+(the same network's params). Started from a subspace
 projection of the deployed network (:func:`jaxpurify.defenses.principal_projection`), the
 rounds distill toward the projected network's logits, which no longer carry what the
 projection removed: the experiments' ``benign-principal+universal`` rows, which meet Blended
@@ -396,7 +397,7 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
                          crop: int = 4, mirror: bool | None = None, bound: float | None = None,
                          ball_weighting: str = "mean", radius_schedule: str = "fixed",
                          retarget: bool = True, until_fooled: float | None = None,
-                         max_passes: int = 10, key=None):
+                         max_passes: int = 10, teacher=None, key=None):
     r"""Alternate universal perturbations with consistency unlearning (module docstring).
 
     Args:
@@ -461,6 +462,13 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
             found shortcut is unlearned as far as the level asks, however many steps that
             takes this network, instead of for a fixed count. Nothing but the benign images
             is read. The first pass is the one-pass round, bit for bit.
+        teacher: the params every round distills toward (same structure and shapes as
+            ``params``); ``None`` (the default): the network the unlearning starts from,
+            ``params`` itself. The radius rule and the perturbations always ask the network
+            being unlearned; only the logits the stamped and clean images are pulled to
+            change. Started from a projection, ``teacher=`` the deployed network separates
+            where the unlearning starts from what it distills toward (the experiments'
+            teacher ablation, ``docs/backdoors.md``).
         key: PRNG key of the ascent's and the unlearning's batches (default ``PRNGKey(0)``).
 
     Returns:
@@ -480,9 +488,11 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
         the ball sat out) and ``stopped`` whether the rounds ended before ``rounds``
         (the same under ``"recheck"``). With ``until_fooled``, ``passes`` holds each
         round's number of passes, and ``fooled`` each round's fraction after its last pass.
+        With ``teacher`` given, ``teacher_given`` is ``True``.
 
     Raises:
-        ValueError: bad images, ``rounds``, ``fool_level``, ball or radius settings, or what
+        ValueError: bad images, ``rounds``, ``fool_level``, ball or radius settings, a
+            ``teacher`` whose structure or shapes differ from ``params``, or what
             :func:`jaxpurify.defenses.distill` refuses (e.g. diverged unlearning).
     """
     t0 = time.perf_counter()
@@ -520,6 +530,7 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
     mirror = hflip if mirror is None else mirror
     apply = network(model).apply
     deployed = _unwrap(params)
+    taught = deployed if teacher is None else _same_network(_unwrap(teacher), deployed)
     plans, ladders = [], []  # per ball: its radius, targets and the rule's record; candidates
     for ball in balls:
         if radius is not None:
@@ -577,7 +588,7 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
         stamps = (jnp.zeros(offsets.shape[:3] + (1,), x.dtype), jnp.zeros_like(offsets),
                   offsets)  # no mask, no pattern: the perturbations added
         for p in range(1 if until_fooled is None else int(max_passes)):
-            current, _ = distill(model, current, x, teacher=deployed, steps=steps,
+            current, _ = distill(model, current, x, teacher=taught, steps=steps,
                                  learning_rate=learning_rate, batch_size=batch_size,
                                  hflip=hflip, crop=crop, stamps=stamps, stamp_weight=weights,
                                  key=k_unlearn if p == 0 else jax.random.fold_in(k_unlearn, p))
@@ -597,11 +608,24 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
                    fooled_final=float(np.mean(np.concatenate([f.fooled for f in final]))))
     if until_fooled is not None:
         details.update(until_fooled=float(until_fooled), passes=passes)
+    if teacher is not None:
+        details.update(teacher_given=True)
     if asks_again:
         details.update(radius_schedule=radius_schedule, retarget=bool(retarget),
                        stopped=len(history) < rounds,
                        schedule=[s if len(plans) > 1 else s[0] for s in schedule])
     return current, DefenseInfo("universal-unlearning", time.perf_counter() - t0, details)
+
+
+def _same_network(teacher, params):
+    """``teacher``, checked to have the structure and leaf shapes of ``params``."""
+    leaves = jax.tree_util.tree_leaves
+    if (jax.tree_util.tree_structure(teacher) != jax.tree_util.tree_structure(params)
+            or [jnp.shape(a) for a in leaves(teacher)] != [jnp.shape(a) for a in
+                                                            leaves(params)]):
+        raise ValueError("teacher must be params of the same network (the structure and "
+                         "shapes of params): pass the deployed or projected network's params")
+    return teacher
 
 
 def ball_weights(counts, mirror: bool) -> np.ndarray:

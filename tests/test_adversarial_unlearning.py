@@ -294,6 +294,39 @@ def test_until_fooled_distills_in_passes_until_the_found_shortcut_is_unlearned(p
                                                                 calls[-1][1])))
 
 
+def test_a_given_teacher_is_what_every_pass_distills_toward(poisoned, monkeypatch):
+    """``teacher=``: the rule and the perturbations still ask the network being unlearned,
+    every pass distills toward the given params; ``teacher=params`` is the default bit for
+    bit, and a teacher of another network is refused before any work."""
+    m, w, xb, *_ = poisoned
+    kw = dict(norm="l1", radius_fractions=(0.05, 0.1, 0.2, 0.4, 0.8), hflip=False, crop=0,
+              steps=20, learning_rate=1e-2, rounds=2, until_fooled=0.0, max_passes=2)
+    own, own_info = AU.universal_unlearning(m, w, xb, **kw)
+    same, same_info = AU.universal_unlearning(m, w, xb, teacher={"params": w}, **kw)
+    assert all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(jnp.array_equal, same, own)))
+    assert same_info.details["teacher_given"] and "teacher_given" not in own_info.details
+    other = jax.tree_util.tree_map(lambda a: 0.5 * a, w)  # a network that answers otherwise
+    teachers, distill = [], AU.distill
+
+    def spy(model, params, *args, teacher, **kwargs):
+        teachers.append(teacher)
+        return distill(model, params, *args, teacher=teacher, **kwargs)
+
+    monkeypatch.setattr(AU, "distill", spy)
+    q, info = AU.universal_unlearning(m, w, xb, teacher=other, **kw)
+    assert len(teachers) == sum(info.details["passes"]) >= 2
+    assert all(t is other for t in teachers)
+    assert info.details["radius"] == own_info.details["radius"]  # the rule asked w, not other
+    assert not all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(jnp.array_equal, q, own)))
+    teachers.clear()
+    wrong = {**w, "readout": {"kernel": w["readout"]["kernel"][:, :2]}}  # another shape
+    with pytest.raises(ValueError, match="same network"):
+        AU.universal_unlearning(m, w, xb, teacher=wrong, **kw)
+    with pytest.raises(ValueError, match="same network"):
+        AU.universal_unlearning(m, w, xb, teacher={"other": w}, **kw)
+    assert not teachers  # refused before the rule ran or anything distilled
+
+
 def test_a_climbing_rule_s_perturbations_are_reused_only_where_they_are_the_round_s(
         poisoned, monkeypatch):
     """A later round's rule asked of exactly the targets it then unlearns (``retarget=False``)
