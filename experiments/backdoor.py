@@ -49,7 +49,8 @@ radius; ``--set
 "universal_variants=(...)"`` picks a subset).
 ``--set "defenses=('jaxpurify', 'ft', 'fp')"`` leaves ANP and NC out; ``--set
 "jaxpurify_variants=('benign-readout',)"`` measures only those of jaxpurify's rows with data
-(:data:`JAXPURIFY_VARIANTS`; the data-free ``designed`` row always);
+(:data:`JAXPURIFY_VARIANTS`; the data-free ``designed`` row always), and naming
+:data:`JAXPURIFY_DIAGNOSTICS` adds the teacher ablation's rows, never judged;
 ``--set "attacks=('badnets',)"`` runs one poisoning attack; ``--set
 "ft_learning_rates=(0.001,)"`` adds FT rows at other learning rates, variant ``lr=...``, a
 diagnostic that is not judged; ``--set "ft_recipes=('backdoorbench',)"`` adds FT rows with
@@ -157,6 +158,21 @@ UNIVERSAL_VARIANTS.update({f"{name}-unlearned": {**UNIVERSAL_VARIANTS[name],
 #: run of it.
 THEN_UNLEARNED = "universal-both-each-recheck-unlearned"
 
+#: The teacher ablation of ``benign-principal+universal``: per variant, the network the
+#: unlearning starts from and the one it distills toward (``"projected"``: the principal
+#: projection's; ``"deployed"``: the backdoored network). ``benign-principal+universal`` changes
+#: both from the deployed network's universal row (``THEN_UNLEARNED``); the two others change
+#: one each, so the grid tells which of the two does the work. Named in stop 57 as diagnostics,
+#: after stop 56's rows had been read: measured beside the judged rows, never judged.
+UNLEARNING_ROLES = {"benign-principal+universal": ("projected", "projected"),
+                    "benign-principal+universal-deployed-teacher": ("projected", "deployed"),
+                    "benign-principal+universal-deployed-start": ("deployed", "projected")}
+
+#: jaxpurify's variants that are measured but never judged (:data:`UNLEARNING_ROLES`' ablation);
+#: a run measures them only when ``--set "jaxpurify_variants=(...)"`` names them.
+JAXPURIFY_DIAGNOSTICS = ("benign-principal+universal-deployed-teacher",
+                         "benign-principal+universal-deployed-start")
+
 #: jaxpurify's rows with a benign budget (``--set "jaxpurify_variants=(...)"`` picks a subset;
 #: the data-free ``designed`` row is always measured). The last six apply where
 #: :func:`_defend` says.
@@ -176,6 +192,9 @@ NC_VARIANTS = ("fine-tune", "consistency", "consistency-top", "consistency-round
 #: (restarted rounds at ``stamp_weighting="each"``, on the one-hidden MNIST CNN; see
 #: ``docs/backdoors.md``), so they are reported beside the judged rows and never decide a verdict.
 NC_DIAGNOSTICS = ("consistency-rounds-restart-each", "consistency-top-rounds-restart-each")
+
+#: The variants the verdict's reasons quote as diagnostics (measured, never judged).
+DIAGNOSTICS = (*NC_DIAGNOSTICS, *JAXPURIFY_DIAGNOSTICS)
 
 #: At most this many inversion-and-unlearning rounds in the ``-rounds`` NC variants.
 NC_ROUNDS = 3
@@ -434,7 +453,7 @@ def _details(info: D.DefenseInfo) -> dict:
                 "mask_l1", "stamped_gap", "rounds", "restart", "stamp_weighting", "norm",
                 "bound", "balls", "ball_weighting", "radius", "candidates", "targets", "fooled",
                 "fooled_final", "radius_schedule", "retarget", "schedule", "stopped",
-                "until_fooled", "passes"):
+                "until_fooled", "passes", "teacher_given"):
         if key in d:
             out[key] = d[key]
     if "recovery" in d:
@@ -552,17 +571,16 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
             rows.append({"defense": "jaxpurify", "variant": "benign-row-space",
                          "budget": budget, "n_benign": int(len(xb)), "acc": acc, "asr": asr,
                          "seconds": secs, "details": det})
-        if row_space and model.name == "one-hidden" and (
-                wanted("benign-principal") or wanted("benign-principal+universal")):
+        principal_rows = [v for v in ("benign-principal", *UNLEARNING_ROLES) if wanted(v)]
+        if row_space and model.name == "one-hidden" and principal_rows:
             # the leading principal directions apply at every budget
             q, info = D.principal_projection(m, params, xb, yb, init_params=init_params)
-            for variant in ("benign-principal", "benign-principal+universal"):
-                if wanted(variant):  # the second unlearns this projection, not another one
-                    measured("jaxpurify", variant, *(
-                        (q, info) if variant == "benign-principal" else
-                        unlearned_after(m, q, info, xb, key=key,
-                                        augmentation=_augmentation(model))))
-                    rows[-1]["details"].update(principal_details(info))
+            for variant in principal_rows:  # the unlearned rows use this projection
+                measured("jaxpurify", variant, *(
+                    (q, info) if variant == "benign-principal" else
+                    unlearned_after(m, q, info, xb, key=key, augmentation=_augmentation(model),
+                                    deployed=params, roles=UNLEARNING_ROLES[variant])))
+                rows[-1]["details"].update(principal_details(info))
         if row_space and model.name != "one-hidden":
             # the projection alone, followed by the FT recipe (scored that way held out), and
             # followed by the universal unlearning
@@ -660,10 +678,12 @@ def _neural_cleanse(model: _Model, params, xb, yb, key, measured) -> None:
 
 
 def unlearned_after(model, projected, projection: D.DefenseInfo, x_benign, *, key,
-                    augmentation: dict) -> tuple:
+                    augmentation: dict, deployed=None,
+                    roles: tuple[str, str] = ("projected", "projected")) -> tuple:
     """A ``+universal`` row: the universal unlearning :data:`THEN_UNLEARNED` of a network a
     projection already returned, from it and toward its logits (the unlearning's teacher is
-    the network it starts from, :func:`jaxpurify.adversarial_unlearning.universal_unlearning`).
+    the network it starts from, :func:`jaxpurify.adversarial_unlearning.universal_unlearning`),
+    or one arm of the teacher ablation (:data:`UNLEARNING_ROLES`).
 
     Args:
         model: the model (:func:`jaxpurify.defenses.network`).
@@ -671,11 +691,22 @@ def unlearned_after(model, projected, projection: D.DefenseInfo, x_benign, *, ke
         x_benign: the benign budget the projection used (the unlearning's images).
         key: the unlearning's PRNG key.
         augmentation: the unlearning's ``hflip`` and ``crop`` (:func:`_augmentation_for`).
+        deployed: the deployed network's params (needed where ``roles`` names it).
+        roles: ``(start, teacher)``, each ``"projected"`` or ``"deployed"``: the network the
+            unlearning starts from (its radius rule asks that one) and the one every pass
+            distills toward.
 
     Returns:
-        ``(params, DefenseInfo)``: ``seconds`` both steps', ``details`` the unlearning's.
+        ``(params, DefenseInfo)``: ``seconds`` both steps' (the projection's too where it is
+        only the teacher), ``details`` the unlearning's.
     """
-    q, info = AU.universal_unlearning(model, projected, x_benign, key=key,
+    nets = {"projected": projected, "deployed": deployed}
+    if set(roles) - set(nets) or len(roles) != 2 or ("deployed" in roles and deployed is None):
+        raise ValueError(f"roles must be (start, teacher), each 'projected' or 'deployed' (the "
+                         f"second needs deployed=), got {roles!r}")
+    start, teacher = roles
+    q, info = AU.universal_unlearning(model, nets[start], x_benign, key=key,
+                                      teacher=None if teacher == start else nets[teacher],
                                       **UNIVERSAL_VARIANTS[THEN_UNLEARNED], **augmentation)
     return q, D.DefenseInfo(f"{projection.name}+universal", projection.seconds + info.seconds,
                             info.details)
@@ -964,6 +995,10 @@ def _note(r) -> str:
         parts.append(f"edited {d['edited']}")
     if unlearning and r["defense"] != "universal":
         parts.append(f"then universal unlearning: {unlearning}")
+    if r.get("variant") in JAXPURIFY_DIAGNOSTICS:
+        start, teacher = UNLEARNING_ROLES[r["variant"]]
+        parts.append(f"teacher ablation: the unlearning starts from the {start} network and "
+                     f"distills toward the {teacher} one; diagnostic (not judged)")
     return "; ".join(parts)
 
 
@@ -1393,7 +1428,7 @@ def _poisoning_targets(model, attack, rate, sel, clean_asr=None, reasons=None) -
               + "".join(f", {_baseline_name(b)} {_pct(base[b])}" for b in judged if b[1])
               + "".join(f", {_label(r)} (diagnostic, not judged) ASR {100 * r['asr']:.1f}%, "
                         f"ACC drop {100 * (none['acc'] - r['acc']):.1f} pt" for r in at
-                        if r["defense"] == "nc" and r.get("variant") in NC_DIAGNOSTICS)
+                        if r.get("variant") in DIAGNOSTICS)
               + (f"; {' and '.join(beaten)} better on both ACC and ASR than {_label(jp)}"
                  if beaten else "") + probed)
     return [{"model": model, "attack": attack, "poison_rate": rate,
@@ -1527,7 +1562,7 @@ def check_defense_options(cfg: dict, dataset: str) -> None:
     """Refuse, before anything trains, a configuration naming an unknown defense, variant,
     recipe or ``joint`` layer (the error lists the names there are)."""
     refuse_unknown(cfg, [(key, known, key) for key, known in (
-        ("defenses", DEFENSES), ("jaxpurify_variants", JAXPURIFY_VARIANTS),
+        ("defenses", DEFENSES), ("jaxpurify_variants", JAXPURIFY_VARIANTS + JAXPURIFY_DIAGNOSTICS),
         ("nc_variants", NC_VARIANTS), ("universal_variants", UNIVERSAL_VARIANTS))])
     recipe_runs(cfg, dataset)
     unknown = set(cfg["joint"]) - {*_layer_names("one-hidden"), *_layer_names(cfg["deep"])}

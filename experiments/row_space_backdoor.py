@@ -26,7 +26,8 @@ directions of the benign patches, rank chosen on benign accuracy,
 :func:`jaxpurify.defenses.principal_projection`), run at every budget, and with ``--set
 "variants=(...)"`` naming it ``benign-principal+universal`` (that projection, then the
 backdoor experiment's universal unlearning ``THEN_UNLEARNED`` from the projected network and
-toward its logits, :func:`experiments.backdoor.unlearned_after`); ``ft``, ``fp`` and
+toward its logits, :func:`experiments.backdoor.unlearned_after`), or its teacher ablation
+(:data:`experiments.backdoor.JAXPURIFY_DIAGNOSTICS`: measured, never judged); ``ft``, ``fp`` and
 ``anp`` (the backdoor experiment's recipes; ``--set "ft_recipes=('backdoorbench',)"`` adds FT
 rows with BackdoorBench's recipe, judged like FT, and ``fp_recipes`` the same for FP); and, when
 ``defenses`` names ``universal``, the backdoor experiment's universal unlearning (judged; its
@@ -139,7 +140,8 @@ def check_config(cfg: dict, dataset: str) -> None:
     """Refuse, before any data is loaded or folder made, a configuration naming an unknown
     jaxpurify variant, defense, universal variant or FT/FP recipe, or a ``patch`` that does
     not tile the dataset's images (the error lists what there is)."""
-    B.refuse_unknown(cfg, (("variants", REASONS, "jaxpurify variants"),
+    B.refuse_unknown(cfg, (("variants", (*REASONS, *B.JAXPURIFY_DIAGNOSTICS),
+                            "jaxpurify variants"),
                            ("defenses", ROW_SPACE_DEFENSES, "defenses"),
                            ("universal_variants", B.UNIVERSAL_VARIANTS, "universal variants")))
     B.recipe_runs(cfg, dataset)
@@ -251,7 +253,8 @@ def defend(net: RowSpaceNetwork, cfg: dict, dataset: str, params, xb, yb, *, bud
             if "fraction" in extra:
                 extra["removed_fraction"] = extra.pop("fraction")
             add("jaxpurify", variant, q, info, benign_patch_rank=rank, **extra)
-        principal = {"benign-principal", "benign-principal+universal"} & set(cfg["variants"])
+        principal = [v for v in ("benign-principal", *B.UNLEARNING_ROLES)
+                     if v in cfg["variants"]]
         if principal:  # applies at every budget
             q, info = D.principal_projection(model, params, xb, yb,
                                              init_params=net.init_params)
@@ -259,13 +262,14 @@ def defend(net: RowSpaceNetwork, cfg: dict, dataset: str, params, xb, yb, *, bud
                                                 rank=info.details["rank"])[attack]
             kept = {"benign_patch_rank": rank, **B.principal_details(info),
                     "trigger_outside_kept": outside_kept}
-            if "benign-principal" in principal:
-                add("jaxpurify", "benign-principal", q, info, **kept)
-            if "benign-principal+universal" in principal:
-                add("jaxpurify", "benign-principal+universal",
-                    *B.unlearned_after(model, q, info, xb, key=key,
-                                       augmentation=B._augmentation_for(net.name, dataset)),
-                    **kept)
+            for variant in principal:  # the unlearned rows use this projection
+                add("jaxpurify", variant, *((q, info) if variant == "benign-principal" else
+                                            B.unlearned_after(
+                                                model, q, info, xb, key=key,
+                                                augmentation=B._augmentation_for(net.name,
+                                                                                 dataset),
+                                                deployed=params,
+                                                roles=B.UNLEARNING_ROLES[variant])), **kept)
     baselines = {"ft": D.fine_tune, "fp": D.fine_prune,
                  "anp": functools.partial(D.anp, iterations=cfg["anp_iterations"])}
     for defense, fn in baselines.items():

@@ -928,3 +928,62 @@ def test_a_one_hidden_unlearned_row_unlearns_the_principal_rows_projection(monke
     assert alone["seconds"] == 1.0 and then["seconds"] == 3.0
     assert alone["details"]["principal_rank"] == then["details"]["principal_rank"] == 64
     assert then["details"]["passes"] == [2] and "passes" not in alone["details"]
+
+
+def test_the_teacher_ablation_swaps_one_role_each_and_is_never_judged(monkeypatch):
+    """The ablation's rows unlearn the same projection as ``benign-principal+universal``:
+    one starts from it and distills toward the deployed network, the other starts from the
+    deployed network and distills toward it; a run measures them only when named, and the
+    verdict quotes them as diagnostics and never picks them, however low their ASR."""
+    from types import SimpleNamespace
+
+    from jaxpurify import adversarial_unlearning as AU
+    from jaxpurify import defenses as D
+
+    calls, roles = [], {}
+
+    def project(module, params, x, y, *, init_params):
+        calls.append(params)
+        return "projected", D.DefenseInfo("principal", 1.0, {
+            "rank": 64, "ranks": [32, 64], "folds": 5, "benign_acc": [0.8, 0.9],
+            "benign_acc_undefended": 0.9, "qualified": True, "removed_energy": 0.5})
+
+    def unlearn(module, params, x, *, teacher=None, **kw):
+        roles[len(roles)] = (params, teacher)
+        return f"unlearned {len(roles)}", D.DefenseInfo("universal-unlearning", 2.0, {
+            "fooled": [[0.9, 0.01]], "fooled_final": 0.2, "passes": [2], "until_fooled": 0.05,
+            "norm": "l2", "radius": 1.0})
+
+    monkeypatch.setattr(D, "jaxpurify_defense",
+                        lambda module, params: (params, D.DefenseInfo("jaxpurify", 0.0, {})))
+    monkeypatch.setattr(D, "principal_projection", project)
+    monkeypatch.setattr(AU, "universal_unlearning", unlearn)
+    cfg = {"defenses": ("jaxpurify",), "anp_iterations": 1, "ft_learning_rates": (),
+           "ft_recipes": (), "fp_recipes": (),
+           "jaxpurify_variants": ("benign-principal+universal", *backdoor.JAXPURIFY_DIAGNOSTICS)}
+    model = SimpleNamespace(name="one-hidden", dataset="mnist", cfg=cfg, module=None)
+    rows = backdoor._defend(model, "deployed", lambda _b: ("x", "y"), (0.01,),
+                            lambda q: (0.9, 0.01), key=None, init_params=None, row_space=True)
+    assert calls == ["deployed"]  # one projection for the three unlearned rows
+    assert list(roles.values()) == [("projected", None), ("projected", "deployed"),
+                                    ("deployed", "projected")]
+    assert [r["variant"] for r in rows if r["budget"]] == list(backdoor.UNLEARNING_ROLES)
+    assert all(r["seconds"] == 3.0 for r in rows if r["budget"])  # the projection's too
+    ablation = next(r for r in rows if r["variant"] == backdoor.JAXPURIFY_DIAGNOSTICS[1])
+    assert ablation["details"]["principal_rank"] == 64
+    assert "starts from the deployed network and distills toward the projected one" in \
+        backdoor._note(ablation)
+    assert not set(backdoor.JAXPURIFY_DIAGNOSTICS) & set(backdoor.JAXPURIFY_VARIANTS)
+    with pytest.raises(ValueError, match="roles"):
+        backdoor.unlearned_after(None, "projected", None, "x", key=None, augmentation={},
+                                 roles=("deployed", "projected"))  # no deployed network given
+    # judged: the combination at 6% ASR misses; the diagnostics' 1% do not count
+    verdict_rows = [_poison_row("none", 0.95, 0.99, budget=0.0),
+                    _poison_row("ft", 0.90, 0.50), _poison_row("fp", 0.90, 0.60),
+                    _poison_row("jaxpurify", 0.94, 0.06, "benign-principal+universal"),
+                    *(_poison_row("jaxpurify", 0.945, 0.01, v)
+                      for v in backdoor.JAXPURIFY_DIAGNOSTICS)]
+    (t,) = backdoor._targets(verdict_rows, CLEAN)
+    assert not t["met"] and t["variant"] == "benign-principal+universal"
+    for v in backdoor.JAXPURIFY_DIAGNOSTICS:
+        assert f"{v} (diagnostic, not judged) ASR 1.0%" in t["reason"]

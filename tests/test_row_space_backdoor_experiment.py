@@ -135,7 +135,8 @@ def four_patches(tmp_path_factory):
                              train_limit=1000, test_limit=500, steps=100,
                              budgets=(0.01, 0.1), defenses=("jaxpurify", "universal"),
                              variants=("benign-projection", "benign-principal",
-                                       "benign-principal+universal"))
+                                       "benign-principal+universal",
+                                       "benign-principal+universal-deployed-start"))
     except DataNotFoundError as err:  # pragma: no cover - CI has the data
         pytest.skip(f"MNIST not available: {err}")
 
@@ -178,6 +179,23 @@ def test_the_projection_then_unlearned_row_keeps_the_projections_rank_and_is_jud
         assert then["seconds"] > alone["seconds"] and 0 <= then["asr"] <= 1
     (target,) = four_patches["targets"]
     assert "benign-principal+universal: ASR" in target["reason"]
+
+
+def test_the_teacher_ablation_row_is_measured_beside_the_judged_ones_and_never_judged(
+        four_patches):
+    """Named in ``variants``, the ablation arm that starts from the deployed network and
+    distills toward the projection is measured on the same projection, and the verdict quotes
+    it as a diagnostic, never as the judged row."""
+    arm = "benign-principal+universal-deployed-start"
+    rows = {(r["variant"], r["budget"]): r for r in four_patches["rows"]
+            if r["defense"] == "jaxpurify"}
+    for budget in (0.01, 0.1):
+        then, ablation = rows[("benign-principal+universal", budget)], rows[(arm, budget)]
+        assert ablation["details"]["principal_rank"] == then["details"]["principal_rank"]
+        assert ablation["details"]["teacher_given"] and "teacher_given" not in then["details"]
+        assert 0 <= ablation["asr"] <= 1
+    (target,) = four_patches["targets"]
+    assert target["variant"] != arm and f"{arm} (diagnostic, not judged) ASR" in target["reason"]
 
 
 def test_bad_patches_and_defenses_are_refused(tmp_path):
