@@ -1036,6 +1036,9 @@ def rejudge(out: Path | str) -> list[dict]:
     DIR``."""
     out = Path(out)
     metrics = json.loads((out / "metrics.json").read_text())
+    if "patches_per_image" in metrics["setup"]:  # judged on other variants, with its reasons
+        raise ValueError(f"{out} is a row-space run ({metrics['experiment']}): rejudge it with "
+                         f"python -m experiments.row_space_backdoor --rejudge {out}")
     metrics["targets"] = _targets(metrics["rows"], metrics["clean"])
     write_metrics(out, metrics)
     _write_tables(out, metrics["rows"], metrics["targets"], metrics["dataset"])

@@ -42,6 +42,7 @@ of the trigger's patch change the projection removes, :func:`trigger_outside_spa
 from __future__ import annotations
 
 import functools
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -285,6 +286,32 @@ def defend(net: RowSpaceNetwork, cfg: dict, dataset: str, params, xb, yb, *, bud
     return rows
 
 
+def _targets(rows, clean: dict, reasons: dict) -> list[dict]:
+    """The data-poisoning verdicts of ``rows``, one per attack and poison rate in their order
+    (:func:`experiments.backdoor._poisoning_targets` with this experiment's ``reasons``)."""
+    out = []
+    for attack, rate in dict.fromkeys((r["attack"], r["poison_rate"]) for r in rows):
+        rs = [r for r in rows if (r["attack"], r["poison_rate"]) == (attack, rate)]
+        out += B._poisoning_targets(rs[0]["model"], attack, rate, rs,
+                                    clean_asr=clean[f"asr_{attack}"], reasons=reasons)
+    return out
+
+
+def rejudge(out: Path | str) -> list[dict]:
+    """Recompute a finished run's verdicts from its stored rows (no new measurement) with the
+    current rules and reasons (its configuration's judged variants, :func:`reasons_for`);
+    rewrites ``targets`` in ``metrics.json`` and ``tables.md`` and redraws ``backdoor.png``.
+    ``python -m experiments.row_space_backdoor --rejudge DIR``."""
+    out = Path(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    cfg = metrics["setup"]["model_config"]
+    metrics["targets"] = _targets(metrics["rows"], metrics["clean"], reasons_for(cfg))
+    write_metrics(out, metrics)
+    B._write_tables(out, metrics["rows"], metrics["targets"], metrics["dataset"])
+    B._plot(metrics["rows"], out / "backdoor.png", metrics["dataset"])
+    return metrics["targets"]
+
+
 def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Path,
         seed: int = 0, **options) -> dict:
     """Run the experiment; see the module docstring. Returns the metrics.
@@ -354,8 +381,7 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
                          f"{100 * r['acc']:.2f}% ASR {100 * r['asr']:.2f}%")
                       + f" ({r['seconds']:.1f} s)")
         rows += rs
-        targets += B._poisoning_targets(net.name, attack, rate, rs,
-                                        clean_asr=clean[f"asr_{attack}"], reasons=reasons)
+        targets += _targets(rs, clean, reasons)
     bar.close()
     metrics = {
         "experiment": name, "dataset": dataset, "quick": quick, "seed": seed,
@@ -381,3 +407,15 @@ def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Pat
         print(f"- {'MET' if t['met'] else 'MISSED'}: {t['attack']} {100 * t['poison_rate']:g}%: "
               f"{t['reason']}")
     return metrics
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.row_space_backdoor",
+        description="Re-derive the target verdicts of a row-space backdoor run.")
+    parser.add_argument("--rejudge", type=Path, metavar="DIR", required=True,
+                        help="a folder written by `jaxpurify run backdoor-row-space-*`")
+    for t in rejudge(parser.parse_args().rejudge):
+        print(B._verdict_line(t))

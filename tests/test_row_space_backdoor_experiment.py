@@ -198,6 +198,24 @@ def test_the_teacher_ablation_row_is_measured_beside_the_judged_ones_and_never_j
     assert target["variant"] != arm and f"{arm} (diagnostic, not judged) ASR" in target["reason"]
 
 
+def test_a_stored_run_is_rejudged_with_its_own_variants_and_the_grid_rejudge_refuses_it(
+        four_patches, tmp_path):
+    """``rejudge`` re-derives the verdicts the run wrote, from its rows and its
+    configuration's judged variants; the backdoor experiment's rejudge, which judges other
+    variants with other reasons, refuses a row-space run and names the command to use."""
+    import json
+
+    from experiments import backdoor
+
+    (tmp_path / "metrics.json").write_text(json.dumps(four_patches))
+    stored = json.loads(json.dumps(four_patches["targets"]))
+    assert row_space.rejudge(tmp_path) == stored
+    assert json.loads((tmp_path / "metrics.json").read_text())["targets"] == stored
+    assert (tmp_path / "tables.md").exists() and (tmp_path / "backdoor.png").exists()
+    with pytest.raises(ValueError, match="experiments.row_space_backdoor --rejudge"):
+        backdoor.rejudge(tmp_path)
+
+
 def test_bad_patches_and_defenses_are_refused(tmp_path):
     with pytest.raises(ValueError, match="does not tile the 28x28 images"):
         row_space.run(quick=True, out=tmp_path / "never", patch=12)
