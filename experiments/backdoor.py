@@ -151,11 +151,12 @@ UNIVERSAL_VARIANTS.update({f"{name}-unlearned": {**UNIVERSAL_VARIANTS[name],
 #: The universal unlearning the ``+universal`` jaxpurify rows run after their projection: both
 #: balls (the defender does not know the trigger's kind), rounds while the first round's
 #: targets still reach the fool level, each distilled until they are unlearned. It starts from
-#: the projected network and distills toward *its* logits, so the passes can teach back only
-#: what the projection left, not the deployed network's backdoor. Named in stop 56 from stop
-#: 55's finding that distilling toward the backdoored network gives Blended back on the
-#: four-patch MNIST CNN (the projection there leaves 31-95% of it), fixed in code before any
-#: run of it.
+#: the projected network and distills toward its logits. Named in stop 56 from stop 55's
+#: finding that distilling the deployed network longer gives Blended back on the four-patch
+#: MNIST CNN (the projection there leaves 31-95% of it), on the reading that the backdoored
+#: teacher taught it back; fixed in code before any run of it. Stop 57's teacher ablation
+#: (:data:`UNLEARNING_ROLES`) did not bear that reading out: the start does the work, not the
+#: teacher (``docs/backdoors.md``).
 THEN_UNLEARNED = "universal-both-each-recheck-unlearned"
 
 #: The teacher ablation of ``benign-principal+universal``: per variant, the network the
@@ -1274,10 +1275,11 @@ _VARIANT_WHY = {
                                  "the rule still keeps every direction benign images excite "
                                  "strongly",
     "benign-principal+universal": "the principal projection, then the universal unlearning "
-                                  f"{THEN_UNLEARNED} from the projected network and toward its "
-                                  "logits: the unlearning can teach back only what the "
-                                  "projection left, and its cost comes on top of the "
-                                  "projection's",
+                                  f"{THEN_UNLEARNED} started from the projected network (its "
+                                  "radius rule asks that network; it distills toward its "
+                                  "logits): it has to remove only what the projection left, "
+                                  "so it misses where the projection keeps most of the "
+                                  "backdoor, and its cost comes on top of the projection's",
     "benign-layer-principal+universal": "the layer projection, then the universal unlearning "
                                         f"{THEN_UNLEARNED} from the projected network and "
                                         "toward its logits",
