@@ -1037,7 +1037,7 @@ def rejudge(out: Path | str) -> list[dict]:
     DIR``."""
     out = Path(out)
     metrics = json.loads((out / "metrics.json").read_text())
-    if "patches_per_image" in metrics["setup"]:  # judged on other variants, with its reasons
+    if "patches_per_image" in metrics.get("setup", {}):  # judged on other variants and reasons
         raise ValueError(f"{out} is a row-space run ({metrics['experiment']}): rejudge it with "
                          f"python -m experiments.row_space_backdoor --rejudge {out}")
     metrics["targets"] = _targets(metrics["rows"], metrics["clean"])
