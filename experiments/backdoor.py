@@ -155,15 +155,15 @@ UNIVERSAL_VARIANTS.update({f"{name}-unlearned": {**UNIVERSAL_VARIANTS[name],
 #: finding that distilling the deployed network longer gives Blended back on the four-patch
 #: MNIST CNN (the projection there leaves 31-95% of it), on the reading that the backdoored
 #: teacher taught it back; fixed in code before any run of it. Stop 57's teacher ablation
-#: (:data:`UNLEARNING_ROLES`) did not bear that reading out: the start does the work, not the
-#: teacher (``docs/backdoors.md``).
+#: (:data:`UNLEARNING_ROLES`) did not bear that reading out: the start does most of the work,
+#: and on MNIST the teacher moves the mean ASR by at most 0.58 pt (``docs/backdoors.md``).
 THEN_UNLEARNED = "universal-both-each-recheck-unlearned"
 
 #: The teacher ablation of ``benign-principal+universal``: per variant, the network the
 #: unlearning starts from and the one it distills toward (``"projected"``: the principal
 #: projection's; ``"deployed"``: the backdoored network). ``benign-principal+universal`` changes
 #: both from the deployed network's universal row (``THEN_UNLEARNED``); the two others change
-#: one each, so the grid tells which of the two does the work. Named in stop 57 as diagnostics,
+#: one each, so the runs tell which of the two does the work. Named in stop 57 as diagnostics,
 #: after stop 56's rows had been read: measured beside the judged rows, never judged.
 UNLEARNING_ROLES = {"benign-principal+universal": ("projected", "projected"),
                     "benign-principal+universal-deployed-teacher": ("projected", "deployed"),
