@@ -169,6 +169,10 @@ UNLEARNING_ROLES = {"benign-principal+universal": ("projected", "projected"),
                     "benign-principal+universal-deployed-teacher": ("projected", "deployed"),
                     "benign-principal+universal-deployed-start": ("deployed", "projected")}
 
+#: The rows the one-hidden CNN measures on the budget's one principal projection, in order:
+#: the projection alone, then the unlearned ones (:func:`principal_row`).
+PRINCIPAL_ROWS = ("benign-principal", *UNLEARNING_ROLES)
+
 #: jaxpurify's variants that are measured but never judged (:data:`UNLEARNING_ROLES`' ablation);
 #: a run measures them only when ``--set "jaxpurify_variants=(...)"`` names them.
 JAXPURIFY_DIAGNOSTICS = ("benign-principal+universal-deployed-teacher",
@@ -572,15 +576,14 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
             rows.append({"defense": "jaxpurify", "variant": "benign-row-space",
                          "budget": budget, "n_benign": int(len(xb)), "acc": acc, "asr": asr,
                          "seconds": secs, "details": det})
-        principal_rows = [v for v in ("benign-principal", *UNLEARNING_ROLES) if wanted(v)]
+        principal_rows = [v for v in PRINCIPAL_ROWS if wanted(v)]
         if row_space and model.name == "one-hidden" and principal_rows:
             # the leading principal directions apply at every budget
             q, info = D.principal_projection(m, params, xb, yb, init_params=init_params)
-            for variant in principal_rows:  # the unlearned rows use this projection
-                measured("jaxpurify", variant, *(
-                    (q, info) if variant == "benign-principal" else
-                    unlearned_after(m, q, info, xb, key=key, augmentation=_augmentation(model),
-                                    deployed=params, roles=UNLEARNING_ROLES[variant])))
+            for variant in principal_rows:
+                measured("jaxpurify", variant,
+                         *principal_row(m, variant, q, info, xb, deployed=params, key=key,
+                                        augmentation=_augmentation(model)))
                 rows[-1]["details"].update(principal_details(info))
         if row_space and model.name != "one-hidden":
             # the projection alone, followed by the FT recipe (scored that way held out), and
@@ -676,6 +679,18 @@ def _neural_cleanse(model: _Model, params, xb, yb, key, measured) -> None:
                                              **calls[source])
         q, info = done[source]
         measured("nc", variant, q, info, seconds=t_inv + info.seconds)
+
+
+def principal_row(model, variant: str, projected, projection: D.DefenseInfo, x_benign, *,
+                  deployed, key, augmentation: dict) -> tuple:
+    """The ``(params, DefenseInfo)`` of a :data:`PRINCIPAL_ROWS` row from the budget's one
+    principal projection ``(projected, projection)``: the projection itself, or
+    :func:`unlearned_after` it in the variant's :data:`UNLEARNING_ROLES`."""
+    if variant == "benign-principal":
+        return projected, projection
+    return unlearned_after(model, projected, projection, x_benign, key=key,
+                           augmentation=augmentation, deployed=deployed,
+                           roles=UNLEARNING_ROLES[variant])
 
 
 def unlearned_after(model, projected, projection: D.DefenseInfo, x_benign, *, key,
@@ -1030,17 +1045,22 @@ def _write_tables(out: Path, rows, targets, dataset: str) -> str:
     return tables
 
 
-def rejudge(out: Path | str) -> list[dict]:
+def rejudge(out: Path | str, judge=None) -> list[dict]:
     """Recompute the target verdicts of a finished run from its stored rows (no new
     measurement) with the current rules; rewrites ``targets`` in ``metrics.json`` and
     ``tables.md``, and redraws ``backdoor.png``. ``python -m experiments.backdoor --rejudge
-    DIR``."""
+    DIR``.
+
+    ``judge(metrics) -> targets`` judges another experiment's rows (the row-space one's,
+    :func:`experiments.row_space_backdoor.rejudge`); without it a row-space run, whose
+    verdict judges other variants with other reasons, is refused."""
     out = Path(out)
     metrics = json.loads((out / "metrics.json").read_text())
-    if "patches_per_image" in metrics.get("setup", {}):  # judged on other variants and reasons
+    if judge is None and "patches_per_image" in metrics.get("setup", {}):
         raise ValueError(f"{out} is a row-space run ({metrics['experiment']}): rejudge it with "
                          f"python -m experiments.row_space_backdoor --rejudge {out}")
-    metrics["targets"] = _targets(metrics["rows"], metrics["clean"])
+    metrics["targets"] = (judge(metrics) if judge else
+                          _targets(metrics["rows"], metrics["clean"]))
     write_metrics(out, metrics)
     _write_tables(out, metrics["rows"], metrics["targets"], metrics["dataset"])
     _plot(metrics["rows"], out / "backdoor.png", metrics["dataset"])

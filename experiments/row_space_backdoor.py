@@ -42,7 +42,6 @@ of the trigger's patch change the projection removes, :func:`trigger_outside_spa
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -254,8 +253,7 @@ def defend(net: RowSpaceNetwork, cfg: dict, dataset: str, params, xb, yb, *, bud
             if "fraction" in extra:
                 extra["removed_fraction"] = extra.pop("fraction")
             add("jaxpurify", variant, q, info, benign_patch_rank=rank, **extra)
-        principal = [v for v in ("benign-principal", *B.UNLEARNING_ROLES)
-                     if v in cfg["variants"]]
+        principal = [v for v in B.PRINCIPAL_ROWS if v in cfg["variants"]]
         if principal:  # applies at every budget
             q, info = D.principal_projection(model, params, xb, yb,
                                              init_params=net.init_params)
@@ -263,14 +261,11 @@ def defend(net: RowSpaceNetwork, cfg: dict, dataset: str, params, xb, yb, *, bud
                                                 rank=info.details["rank"])[attack]
             kept = {"benign_patch_rank": rank, **B.principal_details(info),
                     "trigger_outside_kept": outside_kept}
-            for variant in principal:  # the unlearned rows use this projection
-                add("jaxpurify", variant, *((q, info) if variant == "benign-principal" else
-                                            B.unlearned_after(
-                                                model, q, info, xb, key=key,
-                                                augmentation=B._augmentation_for(net.name,
-                                                                                 dataset),
-                                                deployed=params,
-                                                roles=B.UNLEARNING_ROLES[variant])), **kept)
+            for variant in principal:
+                add("jaxpurify", variant,
+                    *B.principal_row(model, variant, q, info, xb, deployed=params, key=key,
+                                     augmentation=B._augmentation_for(net.name, dataset)),
+                    **kept)
     baselines = {"ft": D.fine_tune, "fp": D.fine_prune,
                  "anp": functools.partial(D.anp, iterations=cfg["anp_iterations"])}
     for defense, fn in baselines.items():
@@ -302,14 +297,8 @@ def rejudge(out: Path | str) -> list[dict]:
     current rules and reasons (its configuration's judged variants, :func:`reasons_for`);
     rewrites ``targets`` in ``metrics.json`` and ``tables.md`` and redraws ``backdoor.png``.
     ``python -m experiments.row_space_backdoor --rejudge DIR``."""
-    out = Path(out)
-    metrics = json.loads((out / "metrics.json").read_text())
-    cfg = metrics["setup"]["model_config"]
-    metrics["targets"] = _targets(metrics["rows"], metrics["clean"], reasons_for(cfg))
-    write_metrics(out, metrics)
-    B._write_tables(out, metrics["rows"], metrics["targets"], metrics["dataset"])
-    B._plot(metrics["rows"], out / "backdoor.png", metrics["dataset"])
-    return metrics["targets"]
+    return B.rejudge(out, judge=lambda metrics: _targets(
+        metrics["rows"], metrics["clean"], reasons_for(metrics["setup"]["model_config"])))
 
 
 def run(*, name: str = "backdoor-row-space-mnist", quick: bool = False, out: Path,

@@ -143,7 +143,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxpurify.defenses import DefenseInfo, _unwrap, distill, network
+from jaxpurify.defenses import DefenseInfo, _same_network, _unwrap, distill, network
 from jaxpurify.trigger_inversion import anomaly_index
 
 #: Candidate radii of the universal perturbation, as fractions of the benign images' root
@@ -618,17 +618,6 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
                        stopped=len(history) < rounds,
                        schedule=[s if len(plans) > 1 else s[0] for s in schedule])
     return current, DefenseInfo("universal-unlearning", time.perf_counter() - t0, details)
-
-
-def _same_network(teacher, params):
-    """``teacher``, checked to have the structure and leaf shapes of ``params``."""
-    leaves = jax.tree_util.tree_leaves
-    if (jax.tree_util.tree_structure(teacher) != jax.tree_util.tree_structure(params)
-            or [jnp.shape(a) for a in leaves(teacher)] != [jnp.shape(a) for a in
-                                                            leaves(params)]):
-        raise ValueError("teacher must be params of the same network (the structure and "
-                         "shapes of params): pass the deployed or projected network's params")
-    return teacher
 
 
 def ball_weights(counts, mirror: bool) -> np.ndarray:

@@ -358,7 +358,7 @@ def distill(model, params, x_benign, y_benign=None, *, teacher, steps: int = 300
 
     Raises:
         ValueError: no benign images, ``steps < 1``, a bad ``batch_size`` or ``crop``, a
-            teacher whose structure differs from ``params``, non-finite logits before
+            teacher whose structure or shapes differ from ``params``, non-finite logits before
             distilling (NaN/Inf params) or after (diverged).
     """
     t0 = time.perf_counter()
@@ -374,9 +374,8 @@ def distill(model, params, x_benign, y_benign=None, *, teacher, steps: int = 300
     if weights.ndim > 1 or not (np.all(np.isfinite(weights)) and np.all(weights >= 0)):
         raise ValueError(f"stamp_weight must be finite and >= 0 (a number, or one per stamp), "
                          f"got {stamp_weight!r}")
-    p, t = _unwrap(params), _unwrap(teacher)
-    if jax.tree_util.tree_structure(p) != jax.tree_util.tree_structure(t):
-        raise ValueError("teacher must have the structure of params (the deployed network)")
+    p = _unwrap(params)
+    t = _same_network(_unwrap(teacher), p)
     apply = network(model).apply
     tx = ("adam-cosine", float(learning_rate), int(steps))
     config = (apply, tx, int(min(batch_size, n)), bool(hflip), int(crop))
@@ -400,6 +399,22 @@ def distill(model, params, x_benign, y_benign=None, *, teacher, steps: int = 300
                          f"learning_rate={learning_rate:g}): lower the learning rate")
     return jax.block_until_ready(p), DefenseInfo("distill", time.perf_counter() - t0, {
         "steps": int(steps), "logit_mse": (before, after)})
+
+
+def _same_network(teacher, params):
+    """``teacher``, checked to be params of the same network as ``params``: the same pytree
+    structure and leaf shapes (a distillation's teacher, :func:`distill`).
+
+    Raises:
+        ValueError: another structure or another shape.
+    """
+    leaves = jax.tree_util.tree_leaves
+    if (jax.tree_util.tree_structure(teacher) != jax.tree_util.tree_structure(params)
+            or [jnp.shape(a) for a in leaves(teacher)] != [jnp.shape(a) for a in
+                                                            leaves(params)]):
+        raise ValueError("teacher must have the structure and shapes of params (the same "
+                         "network's params: pass the deployed or projected network's)")
+    return teacher
 
 
 def _stamp_arrays(stamps, x):

@@ -890,25 +890,26 @@ def test_a_deep_models_unlearned_row_starts_from_the_plain_layer_projection(
     assert not then["details"]["refined"]
 
 
-def test_a_one_hidden_unlearned_row_unlearns_the_principal_rows_projection(monkeypatch):
-    """On the one-hidden CNN both principal rows share one projection per budget: the
-    ``+universal`` row starts its unlearning from it and records what it kept."""
+def _one_hidden_principal_rows(monkeypatch, variants):
+    """``_defend``'s one-hidden rows for ``variants`` with the projection and the unlearning
+    replaced by stand-ins; returns the rows, the params each projection was asked of, and the
+    ``(start, teacher)`` of each unlearning."""
     from types import SimpleNamespace
 
     from jaxpurify import adversarial_unlearning as AU
     from jaxpurify import defenses as D
 
-    calls, starts = [], []
+    projected_from, unlearned = [], []
 
     def project(module, params, x, y, *, init_params):
-        calls.append(params)
+        projected_from.append(params)
         return "projected", D.DefenseInfo("principal", 1.0, {
             "rank": 64, "ranks": [32, 64], "folds": 5, "benign_acc": [0.8, 0.9],
             "benign_acc_undefended": 0.9, "qualified": True, "removed_energy": 0.5})
 
-    def unlearn(module, params, x, **kw):
-        starts.append(params)
-        return "unlearned", D.DefenseInfo("universal-unlearning", 2.0, {
+    def unlearn(module, params, x, *, teacher=None, **kw):
+        unlearned.append((params, teacher))
+        return f"unlearned {len(unlearned)}", D.DefenseInfo("universal-unlearning", 2.0, {
             "fooled": [[0.9, 0.01]], "fooled_final": 0.2, "passes": [2], "until_fooled": 0.05,
             "norm": "l2", "radius": 1.0})
 
@@ -917,11 +918,19 @@ def test_a_one_hidden_unlearned_row_unlearns_the_principal_rows_projection(monke
     monkeypatch.setattr(D, "principal_projection", project)
     monkeypatch.setattr(AU, "universal_unlearning", unlearn)
     cfg = {"defenses": ("jaxpurify",), "anp_iterations": 1, "ft_learning_rates": (),
-           "ft_recipes": (), "fp_recipes": (),
-           "jaxpurify_variants": ("benign-principal", "benign-principal+universal")}
+           "ft_recipes": (), "fp_recipes": (), "jaxpurify_variants": variants}
     model = SimpleNamespace(name="one-hidden", dataset="mnist", cfg=cfg, module=None)
     rows = backdoor._defend(model, "deployed", lambda _b: ("x", "y"), (0.01,),
                             lambda q: (0.9, 0.01), key=None, init_params=None, row_space=True)
+    return rows, projected_from, unlearned
+
+
+def test_a_one_hidden_unlearned_row_unlearns_the_principal_rows_projection(monkeypatch):
+    """On the one-hidden CNN both principal rows share one projection per budget: the
+    ``+universal`` row starts its unlearning from it and records what it kept."""
+    rows, calls, unlearned = _one_hidden_principal_rows(
+        monkeypatch, ("benign-principal", "benign-principal+universal"))
+    starts = [start for start, _ in unlearned]
     assert calls == ["deployed"] and starts == ["projected"]
     alone, then = (next(r for r in rows if r["variant"] == v)
                    for v in ("benign-principal", "benign-principal+universal"))
@@ -935,38 +944,11 @@ def test_the_teacher_ablation_swaps_one_role_each_and_is_never_judged(monkeypatc
     one starts from it and distills toward the deployed network, the other starts from the
     deployed network and distills toward it; a run measures them only when named, and the
     verdict quotes them as diagnostics and never picks them, however low their ASR."""
-    from types import SimpleNamespace
-
-    from jaxpurify import adversarial_unlearning as AU
-    from jaxpurify import defenses as D
-
-    calls, roles = [], {}
-
-    def project(module, params, x, y, *, init_params):
-        calls.append(params)
-        return "projected", D.DefenseInfo("principal", 1.0, {
-            "rank": 64, "ranks": [32, 64], "folds": 5, "benign_acc": [0.8, 0.9],
-            "benign_acc_undefended": 0.9, "qualified": True, "removed_energy": 0.5})
-
-    def unlearn(module, params, x, *, teacher=None, **kw):
-        roles[len(roles)] = (params, teacher)
-        return f"unlearned {len(roles)}", D.DefenseInfo("universal-unlearning", 2.0, {
-            "fooled": [[0.9, 0.01]], "fooled_final": 0.2, "passes": [2], "until_fooled": 0.05,
-            "norm": "l2", "radius": 1.0})
-
-    monkeypatch.setattr(D, "jaxpurify_defense",
-                        lambda module, params: (params, D.DefenseInfo("jaxpurify", 0.0, {})))
-    monkeypatch.setattr(D, "principal_projection", project)
-    monkeypatch.setattr(AU, "universal_unlearning", unlearn)
-    cfg = {"defenses": ("jaxpurify",), "anp_iterations": 1, "ft_learning_rates": (),
-           "ft_recipes": (), "fp_recipes": (),
-           "jaxpurify_variants": ("benign-principal+universal", *backdoor.JAXPURIFY_DIAGNOSTICS)}
-    model = SimpleNamespace(name="one-hidden", dataset="mnist", cfg=cfg, module=None)
-    rows = backdoor._defend(model, "deployed", lambda _b: ("x", "y"), (0.01,),
-                            lambda q: (0.9, 0.01), key=None, init_params=None, row_space=True)
+    rows, calls, unlearned = _one_hidden_principal_rows(
+        monkeypatch, ("benign-principal+universal", *backdoor.JAXPURIFY_DIAGNOSTICS))
     assert calls == ["deployed"]  # one projection for the three unlearned rows
-    assert list(roles.values()) == [("projected", None), ("projected", "deployed"),
-                                    ("deployed", "projected")]
+    assert unlearned == [("projected", None), ("projected", "deployed"),
+                         ("deployed", "projected")]
     assert [r["variant"] for r in rows if r["budget"]] == list(backdoor.UNLEARNING_ROLES)
     assert all(r["seconds"] == 3.0 for r in rows if r["budget"])  # the projection's too
     ablation = next(r for r in rows if r["variant"] == backdoor.JAXPURIFY_DIAGNOSTICS[1])
