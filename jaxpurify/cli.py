@@ -124,8 +124,8 @@ def _shell_word(word: str) -> str:
 
 
 def _record_command(path: Path, args) -> None:
-    """Store the command line that made ``metrics.json`` in it (the README's results section
-    prints it)."""
+    """Store the command line that made ``metrics.json`` in it (the results page,
+    docs/results.md, prints it)."""
     if not path.is_file():
         return
     words = ["jaxpurify", "run", args.name] + (["--quick"] if args.quick else [])

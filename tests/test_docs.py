@@ -1,4 +1,5 @@
-"""docs/backdoors.md gives a reason for every missed backdoor verdict stored in ``results/``."""
+"""docs/backdoors.md gives a reason for every missed backdoor verdict stored in ``results/``,
+and docs/results.md is what those runs render."""
 
 from __future__ import annotations
 
@@ -63,3 +64,10 @@ def test_missed_runs_and_counts_on_a_small_store():
     # the met data verdict held by two runs is one row
     assert verdicts.counts() == {"data": (1, 2), "edits": (2, 3)}
     assert verdicts.ks == {10, 100}
+
+
+def test_the_results_page_is_what_the_stored_runs_render():
+    page = report.PAGE.read_text()
+    stored = page[page.index(report.START):page.index(report.END) + len(report.END)]
+    assert stored == report.render(ROOT / "results", report.PAGE.parent), (
+        "docs/results.md is stale: run `python -m experiments._report results`")

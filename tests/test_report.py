@@ -1,4 +1,4 @@
-"""The README results section (experiments/_report.py) is rendered from metrics.json only."""
+"""The results page (experiments/_report.py, docs/results.md) is rendered from metrics.json only."""
 
 from __future__ import annotations
 
@@ -44,13 +44,13 @@ def test_section_has_commands_times_rows_and_figures(tmp_path):
 
 
 def test_update_replaces_only_between_the_markers(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{report.START}\nold\n{report.END}\noutro\n")
-    new = report.update_readme(readme, f"{report.START}\nnew\n{report.END}")
+    page = tmp_path / "results.md"
+    page.write_text(f"intro\n{report.START}\nold\n{report.END}\noutro\n")
+    new = report.update_page(page, f"{report.START}\nnew\n{report.END}")
     assert new == f"intro\n{report.START}\nnew\n{report.END}\noutro\n"
-    readme.write_text(f"intro\n{report.END}\n")
+    page.write_text(f"intro\n{report.END}\n")
     with pytest.raises(ValueError, match="markers"):
-        report.update_readme(readme, "x")
+        report.update_page(page, "x")
 
 
 def _data_verdict(**kw):
