@@ -169,14 +169,22 @@ UNLEARNING_ROLES = {"benign-principal+universal": ("projected", "projected"),
                     "benign-principal+universal-deployed-teacher": ("projected", "deployed"),
                     "benign-principal+universal-deployed-start": ("deployed", "projected")}
 
+#: The radius diagnostic: the deployed network's own unlearning (start and teacher, as
+#: ``THEN_UNLEARNED``'s universal row) at the radii the rule chose on the projection, one per
+#: ball, its targets chosen there on the deployed network. With ``benign-principal+universal``
+#: and that row it separates what the projected start carries into the unlearning: its
+#: radius, or its weights. Named in stop 58 after stop 57's ablation, a diagnostic.
+AT_PROJECTED_RADII = "benign-principal+universal-deployed-at-projected-radii"
+
 #: The rows the one-hidden CNN measures on the budget's one principal projection, in order:
 #: the projection alone, then the unlearned ones (:func:`principal_row`).
-PRINCIPAL_ROWS = ("benign-principal", *UNLEARNING_ROLES)
+PRINCIPAL_ROWS = ("benign-principal", *UNLEARNING_ROLES, AT_PROJECTED_RADII)
 
-#: jaxpurify's variants that are measured but never judged (:data:`UNLEARNING_ROLES`' ablation);
-#: a run measures them only when ``--set "jaxpurify_variants=(...)"`` names them.
+#: jaxpurify's variants that are measured but never judged (:data:`UNLEARNING_ROLES`' ablation
+#: and :data:`AT_PROJECTED_RADII`); a run measures them only when ``--set
+#: "jaxpurify_variants=(...)"`` names them.
 JAXPURIFY_DIAGNOSTICS = ("benign-principal+universal-deployed-teacher",
-                         "benign-principal+universal-deployed-start")
+                         "benign-principal+universal-deployed-start", AT_PROJECTED_RADII)
 
 #: jaxpurify's rows with a benign budget (``--set "jaxpurify_variants=(...)"`` picks a subset;
 #: the data-free ``designed`` row is always measured). The last six apply where
@@ -580,10 +588,11 @@ def _defend(model: _Model, params, benign, budgets, evaluate, key, *, init_param
         if row_space and model.name == "one-hidden" and principal_rows:
             # the leading principal directions apply at every budget
             q, info = D.principal_projection(m, params, xb, yb, init_params=init_params)
+            earlier = {}
             for variant in principal_rows:
                 measured("jaxpurify", variant,
                          *principal_row(m, variant, q, info, xb, deployed=params, key=key,
-                                        augmentation=_augmentation(model)))
+                                        augmentation=_augmentation(model), earlier=earlier))
                 rows[-1]["details"].update(principal_details(info))
         if row_space and model.name != "one-hidden":
             # the projection alone, followed by the FT recipe (scored that way held out), and
@@ -682,20 +691,41 @@ def _neural_cleanse(model: _Model, params, xb, yb, key, measured) -> None:
 
 
 def principal_row(model, variant: str, projected, projection: D.DefenseInfo, x_benign, *,
-                  deployed, key, augmentation: dict) -> tuple:
+                  deployed, key, augmentation: dict, earlier: dict | None = None) -> tuple:
     """The ``(params, DefenseInfo)`` of a :data:`PRINCIPAL_ROWS` row from the budget's one
-    principal projection ``(projected, projection)``: the projection itself, or
-    :func:`unlearned_after` it in the variant's :data:`UNLEARNING_ROLES`."""
+    principal projection ``(projected, projection)``: the projection itself,
+    :func:`unlearned_after` it in the variant's :data:`UNLEARNING_ROLES`, or
+    (:data:`AT_PROJECTED_RADII`) the deployed network's unlearning at the radii
+    ``benign-principal+universal`` chose. ``earlier`` holds the rows already made from this
+    projection (variant -> result; each row made here is added): the radii are read from
+    it, or that row is made first."""
+    earlier = {} if earlier is None else earlier
     if variant == "benign-principal":
-        return projected, projection
-    return unlearned_after(model, projected, projection, x_benign, key=key,
-                           augmentation=augmentation, deployed=deployed,
-                           roles=UNLEARNING_ROLES[variant])
+        earlier[variant] = projected, projection
+    elif variant in UNLEARNING_ROLES:
+        earlier[variant] = unlearned_after(model, projected, projection, x_benign, key=key,
+                                           augmentation=augmentation, deployed=deployed,
+                                           roles=UNLEARNING_ROLES[variant])
+    elif variant == AT_PROJECTED_RADII:
+        source = "benign-principal+universal"
+        if source not in earlier:
+            principal_row(model, source, projected, projection, x_benign, deployed=deployed,
+                          key=key, augmentation=augmentation, earlier=earlier)
+        chosen = earlier[source][1].details
+        radii = tuple(ball["radius"] for ball in chosen.get("balls", [chosen]))
+        earlier[variant] = unlearned_after(
+            model, projected, projection, x_benign, key=key, augmentation=augmentation,
+            deployed=deployed, roles=("deployed", "deployed"),
+            radius=radii if len(radii) > 1 else radii[0])
+    else:
+        raise ValueError(f"{variant!r} is not one of the principal rows {PRINCIPAL_ROWS}")
+    return earlier[variant]
 
 
 def unlearned_after(model, projected, projection: D.DefenseInfo, x_benign, *, key,
                     augmentation: dict, deployed=None,
-                    roles: tuple[str, str] = ("projected", "projected")) -> tuple:
+                    roles: tuple[str, str] = ("projected", "projected"),
+                    radius=None) -> tuple:
     """A ``+universal`` row: the universal unlearning :data:`THEN_UNLEARNED` of a network a
     projection already returned, from it and toward its logits (the unlearning's teacher is
     the network it starts from, :func:`jaxpurify.adversarial_unlearning.universal_unlearning`),
@@ -711,6 +741,8 @@ def unlearned_after(model, projected, projection: D.DefenseInfo, x_benign, *, ke
         roles: ``(start, teacher)``, each ``"projected"`` or ``"deployed"``: the network the
             unlearning starts from (its radius rule asks that one) and the one every pass
             distills toward.
+        radius: ``None`` (the rule chooses on the start), or the radius of each ball
+            (:func:`jaxpurify.adversarial_unlearning.universal_unlearning`'s ``radius``).
 
     Returns:
         ``(params, DefenseInfo)``: ``seconds`` both steps' (the projection's too where it is
@@ -721,7 +753,7 @@ def unlearned_after(model, projected, projection: D.DefenseInfo, x_benign, *, ke
         raise ValueError(f"roles must be (start, teacher), each 'projected' or 'deployed' (the "
                          f"second needs deployed=), got {roles!r}")
     start, teacher = roles
-    q, info = AU.universal_unlearning(model, nets[start], x_benign, key=key,
+    q, info = AU.universal_unlearning(model, nets[start], x_benign, key=key, radius=radius,
                                       teacher=None if teacher == start else nets[teacher],
                                       **UNIVERSAL_VARIANTS[THEN_UNLEARNED], **augmentation)
     return q, D.DefenseInfo(f"{projection.name}+universal", projection.seconds + info.seconds,
@@ -1011,7 +1043,10 @@ def _note(r) -> str:
         parts.append(f"edited {d['edited']}")
     if unlearning and r["defense"] != "universal":
         parts.append(f"then universal unlearning: {unlearning}")
-    if r.get("variant") in JAXPURIFY_DIAGNOSTICS:
+    if r.get("variant") == AT_PROJECTED_RADII:
+        parts.append("radius diagnostic: the deployed network's own unlearning at the radii "
+                     "the rule chose on the projection; diagnostic (not judged)")
+    elif r.get("variant") in JAXPURIFY_DIAGNOSTICS:
         start, teacher = UNLEARNING_ROLES[r["variant"]]
         parts.append(f"teacher ablation: the unlearning starts from the {start} network and "
                      f"distills toward the {teacher} one; diagnostic (not judged)")

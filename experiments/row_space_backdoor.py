@@ -261,10 +261,12 @@ def defend(net: RowSpaceNetwork, cfg: dict, dataset: str, params, xb, yb, *, bud
                                                 rank=info.details["rank"])[attack]
             kept = {"benign_patch_rank": rank, **B.principal_details(info),
                     "trigger_outside_kept": outside_kept}
+            earlier = {}
             for variant in principal:
                 add("jaxpurify", variant,
                     *B.principal_row(model, variant, q, info, xb, deployed=params, key=key,
-                                     augmentation=B._augmentation_for(net.name, dataset)),
+                                     augmentation=B._augmentation_for(net.name, dataset),
+                                     earlier=earlier),
                     **kept)
     baselines = {"ft": D.fine_tune, "fp": D.fine_prune,
                  "anp": functools.partial(D.anp, iterations=cfg["anp_iterations"])}

@@ -393,7 +393,7 @@ def choose_radius(fooled, radii, fool_level: float) -> float:
 
 
 def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = "l2",
-                         radius: float | None = None, radius_fractions=None,
+                         radius: float | tuple | None = None, radius_fractions=None,
                          fool_level: float = 0.9, rounds: int = 5, steps: int = 100,
                          learning_rate: float = 1e-3, batch_size: int = 64,
                          ascent_steps: int = 50, targeted: bool = True, hflip: bool = True,
@@ -412,10 +412,13 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
             patch's); or a tuple of both, ``("l2", "l1")``: each ball's radius and targets
             chosen by its own rule, and each round unlearns every ball's perturbations
             together (a defender who does not know the trigger's kind).
-        radius: the perturbation's radius in ``norm`` (one ball only); ``None`` chooses it
-            on the benign images (the smallest of ``radius_fractions`` times
-            :func:`benign_scale` whose perturbation of the deployed network changes at least
-            ``fool_level`` of their predictions).
+        radius: the perturbation's radius in ``norm``, or with several balls a tuple of
+            one radius per ball, in ``norm``'s order (e.g. the radii the rule chose on
+            another network: the experiments' ``deployed-at-projected-radii`` diagnostic);
+            ``None`` chooses it on the benign images (the smallest of ``radius_fractions``
+            times :func:`benign_scale` whose perturbation of the deployed network changes at
+            least ``fool_level`` of their predictions). A targeted ball given its radius
+            still chooses its targets there.
         radius_fractions, fool_level: the rule's candidates (one ball only; default
             :data:`RADIUS_FRACTIONS`, :data:`SPARSE_RADIUS_FRACTIONS` for ``"l1"``) and
             level. The default 0.9 was chosen on MNIST LeNet-5 probes (BadNets 10%: at 0.5
@@ -507,9 +510,10 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
         raise ValueError(f"norm must be one of {list(NORMS)} or a tuple of distinct ones, "
                          f"got {norm!r}")
     balls = [{"norm": n, "bound": _check_ball(x, n, bound)} for n in norms]
-    if len(norms) > 1 and (radius is not None or radius_fractions is not None):
-        raise ValueError("radius and radius_fractions apply to one ball; with several norms "
-                         "each ball's rule uses its default fractions")
+    if len(norms) > 1 and radius_fractions is not None:
+        raise ValueError("radius_fractions applies to one ball; with several norms each "
+                         "ball's rule uses its default fractions")
+    radii = _radii(radius, norms)
     if not (isinstance(rounds, int | np.integer) and rounds >= 1):
         raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
     if ball_weighting not in ("mean", "each"):
@@ -527,17 +531,15 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
         raise ValueError(f"max_passes must be a positive integer, got {max_passes!r}")
     if not 0 < fool_level <= 1:
         raise ValueError(f"fool_level must be in (0, 1], got {fool_level!r}")
-    if radius is not None and not (np.isfinite(radius) and radius > 0):
-        raise ValueError(f"radius must be positive and finite (or None: chosen), got {radius!r}")
     key = jax.random.PRNGKey(0) if key is None else key
     mirror = hflip if mirror is None else mirror
     apply = network(model).apply
     deployed = _unwrap(params)
     taught = deployed if teacher is None else _same_network(_unwrap(teacher), deployed)
     plans, ladders = [], []  # per ball: its radius, targets and the rule's record; candidates
-    for ball in balls:
-        if radius is not None:
-            candidates = np.asarray([radius], np.float64)
+    for ball, given in zip(balls, radii, strict=True):
+        if given is not None:
+            candidates = np.asarray([given], np.float64)
         else:
             fractions = radius_fractions if radius_fractions is not None else (
                 SPARSE_RADIUS_FRACTIONS if ball["norm"] == "l1" else RADIUS_FRACTIONS)
@@ -618,6 +620,23 @@ def universal_unlearning(model, params, x_benign, y_benign=None, *, norm: str = 
                        stopped=len(history) < rounds,
                        schedule=[s if len(plans) > 1 else s[0] for s in schedule])
     return current, DefenseInfo("universal-unlearning", time.perf_counter() - t0, details)
+
+
+def _radii(radius, norms: tuple) -> list:
+    """One given radius (or ``None``: the rule chooses) per ball, checked."""
+    if radius is None:
+        return [None] * len(norms)
+    several = len(norms) > 1
+    given = tuple(radius) if isinstance(radius, tuple | list) else (radius,)
+    if len(given) != len(norms) or (several and not isinstance(radius, tuple | list)):
+        raise ValueError(f"radius must be one number per ball ({len(norms)} for norm "
+                         f"{'+'.join(norms)}: {'a tuple' if several else 'a number'}), "
+                         f"got {radius!r}")
+    values = [float(r) if np.ndim(r) == 0 and not isinstance(r, bool | str) else np.nan
+              for r in given]
+    if not all(np.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"radius must be positive and finite (or None: chosen), got {radius!r}")
+    return values
 
 
 def ball_weights(counts, mirror: bool) -> np.ndarray:

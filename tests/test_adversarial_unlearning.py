@@ -420,6 +420,26 @@ def test_a_given_radius_is_used_and_the_labels_are_not(poisoned):
         np.testing.assert_array_equal(a, b)
 
 
+def test_radii_given_per_ball_reproduce_the_run_whose_rules_chose_them(poisoned):
+    """A targeted ball asks for its perturbations at every candidate with the same key, so
+    the radius its rule chose, given back, finds the same perturbations and targets there:
+    the unlearning is the same, bit for bit (how the experiments' ``at-projected-radii``
+    diagnostic puts another network's radii on the deployed one)."""
+    m, w, xb, *_ = poisoned
+    kw = dict(norm=("l2", "l1"), rounds=2, steps=20, hflip=False, crop=0, ascent_steps=10,
+              learning_rate=1e-2)
+    q, info = AU.universal_unlearning(m, w, xb, **kw)
+    radii = tuple(ball["radius"] for ball in info.details["balls"])
+    given, again = AU.universal_unlearning(m, w, xb, radius=radii, **kw)
+    for chosen, ball in zip(info.details["balls"], again.details["balls"], strict=True):
+        assert ball["radius"] == chosen["radius"] and ball["targets"] == chosen["targets"]
+        assert "candidates" not in ball  # nothing was chosen
+    assert again.details["fooled"] == info.details["fooled"]
+    for a, b in zip(jax.tree_util.tree_leaves(q), jax.tree_util.tree_leaves(given),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_distill_adds_offsets_to_the_stamped_images(poisoned):
     m, w, xb, *_ = poisoned
     zeros = jnp.zeros((1,) + xb.shape[1:3] + (1,))
@@ -474,8 +494,14 @@ def test_arguments_are_checked(poisoned):
         AU.universal_unlearning(m, w, xb, until_fooled=0.1, max_passes=0)
     with pytest.raises(ValueError, match="radius=None"):
         AU.universal_unlearning(m, w, xb, radius=1.0, radius_schedule="climb")
+    for radius in (1.0, (1.0,), (1.0, 2.0, 3.0)):
+        with pytest.raises(ValueError, match="one number per ball"):
+            AU.universal_unlearning(m, w, xb, norm=("l2", "l1"), radius=radius)
+    for radius in ((1.0, 0.0), (np.nan, 1.0), (1.0, "2")):
+        with pytest.raises(ValueError, match="positive and finite"):
+            AU.universal_unlearning(m, w, xb, norm=("l2", "l1"), radius=radius)
     with pytest.raises(ValueError, match="one ball"):
-        AU.universal_unlearning(m, w, xb, norm=("l2", "l1"), radius=1.0)
+        AU.universal_unlearning(m, w, xb, norm=("l2", "l1"), radius_fractions=(0.1,))
     with pytest.raises(ValueError, match="bound"):
         AU.universal_unlearning(m, w, xb, norm="l1", bound=0.0)
     with pytest.raises(ValueError, match="constant"):

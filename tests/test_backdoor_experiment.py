@@ -893,7 +893,7 @@ def test_a_deep_models_unlearned_row_starts_from_the_plain_layer_projection(
 def _one_hidden_principal_rows(monkeypatch, variants):
     """``_defend``'s one-hidden rows for ``variants`` with the projection and the unlearning
     replaced by stand-ins; returns the rows, the params each projection was asked of, and the
-    ``(start, teacher)`` of each unlearning."""
+    ``(start, teacher)`` of each unlearning (and its radius, where one was given)."""
     from types import SimpleNamespace
 
     from jaxpurify import adversarial_unlearning as AU
@@ -907,8 +907,8 @@ def _one_hidden_principal_rows(monkeypatch, variants):
             "rank": 64, "ranks": [32, 64], "folds": 5, "benign_acc": [0.8, 0.9],
             "benign_acc_undefended": 0.9, "qualified": True, "removed_energy": 0.5})
 
-    def unlearn(module, params, x, *, teacher=None, **kw):
-        unlearned.append((params, teacher))
+    def unlearn(module, params, x, *, teacher=None, radius=None, **kw):
+        unlearned.append((params, teacher) + (() if radius is None else (radius,)))
         return f"unlearned {len(unlearned)}", D.DefenseInfo("universal-unlearning", 2.0, {
             "fooled": [[0.9, 0.01]], "fooled_final": 0.2, "passes": [2], "until_fooled": 0.05,
             "norm": "l2", "radius": 1.0})
@@ -944,8 +944,8 @@ def test_the_teacher_ablation_swaps_one_role_each_and_is_never_judged(monkeypatc
     one starts from it and distills toward the deployed network, the other starts from the
     deployed network and distills toward it; a run measures them only when named, and the
     verdict quotes them as diagnostics and never picks them, however low their ASR."""
-    rows, calls, unlearned = _one_hidden_principal_rows(
-        monkeypatch, ("benign-principal+universal", *backdoor.JAXPURIFY_DIAGNOSTICS))
+    rows, calls, unlearned = _one_hidden_principal_rows(monkeypatch,
+                                                        tuple(backdoor.UNLEARNING_ROLES))
     assert calls == ["deployed"]  # one projection for the three unlearned rows
     assert unlearned == [("projected", None), ("projected", "deployed"),
                          ("deployed", "projected")]
@@ -969,3 +969,27 @@ def test_the_teacher_ablation_swaps_one_role_each_and_is_never_judged(monkeypatc
     assert not t["met"] and t["variant"] == "benign-principal+universal"
     for v in backdoor.JAXPURIFY_DIAGNOSTICS:
         assert f"{v} (diagnostic, not judged) ASR 1.0%" in t["reason"]
+
+
+@pytest.mark.parametrize("with_source", [True, False])
+def test_the_radius_diagnostic_unlearns_the_deployed_network_at_the_projection_s_radii(
+        monkeypatch, with_source):
+    """``benign-principal+universal-deployed-at-projected-radii`` is the deployed network's
+    own unlearning (start and teacher) at the radius ``benign-principal+universal`` chose on
+    the projection: read from that row when the run measures it, else made for it (and not
+    a row); never judged."""
+    variants = (("benign-principal+universal",) if with_source else ()) + (
+        backdoor.AT_PROJECTED_RADII,)
+    rows, calls, unlearned = _one_hidden_principal_rows(monkeypatch, variants)
+    assert calls == ["deployed"]  # one projection
+    assert unlearned == [("projected", None), ("deployed", None, 1.0)]
+    assert [r["variant"] for r in rows if r["budget"]] == list(variants)
+    row = rows[-1]
+    assert row["details"]["principal_rank"] == 64 and row["seconds"] == 3.0
+    assert "the deployed network's own unlearning at the radii the rule chose on the " \
+        "projection; diagnostic (not judged)" in backdoor._note(row)
+    assert backdoor.AT_PROJECTED_RADII in backdoor.JAXPURIFY_DIAGNOSTICS
+    with pytest.raises(ValueError, match="principal rows"):
+        backdoor.principal_row(None, "benign-readout", "projected", None, "x", deployed=None,
+                               key=None, augmentation={})
+

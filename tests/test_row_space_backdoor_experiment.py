@@ -136,7 +136,8 @@ def four_patches(tmp_path_factory):
                              budgets=(0.01, 0.1), defenses=("jaxpurify", "universal"),
                              variants=("benign-projection", "benign-principal",
                                        "benign-principal+universal",
-                                       "benign-principal+universal-deployed-start"))
+                                       "benign-principal+universal-deployed-start",
+                                       "benign-principal+universal-deployed-at-projected-radii"))
     except DataNotFoundError as err:  # pragma: no cover - CI has the data
         pytest.skip(f"MNIST not available: {err}")
 
@@ -194,6 +195,23 @@ def test_the_teacher_ablation_row_is_measured_beside_the_judged_ones_and_never_j
         assert ablation["details"]["principal_rank"] == then["details"]["principal_rank"]
         assert ablation["details"]["teacher_given"] and "teacher_given" not in then["details"]
         assert 0 <= ablation["asr"] <= 1
+    (target,) = four_patches["targets"]
+    assert target["variant"] != arm and f"{arm} (diagnostic, not judged) ASR" in target["reason"]
+
+
+def test_the_radius_diagnostic_unlearns_the_deployed_network_at_the_projected_radii(
+        four_patches):
+    """The radius arm runs the deployed network's own unlearning at the radii the rule chose
+    on the projection, one per ball, with no teacher of its own; never judged."""
+    arm = "benign-principal+universal-deployed-at-projected-radii"
+    rows = {(r["variant"], r["budget"]): r for r in four_patches["rows"]
+            if r["defense"] == "jaxpurify"}
+    for budget in (0.01, 0.1):
+        then, radii = rows[("benign-principal+universal", budget)], rows[(arm, budget)]
+        assert [b["radius"] for b in radii["details"]["balls"]] == [
+            b["radius"] for b in then["details"]["balls"]]
+        assert all("candidates" not in b for b in radii["details"]["balls"])
+        assert "teacher_given" not in radii["details"] and 0 <= radii["asr"] <= 1
     (target,) = four_patches["targets"]
     assert target["variant"] != arm and f"{arm} (diagnostic, not judged) ASR" in target["reason"]
 
