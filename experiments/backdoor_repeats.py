@@ -445,14 +445,161 @@ def rejudge(out: Path | str) -> dict:
     return metrics
 
 
+#: The unlearning arms of the start / teacher / radius ablations (``docs/backdoors.md``), as
+#: ``(defense, variant) -> label``, in the order :func:`compare` draws them: where the
+#: unlearning starts, then what it distills toward (or the radii it is given).
+UNLEARNING_ARMS = {
+    ("universal", "universal-both-each-recheck-unlearned"): "deployed \u2192 deployed",
+    ("jaxpurify", "benign-principal+universal-deployed-start"): "deployed \u2192 projected",
+    ("jaxpurify", "benign-principal+universal-deployed-at-projected-radii"):
+        "deployed, at the projection's radii",
+    ("jaxpurify", "benign-principal+universal-deployed-teacher"): "projected \u2192 deployed",
+    ("jaxpurify", "benign-principal+universal"): "projected \u2192 projected",
+}
+
+_MODEL_LABELS = {"one-hidden": "designed", "one-hidden-4patch": "4-patch SGD",
+                 "one-hidden-1patch": "1-patch SGD"}
+
+
+def compare(runs, out: Path | str, arms: dict = UNLEARNING_ARMS) -> list[dict]:
+    """Several repeats runs side by side, by setting and arm: ``OUT/arms.png`` and
+    ``OUT/arms.md``.
+
+    The runs' rows at a positive budget are pooled by setting (dataset, model, attack, poison
+    rate, budget); a row two runs both measured (the same defense, variant and repeat) must
+    agree to the digit and counts once (the runs are deterministic: a disagreement means
+    they are not the same draws, and is refused). Per setting and arm (``arms``: ``(defense,
+    variant) -> label``; other rows are left out) it reports the mean ASR over the repeats,
+    its range, the mean ACC drop from the setting's undefended network, and the draws with
+    ASR < 5% at a drop < 2 pt. ``python -m experiments.backdoor_repeats --compare OUT
+    RUN...``.
+
+    Returns:
+        One dict per (setting, arm) measured: ``dataset``, ``model``, ``attack``,
+        ``poison_rate``, ``budget``, ``arm``, ``n``, ``asr_mean``, ``asr_min``, ``asr_max``,
+        ``acc_drop_mean`` and ``small_enough`` (fractions, as the rows).
+
+    Raises:
+        ValueError: no run, a run without rows, two runs disagreeing on a shared row or on a
+            setting's undefended network, or no row of ``arms``.
+    """
+    pooled: dict = {}
+    none: dict = {}
+    for run in map(Path, runs):
+        for r in json.loads((run / "metrics.json").read_text())["rows"]:
+            setting = (r["dataset"], r["model"], r["attack"], r["poison_rate"])
+            if r["defense"] == "none":
+                if none.setdefault(setting, r["acc"]) != r["acc"]:
+                    raise ValueError(f"{run}: another undefended network for {setting}")
+                continue
+            arm = arms.get((r["defense"], r["variant"]))
+            if arm is None or r["budget"] <= 0 or r["acc"] is None:
+                continue
+            key = (*setting, r["budget"], arm)
+            seen = pooled.setdefault(key, {}).setdefault(r["repeat"], r)
+            if (seen["acc"], seen["asr"]) != (r["acc"], r["asr"]):
+                raise ValueError(f"{run}: repeat {r['repeat']} of {arm} on {setting} differs "
+                                 "from another run's: not the same draws")
+    if not pooled:
+        raise ValueError(f"no row of the arms {sorted(arms.values())} in {list(runs)}")
+    order = {label: i for i, label in enumerate(arms.values())}
+    summary = []
+    for key in sorted(pooled, key=lambda k: (*k[:5], order[k[5]])):
+        rows = list(pooled[key].values())
+        asr = np.array([r["asr"] for r in rows])
+        drop = np.array([none[key[:4]] - r["acc"] for r in rows])
+        summary.append(dict(zip(("dataset", "model", "attack", "poison_rate", "budget", "arm"),
+                                key, strict=True),
+                            n=len(rows), asr_mean=float(asr.mean()), asr_min=float(asr.min()),
+                            asr_max=float(asr.max()), acc_drop_mean=float(drop.mean()),
+                            small_enough=int(np.sum((asr < 0.05) & (drop < 0.02)))))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "arms.md").write_text(_arms_table(summary, list(arms.values())))
+    _plot_arms(summary, list(arms.values()), out)
+    return summary
+
+
+def _setting_label(s: dict) -> str:
+    return (f"{_MODEL_LABELS.get(s['model'], s['model'])} {s['attack']} "
+            f"{100 * s['poison_rate']:g}%")
+
+
+def _arms_table(summary: list[dict], labels: list[str]) -> str:
+    settings = list(dict.fromkeys((s["dataset"], _setting_label(s), s["budget"])
+                                  for s in summary))
+    cell = {(s["dataset"], _setting_label(s), s["budget"], s["arm"]): s for s in summary}
+    present = [a for a in labels if any(s["arm"] == a for s in summary)]
+    lines = ["Mean ASR % over the draws [min, max], (mean ACC drop in pt), and the draws with "
+             "ASR < 5% at a drop < 2 pt, of n.", "",
+             "| dataset | setting | budget | " + " | ".join(present) + " |",
+             "|---|---|---|" + "---|" * len(present)]
+    for dataset, label, budget in settings:
+        cells = []
+        for arm in present:
+            s = cell.get((dataset, label, budget, arm))
+            cells.append("—" if s is None else
+                         f"{100 * s['asr_mean']:.2f} [{100 * s['asr_min']:.2f}, "
+                         f"{100 * s['asr_max']:.2f}] ({100 * s['acc_drop_mean']:.2f}) "
+                         f"{s['small_enough']} of {s['n']}")
+        lines.append(f"| {dataset} | {label} | {100 * budget:g}% | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot_arms(summary: list[dict], labels: list[str], out: Path) -> Path:
+    plt = pyplot()
+    datasets = list(dict.fromkeys(s["dataset"] for s in summary))
+    present = [a for a in labels if any(s["arm"] == a for s in summary)]
+    width = max(len({_setting_label(s) for s in summary if s["dataset"] == d})
+                for d in datasets)
+    fig, axes = plt.subplots(len(datasets), 1, squeeze=False, layout="constrained",
+                             figsize=(max(7.0, 0.75 * width + 3), 3.6 * len(datasets)))
+    floor = 0.1
+    for ax, dataset in zip(axes[:, 0], datasets, strict=True):
+        rows = [s for s in summary if s["dataset"] == dataset]
+        settings = list(dict.fromkeys(_setting_label(s) for s in rows))
+        for i, arm in enumerate(present):
+            sel = [s for s in rows if s["arm"] == arm]
+            x = np.array([settings.index(_setting_label(s)) for s in sel], float)
+            x += (i - (len(present) - 1) / 2) * 0.8 / len(present)
+            mean = np.array([max(100 * s["asr_mean"], floor) for s in sel])
+            lo = mean - np.array([max(100 * s["asr_min"], floor) for s in sel])
+            hi = np.array([max(100 * s["asr_max"], floor) for s in sel]) - mean
+            ax.errorbar(x, mean, yerr=[lo, hi], fmt="os^Dv"[i % 5], ms=4.5, lw=0.9, capsize=0,
+                        color=plt.get_cmap("tab10")(i), label=arm)
+        ax.axhline(5, color="0.4", lw=0.8, ls="--")
+        ax.set_yscale("log")
+        ax.set_ylim(floor, 100)
+        ticks = [0.1, 0.5, 1, 2, 5, 10, 20, 50, 100]
+        ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+        ax.set_xticks(range(len(settings)), settings, rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel(f"{dataset}: ASR %")
+        ax.grid(axis="y", color="0.92", lw=0.6)
+    axes[0, 0].set_title("Mean ASR over the draws (bars: min to max; dashed: the 5% target); "
+                         "arms named start \u2192 teacher", fontsize=8)
+    axes[0, 0].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return save_fig(fig, out, "arms.png")
+
+
 if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(
         prog="python -m experiments.backdoor_repeats",
-        description="Re-derive the summary and verdict counts of a repeats run.")
-    parser.add_argument("--rejudge", type=Path, metavar="DIR", required=True,
-                        help="a folder written by `jaxpurify run backdoor-repeats-*`")
+        description="Re-derive the summary and verdict counts of a repeats run, or draw "
+                    "several runs' unlearning arms side by side.")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--rejudge", type=Path, metavar="DIR",
+                      help="a folder written by `jaxpurify run backdoor-repeats-*`")
+    what.add_argument("--compare", nargs="+", type=Path, metavar=("OUT", "RUN"),
+                      help="write OUT/arms.png and OUT/arms.md from the RUN folders' rows "
+                           "(the arms of UNLEARNING_ARMS)")
     args = parser.parse_args()
-    rejudge(args.rejudge)
-    print((args.rejudge / "tables.md").read_text())
+    if args.rejudge is not None:
+        rejudge(args.rejudge)
+        print((args.rejudge / "tables.md").read_text())
+    else:
+        if len(args.compare) < 2:
+            parser.error("--compare needs OUT and at least one RUN folder")
+        compare(args.compare[1:], args.compare[0])
+        print((args.compare[0] / "arms.md").read_text())

@@ -193,3 +193,44 @@ def test_row_space_repeat_zero_equals_the_row_space_experiment(tmp_path):
     for field in ("rows", "summary", "verdicts"):
         assert again[field] == stored[field]
     assert "one-hidden-4patch blended 10%" in (tmp_path / "rep" / "tables.md").read_text()
+
+
+def _arm_row(variant, repeat, acc, asr, defense="jaxpurify", **kw):
+    return {"dataset": "mnist", "model": "one-hidden", "attack": "blended",
+            "poison_rate": 0.05, "k": None, "repeat": repeat, "defense": defense,
+            "variant": variant, "budget": 0.01, "acc": acc, "asr": asr, **kw}
+
+
+def test_compare_pools_runs_by_setting_and_arm_and_refuses_other_draws(tmp_path):
+    """Two runs that share a setting: a row both measured counts once, each arm's mean and
+    range and its draws under the target come out, other variants are left out, and two
+    runs whose shared row differs (not the same draws) are refused."""
+    projected, radii = "benign-principal+universal", repeats.UNLEARNING_ARMS[
+        ("jaxpurify", "benign-principal+universal-deployed-at-projected-radii")]
+    none = _arm_row(None, 0, 0.95, 0.98, defense="none", budget=0.0)
+    first = [none, _arm_row(projected, 0, 0.94, 0.02), _arm_row(projected, 1, 0.90, 0.04),
+             _arm_row("benign-principal", 0, 0.95, 0.60)]
+    second = [none, _arm_row(projected, 1, 0.90, 0.04),
+              _arm_row("benign-principal+universal-deployed-at-projected-radii", 0, 0.93, 0.08)]
+    for name, rows in (("a", first), ("b", second)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"rows": rows}))
+    summary = repeats.compare([tmp_path / "a", tmp_path / "b"], tmp_path / "out")
+    by_arm = {s["arm"]: s for s in summary}
+    assert set(by_arm) == {repeats.UNLEARNING_ARMS[("jaxpurify", projected)], radii}
+    both = by_arm[repeats.UNLEARNING_ARMS[("jaxpurify", projected)]]
+    assert both["n"] == 2 and both["asr_mean"] == pytest.approx(0.03)
+    assert (both["asr_min"], both["asr_max"]) == (0.02, 0.04)
+    assert both["acc_drop_mean"] == pytest.approx(0.03)
+    assert both["small_enough"] == 1  # the 5 pt drop of repeat 1 is over the line
+    assert by_arm[radii]["n"] == 1 and by_arm[radii]["small_enough"] == 0
+    table = (tmp_path / "out" / "arms.md").read_text()
+    assert "| mnist | designed blended 5% | 1% |" in table and "3.00 [2.00, 4.00] (3.00) 1 of 2" \
+        in table
+    assert (tmp_path / "out" / "arms.png").stat().st_size > 0
+    second[1] = _arm_row(projected, 1, 0.90, 0.05)
+    (tmp_path / "b" / "metrics.json").write_text(json.dumps({"rows": second}))
+    with pytest.raises(ValueError, match="not the same draws"):
+        repeats.compare([tmp_path / "a", tmp_path / "b"], tmp_path / "out")
+    with pytest.raises(ValueError, match="no row of the arms"):
+        repeats.compare([tmp_path / "a"], tmp_path / "out", arms={("ft", None): "FT"})
