@@ -264,10 +264,7 @@ def _plot(rows, none, out: Path, setting: str) -> Path:
                        label=None if first else _name(defense, variant), **style)
     left = min(min(drops), 0.0) - 0.5
     ax.set_xlim(left, max(max(drops), 2.0) + 0.5)
-    ax.set_yscale("log")
-    ax.set_ylim(floor, 100)
-    ticks = [0.1, 0.5, 1, 2, 5, 10, 20, 50, 100]
-    ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+    _log_asr_axis(ax, floor)
     ax.fill_between([left, 2], floor, 5, color="0.88", zorder=0, lw=0)
     ax.text(left + 0.1, 0.13, "target: ASR < 5%, ACC drop < 2 pt", fontsize=7, color="0.35")
     ax.set_xlabel("ACC drop from the undefended network (pt)")
@@ -276,6 +273,14 @@ def _plot(rows, none, out: Path, setting: str) -> Path:
                  "experiment's own draw", fontsize=8)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return save_fig(fig, out, "repeats.png")
+
+
+def _log_asr_axis(ax, floor: float) -> None:
+    """ASR % on a log axis from ``floor`` to 100, ticked where people read it."""
+    ax.set_yscale("log")
+    ax.set_ylim(floor, 100)
+    ticks = [0.1, 0.5, 1, 2, 5, 10, 20, 50, 100]
+    ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
 
 
 class _Setting(NamedTuple):
@@ -568,10 +573,7 @@ def _plot_arms(summary: list[dict], labels: list[str], out: Path) -> Path:
             ax.errorbar(x, mean, yerr=[lo, hi], fmt="os^Dv"[i % 5], ms=4.5, lw=0.9, capsize=0,
                         color=plt.get_cmap("tab10")(i), label=arm)
         ax.axhline(5, color="0.4", lw=0.8, ls="--")
-        ax.set_yscale("log")
-        ax.set_ylim(floor, 100)
-        ticks = [0.1, 0.5, 1, 2, 5, 10, 20, 50, 100]
-        ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+        _log_asr_axis(ax, floor)
         ax.set_xticks(range(len(settings)), settings, rotation=30, ha="right", fontsize=7)
         ax.set_ylabel(f"{dataset}: ASR %")
         ax.grid(axis="y", color="0.92", lw=0.6)
